@@ -1,0 +1,1 @@
+"""elmforge cluster side: config composition, the command line, Ray runtime and launch of training."""

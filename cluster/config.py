@@ -1,0 +1,133 @@
+"""Compose, validate and finalise the config every verb runs on.
+
+compose_config(overrides) -> a plain dict with every path absolute and run.name
+set, or ConfigError with one message naming each key at fault and the fix.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cluster.config_schema import ElmConfig
+from trainer.model import OpenELMConfig
+
+ConfigStore.instance().store(name="elmforge_schema", node=ElmConfig)
+
+# Keys whose change changes the trained model: they name the run, so a re-run resumes.
+RESULT_KEYS = ("model", "data", "tokenizer", "train", "deepspeed")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key(s) and how to fix them."""
+
+
+def compose_raw(overrides: list[str]):
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(e)) from None
+
+
+NOISE = ("reference_type=", "object_type=", "To append to your config", "Config search path", "provider=")
+
+
+def _explain(e: Exception) -> str:
+    msg = str(e).strip()
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in msg:
+        msg += "\n" + str(cause).strip()
+    msg = "\n".join(line for line in msg.splitlines() if not line.strip().startswith(NOISE)).strip()
+    if "not in struct" in msg or "not in '" in msg:
+        msg += "\nfix: check the key's spelling with `--cfg job`; only keys of the schema are accepted"
+    return msg
+
+
+def derive_run_name(cfg: dict) -> str:
+    relevant = {k: cfg[k] for k in RESULT_KEYS}
+    relevant["data"] = {k: v for k, v in cfg["data"].items() if k != "dir"}
+    relevant["world_size"] = cfg["cluster"]["num_workers"]
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"
+
+
+def finalise(cfg: dict) -> dict:
+    """Fill derived values and make every path absolute (Ray workers run elsewhere)."""
+    cfg["storage_path"] = os.path.abspath(os.path.expanduser(cfg["storage_path"]))
+    if cfg["data"]["dir"] is None:
+        cfg["data"]["dir"] = os.path.join(cfg["storage_path"], "data", cfg["data"]["name"])
+    cfg["data"]["dir"] = os.path.abspath(cfg["data"]["dir"])
+    if cfg["run"]["name"] is None:
+        cfg["run"]["name"] = derive_run_name(cfg)
+    if cfg["run"]["dir"] is None:
+        cfg["run"]["dir"] = os.path.join(cfg["storage_path"], "outputs", cfg["run"]["name"])
+    cfg["run"]["dir"] = os.path.abspath(cfg["run"]["dir"])
+    if cfg["tokenizer"]["path"]:
+        cfg["tokenizer"]["path"] = os.path.abspath(os.path.expanduser(cfg["tokenizer"]["path"]))
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Checks the schema's types cannot express; all problems are reported at once."""
+    errors = []
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {problem}")
+
+    t, m, d, c = cfg["train"], cfg["model"], cfg["data"], cfg["cluster"]
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        need(t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1")
+    need(0 <= t["warmup_steps"] <= t["max_steps"], f"train.warmup_steps={t['warmup_steps']}", "must be in [0, train.max_steps]")
+    need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
+    need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
+    need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")
+    need(t["loader_workers"] >= 0, f"train.loader_workers={t['loader_workers']}", "must be 0 or more")
+    need(cfg["deepspeed"]["stage"] in (0, 1, 2, 3), f"deepspeed.stage={cfg['deepspeed']['stage']}", "must be 0, 1, 2 or 3")
+    need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
+    need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
+    need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
+    need(0 <= d["val_fraction"] < 1, f"data.val_fraction={d['val_fraction']}", "must be in [0, 1)")
+    need(d["samples_per_shard"] >= 1, f"data.samples_per_shard={d['samples_per_shard']}", "must be at least 1")
+    need(len(d["sources"]) > 0, "data.sources", "needs at least one source")
+    need(
+        d["seq_len"] <= min(m["max_context_length"], m["rope_max_length"]),
+        f"data.seq_len={d['seq_len']}",
+        f"exceeds the model's context (model.max_context_length={m['max_context_length']})",
+    )
+    need(
+        m["vocab_size"] >= cfg["tokenizer"]["vocab_size"],
+        f"model.vocab_size={m['vocab_size']}",
+        f"is smaller than tokenizer.vocab_size={cfg['tokenizer']['vocab_size']}; token ids would overflow the embedding",
+    )
+    if cfg["tokenizer"]["kind"] == "file":
+        path = cfg["tokenizer"]["path"]
+        need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}", "must name an existing tokenizer.json")
+    try:
+        OpenELMConfig(**m).layer_plan()
+    except (ValueError, TypeError) as e:
+        errors.append(f"model: {e}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def compose_config(overrides: list[str] = ()) -> dict:
+    raw = compose_raw(overrides)
+    try:
+        cfg = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True, enum_to_str=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e) + "\nfix: set it on the command line, e.g. key=value") from None
+    cfg = finalise(cfg)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: dict) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))

@@ -1,0 +1,123 @@
+"""The typed schema every composed config is checked against.
+
+Hydra merges conf/*.yaml and command-line overrides onto these dataclasses, so a
+misspelt key or a value of the wrong type fails at composition, naming the key.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from omegaconf import MISSING
+
+from trainer.model import OpenELMConfig
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class TokenizerKind(Enum):
+    bpe = "bpe"
+    file = "file"
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: list[SourceConfig] = MISSING
+    seq_len: int = 128
+    val_fraction: float = 0.02
+    samples_per_shard: int = 2048
+    dir: Optional[str] = None
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.bpe
+    vocab_size: int = 4096
+    path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 40
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    precision: Precision = Precision.fp32
+    lr: float = 3e-3
+    warmup_steps: int = 5
+    warmup_init_lr: float = 1e-6
+    min_lr_ratio: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    z_loss_weight: float = 1e-4
+    log_every: int = 5
+    loader_workers: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 2
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    num_cpus: Optional[int] = 4
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: WandbMode = WandbMode.offline
+    project: str = "elmforge"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None
+    dir: Optional[str] = None
+
+
+@dataclass
+class PrepareConfig:
+    dry_run: bool = False
+    verify: bool = False
+    force: bool = False
+
+
+@dataclass
+class ElmConfig:
+    model: OpenELMConfig = field(default_factory=OpenELMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    storage_path: str = "."

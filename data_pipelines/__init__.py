@@ -1,0 +1,1 @@
+"""elmforge data pipelines: text sources -> tokenizer -> packed samples -> WebDataset shards -> loader."""

@@ -1,0 +1,129 @@
+"""Streaming loader over prepared shards: equal samples per rank, seeded shuffle, exact resume.
+
+Each epoch has a seeded permutation of all sample indices (the manifest knows
+every count). Rank r of W takes permuted positions r, r+W, r+2W, ...; the tail
+that does not divide by W is dropped, so every rank gets N // W samples. A
+rank's samples form one endless stream across epochs, cut into micro-batches;
+DataLoader worker w of K makes batches w, w+K, ... so the order never depends
+on K. The whole state is the stream offset, reported as (epoch, position).
+"""
+
+import io
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipelines.manifest import Manifest, read_manifest
+
+
+class SampleIndex:
+    """Random access to sample i of a split: tar member offsets, read on first use of a shard."""
+
+    def __init__(self, manifest: Manifest, split: str):
+        self.manifest = manifest
+        self.shards = manifest.shards(split)
+        self.starts = np.cumsum([0] + [s.samples for s in self.shards])
+        self.num_samples = int(self.starts[-1])
+        self._offsets: dict[int, list[tuple[int, int]]] = {}
+        self._files: dict[int, object] = {}
+
+    def _members(self, shard_idx: int) -> list[tuple[int, int]]:
+        if shard_idx not in self._offsets:
+            shard = self.shards[shard_idx]
+            path = self.manifest.root / shard.name
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+            with tarfile.open(path) as tar:
+                members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".tokens.npy")]
+            if len(members) != shard.samples:
+                raise ValueError(f"shard {path} holds {len(members)} samples, the manifest says {shard.samples}")
+            self._offsets[shard_idx] = members
+            self._files[shard_idx] = open(path, "rb")
+        return self._offsets[shard_idx]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard_idx = int(np.searchsorted(self.starts, i, side="right")) - 1
+        offset, size = self._members(shard_idx)[i - int(self.starts[shard_idx])]
+        f = self._files[shard_idx]
+        f.seek(offset)
+        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+
+
+class RankBatches(IterableDataset):
+    """Micro-batches (B, seq_len+1) of one rank's sample stream, from a given stream offset."""
+
+    def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, seed: int, shuffle: bool):
+        self.root, self.split, self.rank, self.world_size = root, split, rank, world_size
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        n = read_manifest(root).num_samples(split)
+        self.per_rank = n // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"split {split!r} of {root} has {n} samples, fewer than the {world_size} ranks")
+        self.start = 0  # stream offset (samples already consumed by this rank)
+
+    def _order(self, epoch: int, n: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        index = SampleIndex(read_manifest(self.root), self.split)
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        order, order_epoch = None, -1
+        batch_no = worker
+        while True:
+            first = self.start + batch_no * self.batch_size
+            rows = []
+            for t in range(first, first + self.batch_size):
+                epoch, pos = divmod(t, self.per_rank)
+                if epoch != order_epoch:
+                    order, order_epoch = self._order(epoch, index.num_samples), epoch
+                rows.append(index[int(order[self.rank + pos * self.world_size])])
+            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+            batch_no += num_workers
+
+
+class TokenLoader:
+    """Endless iterator of micro-batches for one rank, with state_dict()/load_state_dict()."""
+
+    def __init__(self, root, split, rank, world_size, batch_size, seed, shuffle=True, num_workers=0):
+        self.dataset = RankBatches(str(root), split, rank, world_size, batch_size, seed, shuffle)
+        self.num_workers = num_workers
+        self.consumed = 0  # samples this rank has yielded, across epochs
+        self._iter = None
+
+    @property
+    def seq_len(self) -> int:
+        return read_manifest(self.dataset.root).seq_len
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iter is None:
+            self.dataset.start = self.consumed
+            loader = DataLoader(
+                self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            )
+            self._iter = iter(loader)
+        batch = next(self._iter)
+        self.consumed += batch.shape[0]
+        return batch
+
+    def state_dict(self) -> dict:
+        epoch, position = divmod(self.consumed, self.dataset.per_rank)
+        return {"epoch": epoch, "position": position, "world_size": self.dataset.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.dataset.world_size:
+            raise ValueError(
+                f"loader state was saved with {state['world_size']} ranks, this run has {self.dataset.world_size}: "
+                "resuming with another world size is not supported"
+            )
+        self.consumed = state["epoch"] * self.dataset.per_rank + state["position"]
+        self._iter = None
+

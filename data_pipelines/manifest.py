@@ -1,0 +1,77 @@
+"""manifest.json: what a prepared dataset holds, and how to check it.
+
+Written last, so a directory with a manifest is a complete dataset. Layout:
+format_version, seq_len, dtype, tokenizer {file, fingerprint, vocab_size, bos_id,
+eos_id}, source {spec, fingerprint}, stats, splits {train, val} {samples, tokens,
+shards [{name, samples, tokens, sha256}]}.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # path relative to the dataset directory
+    samples: int
+    tokens: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def seq_len(self) -> int:
+        return self.data["seq_len"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.data["tokenizer"]["file"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data["tokenizer"]["vocab_size"]
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.data["splits"]:
+            raise KeyError(f"{self.root / MANIFEST_NAME}: no split {split!r} (has {sorted(self.data['splits'])})")
+        return [ShardInfo(**s) for s in self.data["splits"][split]["shards"]]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards(split))
+
+
+def write_manifest(root: Path, data: dict) -> None:
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, **data}, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `elmforge prepare` for this data config first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}, this elmforge reads {FORMAT_VERSION}; prepare it again")
+    missing = [k for k in ("seq_len", "dtype", "tokenizer", "splits") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    return Manifest(root, data)
