@@ -1,0 +1,51 @@
+"""Join (or start) the torch.distributed process group, whoever launched us.
+
+Under Ray Train or torchrun the group or its environment exists already; a
+plain `python` process becomes a world of one. Must run before deepspeed is
+imported, since DS_ACCELERATOR picks DeepSpeed's device backend at import.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(use_gpu: bool) -> DistEnv:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a single process with no launcher
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend="nccl" if use_gpu else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()

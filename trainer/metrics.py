@@ -1,0 +1,64 @@
+"""Per-step metrics from rank 0: appended to run.dir/metrics.jsonl and logged to W&B.
+
+W&B is offline by default (files under run.dir/wandb, `wandb sync` uploads them);
+the API key, when online, comes from the environment or `wandb login`, never
+from the config. The run id derives from run.name so a re-run continues its run.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def wandb_run_id(run_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", run_name)[:128]
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, cfg: dict, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb_dir: Optional[Path] = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        log_cfg = cfg["logger"]
+        if log_cfg["wandb"] and log_cfg["mode"] != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=log_cfg["project"],
+                entity=log_cfg["entity"],
+                group=log_cfg["group"],
+                tags=list(log_cfg["tags"]),
+                name=cfg["run"]["name"],
+                id=wandb_run_id(cfg["run"]["name"]),
+                resume="allow",
+                dir=run_dir,
+                mode=log_cfg["mode"],
+                config=cfg,
+                settings=wandb.Settings(console="off", quiet=True),
+            )
+            self.wandb_dir = Path(self._wandb.dir).parent
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

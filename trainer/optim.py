@@ -1,0 +1,36 @@
+"""AdamW parameter groups and the warmup-cosine learning-rate schedule of the OpenELM recipe."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (embeddings included); never decay 1-D parameters (norm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine_lr(step: int, max_lr: float, init_lr: float, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """lr for optimizer step `step` (0-based): linear from init_lr to max_lr, then cosine to min_ratio * max_lr."""
+    if step < warmup_steps:
+        return init_lr + (max_lr - init_lr) * step / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    min_lr = min_ratio * max_lr
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over the optimizer's base lr (= train.lr); DeepSpeed steps it once per optimizer step."""
+    t = train_cfg
+
+    def factor(step: int) -> float:
+        lr = warmup_cosine_lr(step, t["lr"], t["warmup_init_lr"], t["warmup_steps"], t["max_steps"], t["min_lr_ratio"])
+        return lr / t["lr"]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
