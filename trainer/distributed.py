@@ -7,6 +7,7 @@ imported, since DS_ACCELERATOR picks DeepSpeed's device backend at import.
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ def _free_port() -> int:
 
 
 def init_distributed(use_gpu: bool) -> DistEnv:
+    # DeepSpeed still calls the old collective names; torch warns on every step.
+    warnings.filterwarnings("ignore", message=r".*_into_tensor` is deprecated", category=FutureWarning)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a single process with no launcher

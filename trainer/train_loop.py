@@ -12,7 +12,7 @@ from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
 from trainer.checkpoint import save_checkpoint
 from trainer.deepspeed_config import deepspeed_config
-from trainer.distributed import init_distributed, mean_across_ranks
+from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
@@ -38,20 +38,27 @@ def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float) -> str:
     )
 
 
-def train(cfg: dict) -> dict:
-    t_cfg = cfg["train"]
-    env = init_distributed(cfg["cluster"]["use_gpu"])
+def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
+    """The DeepSpeed engine (ZeRO, AdamW, clipping, precision) and its lr scheduler."""
     import deepspeed  # after init_distributed has chosen the accelerator
 
-    manifest = read_manifest(cfg["data"]["dir"])
-    _check_data(cfg, manifest)
-    model = build_model(OpenELMConfig(**cfg["model"]), seed=t_cfg["seed"]).to(env.device)
+    t_cfg = cfg["train"]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t_cfg["weight_decay"]),
         config=deepspeed_config(t_cfg, cfg["deepspeed"], env.world_size, cfg["cluster"]["use_gpu"]),
         lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, t_cfg),
     )
+    return engine, scheduler
+
+
+def train(cfg: dict) -> dict:
+    t_cfg = cfg["train"]
+    env = init_distributed(cfg["cluster"]["use_gpu"])
+    manifest = read_manifest(cfg["data"]["dir"])
+    _check_data(cfg, manifest)
+    model = build_model(OpenELMConfig(**cfg["model"]), seed=t_cfg["seed"]).to(env.device)
+    engine, scheduler = build_engine(cfg, model, env)
     loader = TokenLoader(
         manifest.root,
         "train",

@@ -1,0 +1,106 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.loader import TokenLoader
+from data_pipelines.manifest import read_manifest
+
+
+def take(loader, n_batches):
+    return [b.clone() for b in itertools.islice(loader, n_batches)]
+
+
+def rows(batches):
+    return [tuple(r.tolist()) for b in batches for r in b]
+
+
+def test_every_rank_gets_the_same_count_and_ranks_never_overlap(tiny_dataset):
+    n = read_manifest(tiny_dataset).num_samples("train")
+    world = 3
+    per_rank = n // world
+    seen = []
+    for rank in range(world):
+        loader = TokenLoader(tiny_dataset, "train", rank, world, batch_size=1, seed=5)
+        got = rows(take(loader, per_rank))
+        assert len(got) == per_rank
+        seen += got
+    # Equal shares, no sample twice, and only the tail (< world) left out.
+    everything = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=1, seed=5), n))
+    assert len(set(seen)) == len(seen) == world * per_rank
+    assert set(seen) <= set(everything) and len(set(everything)) - len(set(seen)) < world
+
+
+def test_batches_have_the_sample_shape(tiny_dataset):
+    batch = next(TokenLoader(tiny_dataset, "train", 0, 2, batch_size=4, seed=0))
+    assert batch.shape == (4, 33) and batch.dtype == torch.int64
+
+
+def test_one_rank_with_accumulation_two_sees_what_two_ranks_see(tiny_dataset):
+    single = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=2, seed=1), 6))
+    pair = [TokenLoader(tiny_dataset, "train", r, 2, batch_size=2, seed=1) for r in range(2)]
+    per_step_pair = []
+    for _ in range(3):
+        per_step_pair.append(set(rows([next(pair[0]), next(pair[1])])))
+    per_step_single = [set(single[i * 4 : (i + 1) * 4]) for i in range(3)]
+    assert per_step_single == per_step_pair
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_order_does_not_depend_on_dataloader_workers(tiny_dataset, workers):
+    ref = take(TokenLoader(tiny_dataset, "train", 1, 2, batch_size=3, seed=7, num_workers=0), 8)
+    got = take(TokenLoader(tiny_dataset, "train", 1, 2, batch_size=3, seed=7, num_workers=workers), 8)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_loader_continues_exactly(tiny_dataset, workers):
+    n = read_manifest(tiny_dataset).num_samples("train")
+    per_rank = n // 2
+    total = per_rank // 3 + 4  # runs past the epoch boundary
+    full = take(TokenLoader(tiny_dataset, "train", 0, 2, batch_size=3, seed=2, num_workers=workers), total)
+    first = TokenLoader(tiny_dataset, "train", 0, 2, batch_size=3, seed=2, num_workers=workers)
+    take(first, 5)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "position": 15, "world_size": 2}
+    resumed = TokenLoader(tiny_dataset, "train", 0, 2, batch_size=3, seed=2, num_workers=workers)
+    resumed.load_state_dict(state)
+    rest = take(resumed, total - 5)
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], rest))
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def test_each_epoch_is_reshuffled_with_the_seed(tiny_dataset):
+    n = read_manifest(tiny_dataset).num_samples("train")
+    stream = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=1, seed=3), 2 * n))
+    epoch0, epoch1 = stream[:n], stream[n:]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    other_seed = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=1, seed=4), n))
+    assert other_seed != epoch0
+
+
+def test_resuming_with_another_world_size_is_refused(tiny_dataset):
+    state = TokenLoader(tiny_dataset, "train", 0, 2, batch_size=1, seed=0).state_dict()
+    with pytest.raises(ValueError, match="saved with 2 ranks, this run has 3"):
+        TokenLoader(tiny_dataset, "train", 0, 3, batch_size=1, seed=0).load_state_dict(state)
+
+
+def test_missing_shard_is_named(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, copy)
+    (copy / "train/shard-000001.tar").unlink()
+    loader = TokenLoader(copy, "train", 0, 1, batch_size=64, seed=0, shuffle=False)
+    with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
+        take(loader, 3)
+
+
+def test_unshuffled_loader_reads_in_shard_order(tiny_dataset):
+    import webdataset as wds
+
+    m = read_manifest(tiny_dataset)
+    expected = [s["tokens.npy"] for s in wds.WebDataset(str(tiny_dataset / m.shards("train")[0].name), shardshuffle=False).decode()]
+    got = next(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=len(expected), seed=0, shuffle=False))
+    assert np.array_equal(got.numpy(), np.stack(expected).astype(np.int64))

@@ -1,0 +1,143 @@
+import gzip
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from tokenizers import Tokenizer
+
+from corpus import TOKENIZER_CFG, data_cfg, make_documents, write_jsonl
+from data_pipelines.manifest import read_manifest
+from data_pipelines.packing import Packer, token_dtype
+from data_pipelines.prepare import prepare
+
+
+def test_manifest_describes_every_shard(tiny_dataset):
+    m = read_manifest(tiny_dataset)
+    assert m.seq_len == 32 and m.dtype == "uint16" and m.vocab_size == 300
+    stats = m.data["stats"]
+    assert stats["documents_read"] == stats["documents_kept"] == 300
+    for split in ("train", "val"):
+        shards = m.shards(split)
+        assert shards, split
+        assert sum(s.samples for s in shards) == m.data["splits"][split]["samples"]
+        for s in shards:
+            with tarfile.open(tiny_dataset / s.name) as tar:
+                names = tar.getnames()
+            assert len(names) == s.samples
+            assert all(n.endswith(".tokens.npy") for n in names)
+            assert s.tokens == s.samples * 33
+    assert all(s.samples == 64 for s in m.shards("train")[:-1])
+    # Packing loses only the tail of each split.
+    packed = sum(m.data["splits"][s]["tokens"] for s in ("train", "val"))
+    assert packed + sum(stats["dropped_tail_tokens"].values()) == stats["tokens"]
+
+
+def test_webdataset_reads_our_shards(tiny_dataset):
+    m = read_manifest(tiny_dataset)
+    shard = m.shards("train")[0]
+    samples = list(wds.WebDataset(str(tiny_dataset / shard.name), shardshuffle=False).decode())
+    assert len(samples) == shard.samples
+    arr = samples[0]["tokens.npy"]
+    assert arr.dtype == np.uint16 and arr.shape == (33,)
+
+
+def test_samples_hold_documents_framed_by_bos_and_eos(tmp_path):
+    docs = make_documents(40, seed=1)
+    out = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", docs), tmp_path / "ds", val_fraction=0.0), TOKENIZER_CFG)
+    m = read_manifest(out)
+    tok = Tokenizer.from_file(str(m.tokenizer_path))
+    stream = np.concatenate(
+        [s["tokens.npy"] for s in wds.WebDataset(str(out / m.shards("train")[0].name), shardshuffle=False).decode()]
+    )
+    bos, eos = m.data["tokenizer"]["bos_id"], m.data["tokenizer"]["eos_id"]
+    assert stream[0] == bos
+    first_doc = stream[1 : int(np.argmax(stream == eos))]
+    assert tok.decode(first_doc.tolist()) == docs[0]
+    assert stream[len(first_doc) + 2] == bos  # the next document starts right after EOS
+
+
+def test_rebuild_is_byte_identical_and_reuse_does_no_work(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(120))
+    a = prepare(data_cfg(corpus, tmp_path / "a"), TOKENIZER_CFG)
+    b = prepare(data_cfg(corpus, tmp_path / "b"), TOKENIZER_CFG)
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert [s.sha256 for s in ma.shards("train")] == [s.sha256 for s in mb.shards("train")]
+    assert (a / "train/shard-000000.tar").read_bytes() == (b / "train/shard-000000.tar").read_bytes()
+    before = (a / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    prepare(data_cfg(corpus, tmp_path / "a"), TOKENIZER_CFG)
+    assert "up to date" in capsys.readouterr().out
+    assert (a / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_changed_input_or_setting_rebuilds(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(120))
+    out = prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG)
+    fp = read_manifest(out).data["source"]["fingerprint"]
+    prepare(data_cfg(corpus, tmp_path / "ds", seq_len=16), TOKENIZER_CFG)
+    assert read_manifest(out).seq_len == 16
+    write_jsonl(corpus, make_documents(120, seed=9))
+    prepare(data_cfg(corpus, tmp_path / "ds", seq_len=16), TOKENIZER_CFG)
+    assert read_manifest(out).data["source"]["fingerprint"] != fp
+    assert not list(tmp_path.glob(".ds.*")), "temporary directories left behind"
+
+
+def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
+    docs = make_documents(30)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        for d in docs + [""]:
+            f.write(json.dumps({"body": d}) + "\n")
+    (tmp_path / "b.txt").write_text(docs[0])
+    cfg = data_cfg(tmp_path / "unused", tmp_path / "ds")
+    cfg["sources"] = [{"path": str(tmp_path / "*.jsonl.gz"), "text_field": "body"}, {"path": str(tmp_path / "b.txt")}]
+    stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
+    assert stats["documents_read"] == 32
+    assert stats["dropped"]["empty"] == 1
+    assert stats["documents_kept"] == 31
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: not valid JSON"),
+        ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: record has no 'text' field"),
+        ("\n\n", "no non-empty document"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_keeps_the_old_dataset(tmp_path, content, message):
+    good = write_jsonl(tmp_path / "good.jsonl", make_documents(60))
+    out = prepare(data_cfg(good, tmp_path / "ds"), TOKENIZER_CFG)
+    before = (out / "manifest.json").read_text()
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prepare(data_cfg(bad, tmp_path / "ds"), TOKENIZER_CFG)
+    assert (out / "manifest.json").read_text() == before
+    assert not list(tmp_path.glob(".ds.*"))
+
+
+def test_missing_source_names_the_pattern(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        prepare(data_cfg(tmp_path / "nothing-here*.jsonl", tmp_path / "ds"), TOKENIZER_CFG)
+
+
+def test_given_tokenizer_file_is_used_as_is(tmp_path, tiny_dataset):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(50, seed=4))
+    given = str(read_manifest(tiny_dataset).tokenizer_path)
+    out = prepare(data_cfg(corpus, tmp_path / "ds"), {"kind": "file", "vocab_size": 300, "path": given})
+    assert read_manifest(out).data["tokenizer"]["fingerprint"] == read_manifest(tiny_dataset).data["tokenizer"]["fingerprint"]
+
+
+def test_packer_emits_full_samples_and_counts_the_tail():
+    packer = Packer(seq_len=4, bos=1, eos=2, dtype=token_dtype(100))
+    samples = list(packer.add([10, 11, 12])) + list(packer.add([20, 21, 22, 23, 24]))
+    assert [s.tolist() for s in samples] == [[1, 10, 11, 12, 2], [1, 20, 21, 22, 23]]
+    packer.finish()
+    assert packer.dropped_tail_tokens == 2
+
+
+def test_token_dtype_widens_only_when_needed():
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
