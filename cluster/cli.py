@@ -5,6 +5,7 @@ validates it as a whole, and only then starts work.
 """
 
 import argparse
+import os
 import sys
 
 from cluster.config import ConfigError, compose_config, to_yaml
@@ -29,15 +30,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(cfg: dict):
-    from data_pipelines.prepare import prepare
+    from data_pipelines.integrity import verify_dataset
+    from data_pipelines.prepare import describe_plan, prepare
 
-    return prepare(cfg["data"], cfg["tokenizer"], force=cfg["prepare"]["force"])
+    options = cfg["prepare"]
+    if options["dry_run"]:
+        print(describe_plan(cfg["data"], cfg["tokenizer"]))
+        return None
+    if options["verify"]:
+        verify_dataset(cfg["data"]["dir"])
+        return cfg["data"]["dir"]
+    return prepare(cfg["data"], cfg["tokenizer"], force=options["force"])
 
 
 def cmd_train(cfg: dict) -> None:
     from cluster.launch import launch_training
 
-    data_dir = cmd_prepare(cfg)
+    from data_pipelines.prepare import prepare
+
+    data_dir = prepare(cfg["data"], cfg["tokenizer"], force=cfg["prepare"]["force"])
     result = launch_training(cfg)
     print("\n[elmforge] training finished")
     print(f"  final loss   {result['final_loss']:.4f}")
@@ -60,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg == "job":
         print(to_yaml(cfg), end="")
         return 0
-    {"prepare": cmd_prepare, "train": cmd_train}[args.verb](cfg)
+    try:
+        {"prepare": cmd_prepare, "train": cmd_train}[args.verb](cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
+        if os.environ.get("ELMFORGE_DEBUG"):
+            raise
+        print(f"elmforge {args.verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,7 @@ from data_pipelines.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.progress import Progress
 from data_pipelines.shard_writer import ShardWriter
-from data_pipelines.sources import fingerprint_sources, iter_documents
+from data_pipelines.sources import expand_files, fingerprint_sources, iter_documents
 from data_pipelines.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe
 
 SPLITS = ("train", "val")
@@ -111,6 +111,27 @@ def _write_shards(data_cfg: dict, tokenizer, out: Path, stats: Stats) -> tuple[d
             "shards": [x.__dict__ for x in shards],
         }
     return splits, {"dropped_tail_tokens": tails, "dtype": dtype.name, "vocab_size": vocab, "bos": bos, "eos": eos}
+
+
+def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
+    """What prepare would read and write, checked without writing anything."""
+    lines = [f"[prepare] plan for dataset {data_cfg['name']!r} -> {data_cfg['dir']}"]
+    for source in data_cfg["sources"]:
+        files = expand_files(source["path"])
+        size = sum(os.path.getsize(f) for f in files)
+        lines.append(f"  source {source['path']}: {len(files)} file(s), {size / 1e6:.1f} MB, text field {source.get('text_field', 'text')!r}")
+    tok = tokenizer_cfg["path"] if tokenizer_cfg["kind"] == "file" else f"BPE trained on the corpus, vocab {tokenizer_cfg['vocab_size']}"
+    lines.append(f"  tokenizer: {tok}")
+    lines.append(
+        f"  samples of {data_cfg['seq_len'] + 1} tokens, {data_cfg['samples_per_shard']} per shard, "
+        f"{data_cfg['val_fraction']:.1%} of documents to val"
+    )
+    manifest = Path(data_cfg["dir"]) / MANIFEST_NAME
+    if manifest.is_file():
+        current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
+        state = "up to date" if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else "out of date: would rebuild"
+        lines.append(f"  existing dataset: {state}")
+    return "\n".join(lines)
 
 
 def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:

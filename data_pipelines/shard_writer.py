@@ -13,7 +13,7 @@ import webdataset as wds
 from data_pipelines.manifest import ShardInfo
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +46,7 @@ class ShardWriter:
 
     def _close(self) -> None:
         self._writer.close()
-        self.shards.append(ShardInfo(self._name, self._samples, self._tokens, _sha256(self.root / self._name)))
+        self.shards.append(ShardInfo(self._name, self._samples, self._tokens, sha256_file(self.root / self._name)))
         self._writer, self._samples, self._tokens = None, 0, 0
 
     def finish(self) -> list[ShardInfo]:

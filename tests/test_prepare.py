@@ -141,3 +141,36 @@ def test_packer_emits_full_samples_and_counts_the_tail():
 def test_token_dtype_widens_only_when_needed():
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+
+
+def test_verify_accepts_a_good_dataset_and_names_a_corrupt_shard(tmp_path, tiny_dataset):
+    import shutil
+
+    from data_pipelines.integrity import verify_dataset
+
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, copy)
+    assert verify_dataset(copy) == len(read_manifest(copy).shards("train")) + len(read_manifest(copy).shards("val"))
+    shard = copy / "train/shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt"):
+        verify_dataset(copy)
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["prepare", f"storage_path={tmp_path}", "prepare.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "sqlite_docs.jsonl.gz: 1 file(s)" in out and "vocab 4096" in out and "129 tokens" in out
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["prepare", f"storage_path={tmp_path}", "prepare.verify=true"]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json not found" in err and "Traceback" not in err

@@ -1,0 +1,84 @@
+import os
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import ConfigError, compose_config
+
+MODELS = ["openelm_tiny", "openelm_270m", "openelm_450m", "openelm_1_1b", "openelm_3b"]
+
+
+def test_defaults_are_the_demo(tmp_path):
+    cfg = compose_config([f"storage_path={tmp_path}"])
+    assert cfg["model"]["name"] == "openelm_tiny"
+    assert cfg["deepspeed"]["stage"] == 2
+    assert cfg["cluster"]["num_workers"] == 2 and cfg["cluster"]["address"] is None
+    assert cfg["logger"]["wandb"] and cfg["logger"]["mode"] == "offline"
+    assert cfg["train"]["betas"] == [0.9, 0.95] and cfg["train"]["eps"] == 1e-8
+    assert cfg["train"]["weight_decay"] == 0.1 and cfg["train"]["grad_clip"] == 1.0
+    assert cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"]
+
+
+def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["storage_path=store"])
+    assert cfg["storage_path"] == str(tmp_path / "store")
+    assert cfg["data"]["dir"] == str(tmp_path / "store/data/sample")
+    assert cfg["run"]["dir"] == os.path.join(tmp_path, "store/outputs", cfg["run"]["name"])
+
+
+def test_run_name_is_stable_and_follows_what_changes_the_result():
+    a = compose_config([])["run"]["name"]
+    assert a == compose_config([])["run"]["name"]
+    assert a.startswith("openelm_tiny-sample-")
+    assert compose_config(["train.lr=1e-3"])["run"]["name"] != a
+    assert compose_config(["cluster.num_workers=4"])["run"]["name"] != a
+    assert compose_config(["logger=none"])["run"]["name"] == a
+    assert compose_config(["run.name=mine"])["run"]["name"] == "mine"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes(model):
+    cfg = compose_config([f"model={model}"])
+    assert cfg["model"]["name"] == model
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.max_step=3"], "train.max_step"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["train.precision=fp16"], "expected one of [fp32, bf16]"),
+        (["model=openelm_9b"], "openelm_270m"),
+        (["model.num_layer=3"], "model.num_layer"),
+        (["train.max_steps=0"], "train.max_steps=0: must be at least 1"),
+        (["cluster.num_workers=0"], "cluster.num_workers=0"),
+        (["deepspeed.stage=5"], "deepspeed.stage=5"),
+        (["data.seq_len=5000"], "model.max_context_length"),
+        (["model.vocab_size=100"], "tokenizer.vocab_size=4096"),
+        (["tokenizer=file", "tokenizer.path=/nonexistent/tokenizer.json"], "tokenizer.path=/nonexistent"),
+        (["model.num_query_heads=[4,4,4,4]"], "none of them"),
+    ],
+)
+def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides)
+    assert expected in str(e.value)
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        compose_config(["train.max_steps=0", "cluster.num_workers=0", "train.lr=-1"])
+    assert all(k in str(e.value) for k in ("train.max_steps", "cluster.num_workers", "train.lr"))
+
+
+def test_cli_prints_the_composed_config(capsys, tmp_path):
+    assert main(["train", "model=openelm_270m", f"storage_path={tmp_path}", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "name: openelm_270m" in out and f"storage_path: {tmp_path}" in out
+
+
+def test_cli_config_error_exits_2_without_a_traceback(capsys):
+    assert main(["prepare", "train.max_stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "train.max_stepz" in err and "Traceback" not in err

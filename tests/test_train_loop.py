@@ -1,0 +1,94 @@
+"""The Ray-free training loop in this process (a world of one, gloo, DeepSpeed on CPU)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cluster.config import compose_config
+from trainer.checkpoint import complete_checkpoints
+from trainer.distributed import init_distributed
+from trainer.model import OpenELMConfig, build_model
+from trainer.summary import read_summary
+from trainer.train_loop import build_engine, train
+from wandb_offline import run_history, run_summary
+
+SMALL_MODEL = [
+    "model.num_layers=2",
+    "model.model_dim=64",
+    "model.head_dim=16",
+    "model.ffn_dim_divisor=16",
+    "tokenizer.vocab_size=300",
+    "data.seq_len=32",
+]
+
+
+def small_cfg(tiny_dataset, tmp_path, *extra):
+    return compose_config(
+        [*SMALL_MODEL, f"data.dir={tiny_dataset}", f"storage_path={tmp_path}", "train.max_steps=6",
+         "train.warmup_steps=2", "train.micro_batch_size=4", "train.log_every=2", *extra]
+    )
+
+
+def test_train_writes_metrics_checkpoint_and_an_offline_wandb_run(tiny_dataset, tmp_path, capsys):
+    cfg = small_cfg(tiny_dataset, tmp_path, "train.grad_accum_steps=2")
+    result = train(cfg)
+    assert len(result["losses"]) == 6 and all(math.isfinite(x) for x in result["losses"])
+    assert "[train] step 6/6" in capsys.readouterr().out
+
+    records = [json.loads(line) for line in open(result["metrics"])]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("loss", "ce_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tokens"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert records[0]["lr"] == pytest.approx(1e-6)
+    assert records[-1]["tokens"] == 6 * 4 * 2 * 32
+    assert [r["loss"] for r in records] == result["losses"]
+
+    ckpts = complete_checkpoints(f"{cfg['run']['dir']}/checkpoints")
+    assert [c.name for c in ckpts] == ["step_6"]
+    assert any(ckpts[0].glob("*model_states.pt")) and any(ckpts[0].glob("*optim_states.pt"))
+    assert read_summary(cfg["run"]["dir"])["checkpoint"] == str(ckpts[0])
+
+    wb = run_summary(result["wandb_dir"])
+    assert wb["state"] == "finished" and wb["name"] == cfg["run"]["name"]
+    assert wb["config"]["model"]["num_layers"] == 2 and wb["config"]["deepspeed"]["stage"] == 2
+    assert wb["summary"]["loss"] == pytest.approx(records[-1]["loss"])
+    history = run_history(result["wandb_dir"])
+    assert [h["_step"] for h in history] == list(range(1, 7))
+    assert [h["loss"] for h in history] == pytest.approx([r["loss"] for r in records])
+    assert [h["grad_norm"] for h in history] == pytest.approx([r["grad_norm"] for r in records])
+
+
+def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.max_steps=2", "train.warmup_steps=1")
+    result = train(cfg)
+    assert result["wandb_dir"] is None and not (tmp_path / "outputs" / cfg["run"]["name"] / "wandb").exists()
+    assert len(open(result["metrics"]).readlines()) == 2
+
+
+def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):
+    cfg = small_cfg(tiny_dataset, tmp_path)
+    env = init_distributed(use_gpu=False)
+    model = build_model(OpenELMConfig(**cfg["model"]), seed=0)
+    engine, scheduler = build_engine(cfg, model, env)
+    groups = engine.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) and g["eps"] == 1e-8 for g in groups)
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-6)
+    assert engine.gradient_clipping() == 1.0
+    assert engine.zero_optimization_stage() == 2
+
+
+def test_bf16_trains(tiny_dataset, tmp_path):
+    cfg = small_cfg(tiny_dataset, tmp_path, "train.precision=bf16", "logger=none", "train.max_steps=3",
+                    "train.warmup_steps=1")
+    losses = train(cfg)["losses"]
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_vocabulary_larger_than_the_model_is_refused(tiny_dataset, tmp_path):
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none")
+    cfg["model"]["vocab_size"] = 200
+    with pytest.raises(ValueError, match="tokenizer vocabulary 300 exceeds model.vocab_size=200"):
+        train(cfg)
