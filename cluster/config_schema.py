@@ -55,12 +55,12 @@ class TokenizerConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 40
+    max_steps: int = 120
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     precision: Precision = Precision.fp32
     lr: float = 3e-3
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     warmup_init_lr: float = 1e-6
     min_lr_ratio: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     z_loss_weight: float = 1e-4
-    log_every: int = 5
+    log_every: int = 10
     loader_workers: int = 1
 
 
