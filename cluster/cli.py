@@ -29,9 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prepare(cfg: dict):
+    from data_pipelines.prepare import prepare
+
+    if cfg["data"]["workers"] != 0:  # tokenizer actors run on the configured Ray cluster
+        from cluster.ray_runtime import connect
+
+        connect(cfg["cluster"])
+    return prepare(cfg["data"], cfg["tokenizer"], force=cfg["prepare"]["force"])
+
+
 def cmd_prepare(cfg: dict):
     from data_pipelines.integrity import verify_dataset
-    from data_pipelines.prepare import describe_plan, prepare
+    from data_pipelines.prepare import describe_plan
 
     options = cfg["prepare"]
     if options["dry_run"]:
@@ -40,15 +50,13 @@ def cmd_prepare(cfg: dict):
     if options["verify"]:
         verify_dataset(cfg["data"]["dir"])
         return cfg["data"]["dir"]
-    return prepare(cfg["data"], cfg["tokenizer"], force=options["force"])
+    return _prepare(cfg)
 
 
 def cmd_train(cfg: dict) -> None:
     from cluster.launch import launch_training
 
-    from data_pipelines.prepare import prepare
-
-    data_dir = prepare(cfg["data"], cfg["tokenizer"], force=cfg["prepare"]["force"])
+    data_dir = _prepare(cfg)
     result = launch_training(cfg)
     print("\n[elmforge] training finished")
     print(f"  final loss   {result['final_loss']:.4f}")

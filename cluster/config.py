@@ -52,7 +52,7 @@ def _explain(e: Exception) -> str:
 
 def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
-    relevant["data"] = {k: v for k, v in cfg["data"].items() if k != "dir"}
+    relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"
@@ -96,7 +96,14 @@ def validate(cfg: dict) -> None:
     need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
     need(0 <= d["val_fraction"] < 1, f"data.val_fraction={d['val_fraction']}", "must be in [0, 1)")
     need(d["samples_per_shard"] >= 1, f"data.samples_per_shard={d['samples_per_shard']}", "must be at least 1")
+    need(d["shard_bytes"] is None or d["shard_bytes"] > 0, f"data.shard_bytes={d['shard_bytes']}", "must be positive")
+    need(d["target_tokens"] is None or d["target_tokens"] > 0, f"data.target_tokens={d['target_tokens']}", "must be positive")
+    need(d["workers"] is None or d["workers"] >= 0, f"data.workers={d['workers']}", "must be 0 (no Ray) or more")
     need(len(d["sources"]) > 0, "data.sources", "needs at least one source")
+    for i, src in enumerate(d["sources"]):
+        need(bool(src["path"]) != bool(src["hf"]), f"data.sources[{i}]", "set exactly one of `path` (local files) or `hf`")
+        need(src["weight"] >= 0, f"data.sources[{i}].weight={src['weight']}", "must be 0 or more")
+    need(sum(src["weight"] for src in d["sources"]) > 0, "data.sources[*].weight", "at least one weight must be positive")
     need(
         d["seq_len"] <= min(m["max_context_length"], m["rope_max_length"]),
         f"data.seq_len={d['seq_len']}",
@@ -107,9 +114,10 @@ def validate(cfg: dict) -> None:
         f"model.vocab_size={m['vocab_size']}",
         f"is smaller than tokenizer.vocab_size={cfg['tokenizer']['vocab_size']}; token ids would overflow the embedding",
     )
-    if cfg["tokenizer"]["kind"] == "file":
+    if cfg["tokenizer"]["kind"] != "bpe":
         path = cfg["tokenizer"]["path"]
-        need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}", "must name an existing tokenizer.json")
+        want = "tokenizer.json" if cfg["tokenizer"]["kind"] == "file" else "SentencePiece .model file"
+        need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}", f"must name an existing {want}")
     try:
         OpenELMConfig(**m).layer_plan()
     except (ValueError, TypeError) as e:

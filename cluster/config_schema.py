@@ -21,6 +21,12 @@ class Precision(Enum):
 class TokenizerKind(Enum):
     bpe = "bpe"
     file = "file"
+    sentencepiece = "sentencepiece"
+
+
+class OnBadRecord(Enum):
+    skip = "skip"
+    error = "error"
 
 
 class WandbMode(Enum):
@@ -31,17 +37,37 @@ class WandbMode(Enum):
 
 @dataclass
 class SourceConfig:
-    path: str = MISSING
+    """Local files (`path`, a glob) or a Hugging Face dataset (`hf` id or local dataset directory)."""
+
+    name: Optional[str] = None
+    path: Optional[str] = None
+    hf: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
     text_field: str = "text"
+    weight: float = 1.0  # share of output tokens, normalised over sources
+    repeat: bool = False  # may be read again when it runs out before its share
+
+
+@dataclass
+class FilterConfig:
+    min_chars: int = 0  # after lower-casing and stripping punctuation (OpenELM: 200)
+    min_tokens: int = 0  # OpenELM: 256
+    dedup: bool = True
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
     sources: list[SourceConfig] = MISSING
+    target_tokens: Optional[int] = None
     seq_len: int = 128
     val_fraction: float = 0.02
     samples_per_shard: int = 2048
+    shard_bytes: Optional[int] = None  # when set, overrides samples_per_shard
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    on_bad_record: OnBadRecord = OnBadRecord.skip
+    workers: Optional[int] = None  # tokenizer actors; null = Ray CPUs - 1, 0 = in-process without Ray
     dir: Optional[str] = None
 
 
@@ -50,6 +76,7 @@ class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.bpe
     vocab_size: int = 4096
     path: Optional[str] = None
+    max_train_documents: Optional[int] = None  # BPE: train on the first N documents
 
 
 @dataclass

@@ -5,7 +5,7 @@ inputs (first seq_len) and shifted targets (last seq_len) come from one array.
 The tail that does not fill a sample is dropped and counted.
 """
 
-from typing import Iterable, Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -14,24 +14,26 @@ class Packer:
     def __init__(self, seq_len: int, bos: int, eos: int, dtype: np.dtype):
         self.sample_len = seq_len + 1
         self.bos, self.eos, self.dtype = bos, eos, dtype
-        self._buffer: list[int] = []
+        self._parts: list[np.ndarray] = []
+        self._pending = 0
         self.dropped_tail_tokens = 0
 
-    def add(self, token_ids: Iterable[int]) -> Iterator[np.ndarray]:
+    def add(self, token_ids: Sequence[int] | np.ndarray) -> Iterator[np.ndarray]:
         """Append one document; yield every sample it completes."""
-        self._buffer.append(self.bos)
-        self._buffer.extend(token_ids)
-        self._buffer.append(self.eos)
-        n_full = len(self._buffer) // self.sample_len
-        if n_full:
-            cut = n_full * self.sample_len
-            block = np.asarray(self._buffer[:cut], dtype=self.dtype).reshape(n_full, self.sample_len)
-            del self._buffer[:cut]
-            yield from block
+        framed = np.empty(len(token_ids) + 2, dtype=self.dtype)
+        framed[0], framed[1:-1], framed[-1] = self.bos, token_ids, self.eos
+        self._parts.append(framed)
+        self._pending += len(framed)
+        if self._pending >= self.sample_len:
+            buffer = np.concatenate(self._parts)
+            n_full = len(buffer) // self.sample_len
+            yield from buffer[: n_full * self.sample_len].reshape(n_full, self.sample_len)
+            rest = buffer[n_full * self.sample_len :]
+            self._parts, self._pending = [rest], len(rest)
 
     def finish(self) -> None:
-        self.dropped_tail_tokens = len(self._buffer)
-        self._buffer.clear()
+        self.dropped_tail_tokens = self._pending
+        self._parts, self._pending = [], 0
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,105 +1,179 @@
-"""`elmforge prepare`: text sources -> tokenizer -> packed samples -> shards + manifest.
+"""`elmforge prepare`: text sources -> clean + filter + dedup -> tokenize -> mix -> pack -> shards.
+
+Stages: (1) the tokenizer is trained or loaded; (2) each source in turn is read,
+cleaned, filtered and tokenized (Ray Data actor pool, order preserved) into a
+local cache, deduplicated against every document kept so far, up to its share
+of the token target; (3) the mixer takes documents from the caches by token
+share, the packer cuts them into seq_len+1 samples and the shard writer writes
+tars. Everything streams; memory holds only the dedup digests.
 
 The dataset is built in a temporary directory and renamed into place, so an
 interrupted run never leaves a directory that looks complete. A dataset whose
-manifest carries the same fingerprint (config and input bytes) is reused as is.
+manifest carries the same fingerprint (settings and input bytes) is reused.
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
+import numpy as np
+
+from data_pipelines.cleaning import clean_text, split_of
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from data_pipelines.mixture import FRAMING, mix, normalised_weights
 from data_pipelines.packing import Packer, token_dtype
-from data_pipelines.progress import Progress
+from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter
-from data_pipelines.sources import expand_files, fingerprint_sources, iter_documents
-from data_pipelines.tokenizer import fingerprint, load_tokenizer, special_ids, train_bpe
+from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
+from data_pipelines.sources import ReadUnit, expand_files, fingerprint_sources, read_unit, read_units, source_name
+from data_pipelines.tokenize_stage import tokenized_batches
+from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
-ENCODE_BATCH = 256
+MAX_EXAMPLES = 5  # skipped-record origins kept per source for the report
+FINGERPRINT_KEYS = (
+    "sources", "seq_len", "val_fraction", "samples_per_shard", "shard_bytes", "target_tokens", "filters", "on_bad_record"
+)
 
 
 @dataclass
-class Stats:
+class SourceStats:
+    name: str
     documents_read: int = 0
     documents_kept: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"empty": 0})
-    tokens: int = 0
+    dropped: dict = field(default_factory=dict)
+    replaced_characters: int = 0
+    tokens_kept: int = 0
+    skipped_examples: list = field(default_factory=list)
+
+    def drop(self, reason: str, origin: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if reason not in ("empty", "duplicate") and len(self.skipped_examples) < MAX_EXAMPLES:
+            self.skipped_examples.append(f"{origin}: {reason}")
 
 
 def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
-    """Everything that changes the shards: sources' bytes, packing and tokenizer settings."""
-    relevant = {k: data_cfg[k] for k in ("sources", "seq_len", "val_fraction", "samples_per_shard")}
-    spec = json.dumps({"data": relevant, "tokenizer": tokenizer_cfg}, sort_keys=True)
-    return hashlib.sha256((spec + fingerprint_sources(data_cfg["sources"])).encode()).hexdigest()
+    """Everything that changes the shards: input bytes, data settings and the tokenizer."""
+    spec = {"data": {k: data_cfg.get(k) for k in FINGERPRINT_KEYS}, "tokenizer": tokenizer_cfg}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    digest.update(fingerprint_sources(data_cfg["sources"]).encode())
+    if tokenizer_cfg["kind"] != "bpe" and tokenizer_cfg.get("path") and os.path.isfile(tokenizer_cfg["path"]):
+        digest.update(Path(tokenizer_cfg["path"]).read_bytes())
+    return digest.hexdigest()
 
 
-def split_of(text: str, val_fraction: float) -> str:
-    """A document's split from a hash of its text: stable whatever the order or number of documents."""
-    bucket = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % 1_000_000
-    return "val" if bucket < val_fraction * 1_000_000 else "train"
+def _training_texts(data_cfg: dict, limit: Optional[int]) -> Iterator[str]:
+    n = 0
+    for i, spec in enumerate(data_cfg["sources"]):
+        for unit in read_units(spec, i):
+            for record in read_unit(unit, spec.get("text_field", "text")):
+                if record.text and record.text.strip():
+                    yield clean_text(record.text)
+                    n += 1
+                    if limit and n >= limit:
+                        return
 
 
-def _clean_documents(data_cfg: dict, stats: Stats | None = None) -> Iterator[str]:
-    for doc in iter_documents(data_cfg["sources"]):
-        text = unicodedata.normalize("NFC", doc.text)
-        if stats is not None:
-            stats.documents_read += 1
-            if not text.strip():
-                stats.dropped["empty"] += 1
-                continue
-            stats.documents_kept += 1
-        elif not text.strip():
-            continue
-        yield text
-
-
-def _build_tokenizer(data_cfg: dict, tokenizer_cfg: dict, out: Path):
-    target = out / "tokenizer.json"
-    if tokenizer_cfg["kind"] == "file":
-        if not tokenizer_cfg.get("path"):
-            raise ValueError("tokenizer.kind=file needs tokenizer.path=<tokenizer.json>")
-        tokenizer = load_tokenizer(tokenizer_cfg["path"])
-    elif tokenizer_cfg["kind"] == "bpe":
+def build_tokenizer(data_cfg: dict, tokenizer_cfg: dict) -> TextTokenizer:
+    kind = tokenizer_cfg["kind"]
+    if kind == "bpe":
         print(f"[prepare] training a byte-level BPE tokenizer, vocab {tokenizer_cfg['vocab_size']}", flush=True)
-        tokenizer = train_bpe(_clean_documents(data_cfg), tokenizer_cfg["vocab_size"])
-    else:
-        raise ValueError(f"tokenizer.kind={tokenizer_cfg['kind']!r}: expected 'bpe' or 'file'")
-    tokenizer.save(str(target))
+        return train_bpe(_training_texts(data_cfg, tokenizer_cfg.get("max_train_documents")), tokenizer_cfg["vocab_size"])
+    if not tokenizer_cfg.get("path"):
+        raise ValueError(f"tokenizer.kind={kind} needs tokenizer.path=<file>")
+    tokenizer = load_tokenizer(tokenizer_cfg["path"], "hf" if kind == "file" else "sentencepiece")
+    if tokenizer.vocab_size > tokenizer_cfg["vocab_size"]:
+        raise ValueError(
+            f"tokenizer {tokenizer_cfg['path']} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
+            f"{tokenizer_cfg['vocab_size']}; set tokenizer.vocab_size={tokenizer.vocab_size}"
+        )
     return tokenizer
 
 
-def _write_shards(data_cfg: dict, tokenizer, out: Path, stats: Stats) -> tuple[dict, dict]:
-    vocab = tokenizer.get_vocab_size()
-    bos, eos = special_ids(tokenizer)
-    dtype = token_dtype(vocab)
+def samples_per_shard(data_cfg: dict, dtype: np.dtype) -> int:
+    """From data.samples_per_shard, or from data.shard_bytes and the exact tar member size."""
+    if not data_cfg.get("shard_bytes"):
+        return data_cfg["samples_per_shard"]
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(data_cfg["seq_len"] + 1, dtype=dtype))
+    member = 512 + -(-buf.tell() // 512) * 512  # tar header + data padded to 512-byte blocks
+    return max(1, data_cfg["shard_bytes"] // member)
+
+
+def _ids_of(batch):
+    """(flat token values, offsets) of a processed batch's `ids` list column, without Python lists."""
+    col = batch.column("ids").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy()
+
+
+def _cache_source(index, spec, tokenizer, data_cfg, cache_dir, dtype, budget, seen) -> tuple[SourceCacheReader, SourceStats]:
+    """Stage 2 for one source: tokenize into the cache until done or its share (budget) is covered."""
+    stats = SourceStats(source_name(spec, index))
+    units: list[ReadUnit] = read_units(spec, index)
+    sizes = np.cumsum([0] + [u.size for u in units])
+    filters = data_cfg["filters"]
+    writer = SourceCacheWriter(cache_dir, dtype)
+    progress = Progress(f"prepare {stats.name}")
+    batches = tokenized_batches(
+        units, spec.get("text_field", "text"), data_cfg["on_bad_record"], tokenizer, filters["min_chars"], data_cfg["workers"]
+    )
+    done = False
+    for batch in batches:
+        values, offsets = _ids_of(batch)
+        keys, drops, origins = (batch.column(c).to_pylist() for c in ("key", "drop", "origin"))
+        stats.replaced_characters += int(np.asarray(batch.column("replaced")).sum())
+        for row, (key, reason) in enumerate(zip(keys, drops)):
+            stats.documents_read += 1
+            n = int(offsets[row + 1] - offsets[row])
+            if not reason and filters["dedup"] and key in seen:
+                reason = "duplicate"
+            elif not reason and n < filters["min_tokens"]:
+                reason = "too_few_tokens"
+            if reason:
+                stats.drop(reason, origins[row])
+                continue
+            seen.add(key)
+            writer.add(values[offsets[row] : offsets[row + 1]], split_of(key, data_cfg["val_fraction"]) == "val")
+            stats.documents_kept += 1
+            stats.tokens_kept += n + FRAMING
+            # Covered once the documents before this one reach the share: the mixer may take one more.
+            if budget is not None and stats.tokens_kept - (n + FRAMING) >= budget:
+                done = True
+                break
+        unit = int(np.asarray(batch.column("unit"))[-1]) if batch.num_rows else 0
+        fraction = sizes[unit] / sizes[-1] if sizes[-1] else None
+        if budget:
+            fraction = max(fraction or 0, stats.tokens_kept / budget)
+        progress.update({"docs": stats.documents_read, "tokens": stats.tokens_kept}, done_fraction=fraction)
+        if done:
+            break
+    if hasattr(batches, "close"):
+        batches.close()  # stops the Ray Data pipeline when the share is covered early
+    progress.update({"docs": stats.documents_read, "tokens": stats.tokens_kept}, force=True)
+    for example in stats.skipped_examples:
+        print(f"[prepare] skipped {example}", flush=True)
+    return writer.close(), stats
+
+
+def _write_shards(documents, data_cfg, tokenizer, out, dtype, expected_tokens) -> tuple[dict, dict]:
+    """Stage 3: pack mixed documents per split and write the shards."""
+    bos, eos = tokenizer.special_ids()
+    per_shard = samples_per_shard(data_cfg, dtype)
     packers = {s: Packer(data_cfg["seq_len"], bos, eos, dtype) for s in SPLITS}
-    writers = {s: ShardWriter(out, s, data_cfg["samples_per_shard"]) for s in SPLITS}
-    progress = Progress("prepare")
-
-    def flush(batch: list[str]) -> None:
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        for text, enc in zip(batch, encodings):
-            split = split_of(text, data_cfg["val_fraction"])
-            stats.tokens += len(enc.ids) + 2
-            for sample in packers[split].add(enc.ids):
-                writers[split].write(sample)
-        batch.clear()
-        progress.update({"docs": stats.documents_read, "tokens": stats.tokens})
-
-    batch: list[str] = []
-    for text in _clean_documents(data_cfg, stats):
-        batch.append(text)
-        if len(batch) == ENCODE_BATCH:
-            flush(batch)
-    flush(batch)
-    progress.update({"docs": stats.documents_read, "tokens": stats.tokens}, force=True)
+    writers = {s: ShardWriter(out, s, per_shard) for s in SPLITS}
+    progress = Progress("pack")
+    tokens = 0
+    for ids, is_val in documents:
+        split = "val" if is_val else "train"
+        for sample in packers[split].add(ids):
+            writers[split].write(sample)
+        tokens += len(ids) + FRAMING
+        progress.update({"tokens": tokens}, done_fraction=tokens / expected_tokens if expected_tokens else None)
     splits, tails = {}, {}
     for s in SPLITS:
         packers[s].finish()
@@ -108,30 +182,9 @@ def _write_shards(data_cfg: dict, tokenizer, out: Path, stats: Stats) -> tuple[d
         splits[s] = {
             "samples": sum(x.samples for x in shards),
             "tokens": sum(x.tokens for x in shards),
-            "shards": [x.__dict__ for x in shards],
+            "shards": [asdict(x) for x in shards],
         }
-    return splits, {"dropped_tail_tokens": tails, "dtype": dtype.name, "vocab_size": vocab, "bos": bos, "eos": eos}
-
-
-def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
-    """What prepare would read and write, checked without writing anything."""
-    lines = [f"[prepare] plan for dataset {data_cfg['name']!r} -> {data_cfg['dir']}"]
-    for source in data_cfg["sources"]:
-        files = expand_files(source["path"])
-        size = sum(os.path.getsize(f) for f in files)
-        lines.append(f"  source {source['path']}: {len(files)} file(s), {size / 1e6:.1f} MB, text field {source.get('text_field', 'text')!r}")
-    tok = tokenizer_cfg["path"] if tokenizer_cfg["kind"] == "file" else f"BPE trained on the corpus, vocab {tokenizer_cfg['vocab_size']}"
-    lines.append(f"  tokenizer: {tok}")
-    lines.append(
-        f"  samples of {data_cfg['seq_len'] + 1} tokens, {data_cfg['samples_per_shard']} per shard, "
-        f"{data_cfg['val_fraction']:.1%} of documents to val"
-    )
-    manifest = Path(data_cfg["dir"]) / MANIFEST_NAME
-    if manifest.is_file():
-        current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
-        state = "up to date" if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else "out of date: would rebuild"
-        lines.append(f"  existing dataset: {state}")
-    return "\n".join(lines)
+    return splits, tails
 
 
 def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
@@ -139,8 +192,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
     out = Path(data_cfg["dir"])
     fp = dataset_fingerprint(data_cfg, tokenizer_cfg)
     if not force and (out / MANIFEST_NAME).is_file():
-        existing = read_manifest(out)
-        if existing.data.get("source", {}).get("fingerprint") == fp:
+        if read_manifest(out).data.get("source", {}).get("fingerprint") == fp:
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
             return out
         print(f"[prepare] {out} was built from other inputs or settings; rebuilding", flush=True)
@@ -149,42 +201,112 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tokenizer = _build_tokenizer(data_cfg, tokenizer_cfg, tmp)
-        stats = Stats()
-        splits, info = _write_shards(data_cfg, tokenizer, tmp, stats)
-        if stats.documents_kept == 0:
-            raise ValueError(f"data sources {[s['path'] for s in data_cfg['sources']]} hold no non-empty document")
-        if splits["train"]["samples"] == 0:
-            raise ValueError(
-                f"the corpus ({stats.tokens} tokens) fills no training sample of seq_len+1 = {data_cfg['seq_len'] + 1}"
-            )
-        write_manifest(
-            tmp,
-            {
-                "seq_len": data_cfg["seq_len"],
-                "dtype": info["dtype"],
-                "tokenizer": {
-                    "file": "tokenizer.json",
-                    "fingerprint": fingerprint(tokenizer),
-                    "vocab_size": info["vocab_size"],
-                    "bos_id": info["bos"],
-                    "eos_id": info["eos"],
-                },
-                "source": {"spec": data_cfg["sources"], "fingerprint": fp},
-                "stats": {**stats.__dict__, "dropped_tail_tokens": info["dropped_tail_tokens"]},
-                "splits": splits,
-            },
-        )
+        manifest = _build(data_cfg, tokenizer_cfg, tmp, fp)
+        write_manifest(tmp, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _publish(tmp, out)
+    splits, stats = manifest["splits"], manifest["stats"]
     print(
-        f"[prepare] wrote {out}: {stats.documents_kept}/{stats.documents_read} documents, "
+        f"[prepare] wrote {out}: {stats['documents_kept']}/{stats['documents_read']} documents kept "
+        f"(dropped: {stats['dropped'] or 'none'}), {format_count(stats['tokens'])} tokens, "
         f"{splits['train']['samples']} train / {splits['val']['samples']} val samples of {data_cfg['seq_len'] + 1} tokens",
         flush=True,
     )
     return out
+
+
+def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
+    sources = data_cfg["sources"]
+    names = [source_name(s, i) for i, s in enumerate(sources)]
+    shares = normalised_weights([s.get("weight", 1.0) for s in sources])
+    target = data_cfg.get("target_tokens")
+    tokenizer = build_tokenizer(data_cfg, tokenizer_cfg)
+    tokenizer.save(tmp)
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    seen: set[bytes] = set()
+    caches, source_stats = [], []
+    for i, spec in enumerate(sources):
+        budget = shares[i] * target if target and not spec.get("repeat") else None
+        cache, stats = _cache_source(i, spec, tokenizer, data_cfg, tmp / "cache" / str(i), dtype, budget, seen)
+        caches.append(cache)
+        source_stats.append(stats)
+    if sum(s.documents_kept for s in source_stats) == 0:
+        raise ValueError(f"the data sources {names} hold no document that passes cleaning and filters")
+
+    documents, mix_stats = mix(caches, [s.get("weight", 1.0) for s in sources], names, [bool(s.get("repeat")) for s in sources], target)
+    expected = target or sum(s.tokens_kept for s in source_stats)
+    splits, tails = _write_shards(documents, data_cfg, tokenizer, tmp, dtype, expected)
+    shutil.rmtree(tmp / "cache")
+    if splits["train"]["samples"] == 0:
+        raise ValueError(f"the corpus ({sum(mix_stats.tokens)} tokens) fills no training sample of seq_len+1 = {data_cfg['seq_len'] + 1}")
+    bos, eos = tokenizer.special_ids()
+    dropped: dict[str, int] = {}
+    for s in source_stats:
+        for reason, n in s.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    return {
+        "seq_len": data_cfg["seq_len"],
+        "dtype": dtype.name,
+        "tokenizer": {
+            "file": tokenizer.file_name,
+            "kind": tokenizer.kind,
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": bos,
+            "eos_id": eos,
+        },
+        "source": {"spec": sources, "fingerprint": fp},
+        "stats": {
+            "documents_read": sum(s.documents_read for s in source_stats),
+            "documents_kept": sum(s.documents_kept for s in source_stats),
+            "dropped": dropped,
+            "replaced_characters": sum(s.replaced_characters for s in source_stats),
+            "tokens": sum(mix_stats.tokens),
+            "dropped_tail_tokens": tails,
+            "sources": [
+                {
+                    **asdict(s),
+                    "weight": shares[i],
+                    "tokens_used": mix_stats.tokens[i],
+                    "share": mix_stats.shares[i],
+                    "repeats": mix_stats.repeats[i],
+                }
+                for i, s in enumerate(source_stats)
+            ],
+        },
+        "splits": splits,
+    }
+
+
+def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
+    """What prepare would read and write, checked without writing anything or contacting a hub."""
+    sources = data_cfg["sources"]
+    shares = normalised_weights([s.get("weight", 1.0) for s in sources])
+    target = data_cfg.get("target_tokens")
+    lines = [f"[prepare] plan for dataset {data_cfg['name']!r} -> {data_cfg['dir']}"]
+    lines.append(f"  target tokens: {format_count(target) if target else 'all documents of every source'}")
+    for i, spec in enumerate(sources):
+        if spec.get("hf"):
+            where = f"Hugging Face {spec['hf']} (config {spec.get('hf_config')}, split {spec.get('hf_split', 'train')}), streamed"
+        else:
+            files = expand_files(spec["path"])
+            where = f"{len(files)} file(s), {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB"
+        want = f", {format_count(shares[i] * target)} tokens" if target else ""
+        repeat = ", may repeat" if spec.get("repeat") else ""
+        lines.append(f"  {source_name(spec, i)}: weight {shares[i]:.2%}{want}{repeat}: {where}")
+    tok = tokenizer_cfg.get("path") if tokenizer_cfg["kind"] != "bpe" else f"BPE trained on the corpus, vocab {tokenizer_cfg['vocab_size']}"
+    f = data_cfg["filters"]
+    lines.append(f"  tokenizer: {tok}")
+    lines.append(f"  filters: min {f['min_chars']} characters, min {f['min_tokens']} tokens, dedup {'on' if f['dedup'] else 'off'}")
+    per_shard = data_cfg.get("shard_bytes") and f"{format_count(data_cfg['shard_bytes'])}B" or f"{data_cfg['samples_per_shard']} samples"
+    lines.append(f"  samples of {data_cfg['seq_len'] + 1} tokens, {per_shard} per shard, {data_cfg['val_fraction']:.1%} of documents to val")
+    if (Path(data_cfg["dir"]) / MANIFEST_NAME).is_file():
+        current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
+        lines.append(f"  existing dataset: {'up to date' if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else 'out of date: would rebuild'}")
+    return "\n".join(lines)
 
 
 def _publish(tmp: Path, out: Path) -> None:

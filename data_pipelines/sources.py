@@ -1,7 +1,15 @@
-"""Text sources: local files by glob, read one document at a time.
+"""Text sources: local files by glob, or Hugging Face datasets streamed by id/config/split.
 
-`package://data_pipelines/sample/...` names a file shipped inside this package,
-so the bundled sample corpus is found wherever elmforge is installed.
+A source is split into *read units* (one local file, or one shard of a streamed
+Hugging Face dataset) so readers can run in parallel while the order of
+documents stays fixed. `package://data_pipelines/...` names a file shipped in
+this package (the bundled sample corpus).
+
+Local formats: .jsonl, .json (JSON lines), .txt (one document per file), each
+optionally .gz or .zst compressed, and .parquet. Non-UTF-8 bytes are replaced
+and counted; a record without the text field is a bad record (skipped and
+counted, or an error with `on_bad_record=error`); a file that is not what its
+extension says is an error naming it.
 """
 
 import glob
@@ -12,16 +20,38 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 PACKAGE_SCHEME = "package://"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+COMPRESSIONS = (".gz", ".zst")
 
 
 @dataclass(frozen=True)
-class Document:
-    text: str
-    origin: str  # "file:line", for error messages and skipped-record reports
+class Record:
+    """One document as read, or a bad record (text None, `bad` says why)."""
+
+    text: Optional[str]
+    origin: str  # "file:line" or "hf-id[shard k]#n", for reports
+    replaced: int = 0  # characters replaced because the bytes were not UTF-8
+    bad: str = ""
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """What one reader reads: a local file or one shard of a Hugging Face dataset."""
+
+    source: int
+    path: Optional[str] = None
+    hf: Optional[dict] = None
+    shard: int = 0
+    num_shards: int = 1
+    size: int = 0  # bytes on disk, for progress (0 when unknown)
+
+
+def source_name(spec: dict, index: int) -> str:
+    return spec.get("name") or spec.get("hf") or spec.get("path") or f"source {index}"
 
 
 def resolve_path(path: str) -> str:
@@ -31,52 +61,154 @@ def resolve_path(path: str) -> str:
 
 
 def expand_files(pattern: str) -> list[str]:
-    """All files a source's path or glob names, sorted so runs are reproducible."""
+    """All files a path or glob names, sorted so runs are reproducible."""
     resolved = resolve_path(pattern)
-    files = sorted(glob.glob(resolved, recursive=True))
+    files = sorted(f for f in glob.glob(resolved, recursive=True) if os.path.isfile(f))
     if not files:
         raise FileNotFoundError(f"data source {pattern!r} matches no file (looked for {resolved})")
     return files
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+def _hf_dataset(hf: dict):
+    """The streaming `datasets.IterableDataset` of a source (reads nothing yet)."""
+    import datasets
+
+    return datasets.load_dataset(
+        hf["id"], name=hf.get("config"), split=hf.get("split", "train"), data_dir=hf.get("data_dir"), streaming=True
+    )
 
 
-def read_file(path: str, text_field: str = "text") -> Iterator[Document]:
-    """Documents of one file: a JSON object per line (.jsonl[.gz]) or the whole file (.txt[.gz])."""
-    name = path[:-3] if path.endswith(".gz") else path
-    with _open_text(path) as f:
-        if name.endswith(".jsonl"):
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+def read_units(spec: dict, index: int) -> list[ReadUnit]:
+    if spec.get("hf"):
+        hf = {"id": spec["hf"], "config": spec.get("hf_config"), "split": spec.get("hf_split", "train")}
+        n = _hf_dataset(hf).num_shards
+        return [ReadUnit(index, hf=hf, shard=k, num_shards=n) for k in range(n)]
+    if not spec.get("path"):
+        raise ValueError(f"data source {source_name(spec, index)!r} needs `path` (local files) or `hf` (a dataset id)")
+    return [ReadUnit(index, path=f, size=os.path.getsize(f)) for f in expand_files(spec["path"])]
+
+
+def _format_of(path: str) -> tuple[str, str]:
+    """(format, compression) from the file name."""
+    name, compression = path, ""
+    for c in COMPRESSIONS:
+        if name.endswith(c):
+            name, compression = name[: -len(c)], c
+    if name.endswith(".parquet") and not compression:
+        return "parquet", ""
+    for suffix in TEXT_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix[1:], compression
+    raise ValueError(f"{path}: unsupported file type (expected .jsonl, .json, .txt [.gz/.zst] or .parquet)")
+
+
+def _open_binary(path: str, compression: str) -> io.BufferedIOBase:
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def _bad_file(path: str, what: str, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a valid {what} file ({type(e).__name__}: {e})")
+
+
+def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record]:
+    try:
+        with _open_binary(path, compression) as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
+                line, replaced = _decode(raw)
+                origin = f"{path}:{line_no}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ValueError(f"{path}:{line_no}: record has no {text_field!r} field")
-                yield Document(str(record[text_field]), f"{path}:{line_no}")
-        elif name.endswith(".txt"):
-            yield Document(f.read(), f"{path}:1")
-        else:
-            raise ValueError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .txt or .txt.gz)")
+                    if line_no == 1:  # not JSON at all: the wrong file, not a bad record
+                        raise ValueError(f"{origin}: not JSON lines ({e.msg})") from None
+                    yield Record(None, origin, bad="invalid_json")
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    yield Record(None, origin, bad="missing_text_field")
+                    continue
+                yield Record(record[text_field], origin, replaced)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, zstd errors, truncated archives
+        raise _bad_file(path, compression.lstrip(".") or "text", e) from None
 
 
-def iter_documents(sources: list[dict]) -> Iterator[Document]:
-    """Documents of every source in order; each source is {path, text_field}."""
-    for source in sources:
-        for path in expand_files(source["path"]):
-            yield from read_file(path, source.get("text_field", "text"))
+def _read_txt(path: str, compression: str) -> Iterator[Record]:
+    try:
+        with _open_binary(path, compression) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise _bad_file(path, compression.lstrip("."), e) from None
+    text, replaced = _decode(raw)
+    yield Record(text, f"{path}:1", replaced)
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid for non-parquet bytes
+        raise _bad_file(path, "parquet", e) from None
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names})")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            origin = f"{path}:row {row}"
+            yield Record(text, origin) if isinstance(text, str) else Record(None, origin, bad="missing_text_field")
+
+
+def _read_hf(unit: ReadUnit, text_field: str) -> Iterator[Record]:
+    ds = _hf_dataset(unit.hf)
+    if unit.num_shards > 1:
+        ds = ds.shard(num_shards=unit.num_shards, index=unit.shard)
+    for n, example in enumerate(ds):
+        origin = f"{unit.hf['id']}[shard {unit.shard}]#{n}"
+        text = example.get(text_field)
+        yield Record(text, origin) if isinstance(text, str) else Record(None, origin, bad="missing_text_field")
+
+
+def read_unit(unit: ReadUnit, text_field: str = "text") -> Iterator[Record]:
+    """Every record of one read unit, in order."""
+    if unit.hf is not None:
+        yield from _read_hf(unit, text_field)
+        return
+    fmt, compression = _format_of(unit.path)
+    if fmt == "parquet":
+        yield from _read_parquet(unit.path, text_field)
+    elif fmt == "txt":
+        yield from _read_txt(unit.path, compression)
+    else:
+        yield from _read_lines(unit.path, compression, text_field)
 
 
 def fingerprint_sources(sources: list[dict]) -> str:
-    """SHA-256 over every input file's name and bytes: changes whenever an input does."""
-    digest = hashlib.sha256()
-    for source in sources:
-        for path in expand_files(source["path"]):
+    """SHA-256 over the sources' specs and every local input file's name and bytes.
+
+    A Hugging Face source is identified by id/config/split (its content is the
+    hub's to version); local files change the fingerprint whenever a byte does.
+    """
+    digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode())
+    for spec in sources:
+        if spec.get("hf"):
+            continue
+        for path in expand_files(spec["path"]):
             digest.update(os.path.basename(path).encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,18 +1,86 @@
-"""Tokenizers: a byte-level BPE trained on the corpus, or a given tokenizer.json.
+"""Tokenizers: a byte-level BPE trained on the corpus, a Hugging Face tokenizer.json, or a
+SentencePiece model (such as LLaMA's tokenizer.model, which OpenELM uses).
 
-Special tokens follow OpenELM's ids: <unk> 0, <s> (BOS) 1, </s> (EOS) 2.
+`TextTokenizer` wraps either kind behind one small interface and pickles as its
+serialized bytes, so tokenizer actors on any node rebuild it without shared files.
+BPE special tokens follow OpenELM's ids: <unk> 0, <s> (BOS) 1, </s> (EOS) 2.
 """
 
 import hashlib
+from pathlib import Path
 from typing import Iterable
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [UNK, BOS, EOS]
+FILE_NAMES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+class TextTokenizer:
+    def __init__(self, kind: str, payload: bytes):
+        if kind not in FILE_NAMES:
+            raise ValueError(f"unknown tokenizer kind {kind!r}")
+        self.kind, self.payload = kind, payload
+        self._impl = None
+
+    # Pickle only the serialized tokenizer; the native object is rebuilt lazily.
+    def __getstate__(self):
+        return {"kind": self.kind, "payload": self.payload}
+
+    def __setstate__(self, state):
+        self.__init__(state["kind"], state["payload"])
+
+    @property
+    def impl(self):
+        if self._impl is None:
+            if self.kind == "hf":
+                from tokenizers import Tokenizer
+
+                self._impl = Tokenizer.from_str(self.payload.decode())
+            else:
+                import sentencepiece as spm
+
+                self._impl = spm.SentencePieceProcessor(model_proto=self.payload)
+        return self._impl
+
+    @property
+    def vocab_size(self) -> int:
+        return self.impl.get_vocab_size() if self.kind == "hf" else self.impl.get_piece_size()
+
+    def special_ids(self) -> tuple[int, int]:
+        """(BOS, EOS): packing puts them around every document."""
+        if self.kind == "hf":
+            bos, eos = self.impl.token_to_id(BOS), self.impl.token_to_id(EOS)
+        else:
+            bos, eos = self.impl.bos_id(), self.impl.eos_id()
+        if bos is None or eos is None or bos < 0 or eos < 0:
+            raise ValueError(f"{self.kind} tokenizer has no BOS/EOS tokens, which packing needs between documents")
+        return bos, eos
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "hf":
+            return [e.ids for e in self.impl.encode_batch(texts, add_special_tokens=False)]
+        return self.impl.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.impl.decode(ids)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
+
+    @property
+    def file_name(self) -> str:
+        return FILE_NAMES[self.kind]
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.file_name
+        path.write_bytes(self.payload)
+        return path
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -23,23 +91,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
+    return TextTokenizer("hf", tokenizer.to_str().encode())
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str | Path, kind: str | None = None) -> TextTokenizer:
+    """A tokenizer.json (Hugging Face) or a SentencePiece .model, by kind or file name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    kind = kind or ("sentencepiece" if path.suffix == ".model" else "hf")
+    tokenizer = TextTokenizer(kind, path.read_bytes())
     try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception on bad files
-        raise ValueError(f"cannot load tokenizer {path}: {e}") from None
-
-
-def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """(BOS, EOS) ids; a tokenizer without them cannot separate packed documents."""
-    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    if bos is None or eos is None:
-        raise ValueError(f"tokenizer has no {BOS!r}/{EOS!r} tokens, which packing needs between documents")
-    return bos, eos
-
-
-def fingerprint(tokenizer: Tokenizer) -> str:
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+        tokenizer.vocab_size
+    except Exception as e:  # the native libraries raise their own types on bad files
+        raise ValueError(f"cannot load {kind} tokenizer {path}: {e}") from None
+    return tokenizer

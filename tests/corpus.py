@@ -35,6 +35,11 @@ def data_cfg(corpus: Path, out: Path, **overrides) -> dict:
         "seq_len": 32,
         "val_fraction": 0.1,
         "samples_per_shard": 64,
+        "shard_bytes": None,
+        "target_tokens": None,
+        "filters": {"min_chars": 0, "min_tokens": 0, "dedup": True},
+        "on_bad_record": "skip",
+        "workers": 0,
         "dir": str(out),
     }
     return {**cfg, **overrides}

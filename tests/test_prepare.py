@@ -89,7 +89,7 @@ def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         for d in docs + [""]:
             f.write(json.dumps({"body": d}) + "\n")
-    (tmp_path / "b.txt").write_text(docs[0])
+    (tmp_path / "b.txt").write_text("A plain text file is one whole document.")
     cfg = data_cfg(tmp_path / "unused", tmp_path / "ds")
     cfg["sources"] = [{"path": str(tmp_path / "*.jsonl.gz"), "text_field": "body"}, {"path": str(tmp_path / "b.txt")}]
     stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
@@ -101,9 +101,10 @@ def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: not valid JSON"),
-        ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: record has no 'text' field"),
-        ("\n\n", "no non-empty document"),
+        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: bad record \(invalid_json\)"),
+        ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: bad record \(missing_text_field\)"),
+        ('{"text": "   "}\n', "no document that passes"),
+        ("not json at all\n", r"c\.jsonl:1: not JSON lines"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_keeps_the_old_dataset(tmp_path, content, message):
@@ -113,9 +114,24 @@ def test_bad_input_is_a_clear_error_and_keeps_the_old_dataset(tmp_path, content,
     bad = tmp_path / "c.jsonl"
     bad.write_text(content)
     with pytest.raises(ValueError, match=message):
-        prepare(data_cfg(bad, tmp_path / "ds"), TOKENIZER_CFG)
+        prepare(data_cfg(bad, tmp_path / "ds", on_bad_record="error"), TOKENIZER_CFG)
     assert (out / "manifest.json").read_text() == before
     assert not list(tmp_path.glob(".ds.*"))
+
+
+def test_bad_records_are_skipped_counted_and_named(tmp_path):
+    docs = make_documents(40)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[3] = "{broken"
+    lines[7] = json.dumps({"body": "no text field"})
+    lines[9] = json.dumps({"text": 42})
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    stats = read_manifest(prepare(data_cfg(tmp_path / "c.jsonl", tmp_path / "ds"), TOKENIZER_CFG)).data["stats"]
+    assert stats["dropped"] == {"invalid_json": 1, "missing_text_field": 2}
+    assert stats["documents_read"] == 40 and stats["documents_kept"] == 37
+    examples = stats["sources"][0]["skipped_examples"]
+    assert f"{tmp_path / 'c.jsonl'}:4: invalid_json" in examples
+    assert f"{tmp_path / 'c.jsonl'}:8: missing_text_field" in examples
 
 
 def test_missing_source_names_the_pattern(tmp_path):
@@ -164,7 +180,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
     assert main(["prepare", f"storage_path={tmp_path}", "prepare.dry_run=true"]) == 0
     out = capsys.readouterr().out
-    assert "sqlite_docs.jsonl.gz: 1 file(s)" in out and "vocab 4096" in out and "129 tokens" in out
+    assert "sqlite_docs: weight 100.00%: 1 file(s)" in out and "vocab 4096" in out and "129 tokens" in out
     assert not list(tmp_path.iterdir())
 
 
