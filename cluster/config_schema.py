@@ -44,6 +44,7 @@ class SourceConfig:
     hf: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"
+    hf_data_files: Optional[str] = None  # glob of files within the dataset, to pick a subset
     text_field: str = "text"
     weight: float = 1.0  # share of output tokens, normalised over sources
     repeat: bool = False  # may be read again when it runs out before its share

@@ -17,10 +17,31 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.manifest import Manifest, read_manifest
+from data_pipelines.shard_writer import sha256_file
+
+
+def check_tokenizer(manifest: Manifest, expected_fingerprint: str | None = None) -> None:
+    """The dataset's tokenizer file is the one its shards were made with (and the one expected)."""
+    path = manifest.tokenizer_path
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} listed in the manifest is missing")
+    recorded = manifest.data["tokenizer"]["fingerprint"]
+    if sha256_file(path) != recorded:
+        raise ValueError(f"tokenizer {path} does not match the fingerprint in {manifest.root / 'manifest.json'}")
+    if expected_fingerprint and expected_fingerprint != recorded:
+        raise ValueError(
+            f"dataset {manifest.root} was tokenized with tokenizer {recorded[:12]}, this run expects "
+            f"{expected_fingerprint[:12]}: prepare the data with the run's tokenizer"
+        )
 
 
 class SampleIndex:
-    """Random access to sample i of a split: tar member offsets, read on first use of a shard."""
+    """Random access to sample i of a split: tar member offsets, read on first use of a shard.
+
+    Opening a shard checks it against the manifest (size, SHA-256, member count
+    and names), so a truncated, corrupt or tampered shard is an error naming it;
+    the checksum costs one sequential read of each shard per process.
+    """
 
     def __init__(self, manifest: Manifest, split: str):
         self.manifest = manifest
@@ -32,17 +53,28 @@ class SampleIndex:
 
     def _members(self, shard_idx: int) -> list[tuple[int, int]]:
         if shard_idx not in self._offsets:
-            shard = self.shards[shard_idx]
-            path = self.manifest.root / shard.name
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
-            with tarfile.open(path) as tar:
-                members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".tokens.npy")]
-            if len(members) != shard.samples:
-                raise ValueError(f"shard {path} holds {len(members)} samples, the manifest says {shard.samples}")
-            self._offsets[shard_idx] = members
-            self._files[shard_idx] = open(path, "rb")
+            self._offsets[shard_idx] = self._check_shard(self.shards[shard_idx])
+            self._files[shard_idx] = open(self.manifest.root / self.shards[shard_idx].name, "rb")
         return self._offsets[shard_idx]
+
+    def _check_shard(self, shard) -> list[tuple[int, int]]:
+        path = self.manifest.root / shard.name
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise ValueError(f"shard {path} is truncated or altered: {size} bytes, the manifest says {shard.bytes}")
+        if sha256_file(path) != shard.sha256:
+            raise ValueError(f"shard {path} does not match its checksum in the manifest")
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        for m in members:
+            if m.name.startswith("/") or ".." in m.name.split("/") or not m.isfile():
+                raise ValueError(f"shard {path}: member {m.name!r} is not a plain file inside the archive")
+        members = [(m.offset_data, m.size) for m in members if m.name.endswith(".tokens.npy")]
+        if len(members) != shard.samples:
+            raise ValueError(f"shard {path} holds {len(members)} samples, the manifest says {shard.samples}")
+        return members
 
     def __getitem__(self, i: int) -> np.ndarray:
         shard_idx = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -90,7 +122,10 @@ class RankBatches(IterableDataset):
 class TokenLoader:
     """Endless iterator of micro-batches for one rank, with state_dict()/load_state_dict()."""
 
-    def __init__(self, root, split, rank, world_size, batch_size, seed, shuffle=True, num_workers=0):
+    def __init__(
+        self, root, split, rank, world_size, batch_size, seed, shuffle=True, num_workers=0, tokenizer_fingerprint=None
+    ):
+        check_tokenizer(read_manifest(root), tokenizer_fingerprint)
         self.dataset = RankBatches(str(root), split, rank, world_size, batch_size, seed, shuffle)
         self.num_workers = num_workers
         self.consumed = 0  # samples this rank has yielded, across epochs

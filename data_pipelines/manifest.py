@@ -3,7 +3,7 @@
 Written last, so a directory with a manifest is a complete dataset. Layout:
 format_version, seq_len, dtype, tokenizer {file, fingerprint, vocab_size, bos_id,
 eos_id}, source {spec, fingerprint}, stats, splits {train, val} {samples, tokens,
-shards [{name, samples, tokens, sha256}]}.
+shards [{name, samples, tokens, sha256, bytes}]}.
 """
 
 import json
@@ -21,6 +21,7 @@ class ShardInfo:
     samples: int
     tokens: int
     sha256: str
+    bytes: int
 
 
 @dataclass(frozen=True)

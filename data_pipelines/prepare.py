@@ -290,7 +290,8 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     lines.append(f"  target tokens: {format_count(target) if target else 'all documents of every source'}")
     for i, spec in enumerate(sources):
         if spec.get("hf"):
-            where = f"Hugging Face {spec['hf']} (config {spec.get('hf_config')}, split {spec.get('hf_split', 'train')}), streamed"
+            files = f", files {spec['hf_data_files']}" if spec.get("hf_data_files") else ""
+            where = f"Hugging Face {spec['hf']} (config {spec.get('hf_config')}, split {spec.get('hf_split', 'train')}{files}), streamed"
         else:
             files = expand_files(spec["path"])
             where = f"{len(files)} file(s), {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB"

@@ -46,7 +46,8 @@ class ShardWriter:
 
     def _close(self) -> None:
         self._writer.close()
-        self.shards.append(ShardInfo(self._name, self._samples, self._tokens, sha256_file(self.root / self._name)))
+        path = self.root / self._name
+        self.shards.append(ShardInfo(self._name, self._samples, self._tokens, sha256_file(path), path.stat().st_size))
         self._writer, self._samples, self._tokens = None, 0, 0
 
     def finish(self) -> list[ShardInfo]:

@@ -74,13 +74,18 @@ def _hf_dataset(hf: dict):
     import datasets
 
     return datasets.load_dataset(
-        hf["id"], name=hf.get("config"), split=hf.get("split", "train"), data_dir=hf.get("data_dir"), streaming=True
+        hf["id"], name=hf.get("config"), split=hf.get("split", "train"), data_files=hf.get("data_files"), streaming=True
     )
 
 
 def read_units(spec: dict, index: int) -> list[ReadUnit]:
     if spec.get("hf"):
-        hf = {"id": spec["hf"], "config": spec.get("hf_config"), "split": spec.get("hf_split", "train")}
+        hf = {
+            "id": spec["hf"],
+            "config": spec.get("hf_config"),
+            "split": spec.get("hf_split", "train"),
+            "data_files": spec.get("hf_data_files"),
+        }
         n = _hf_dataset(hf).num_shards
         return [ReadUnit(index, hf=hf, shard=k, num_shards=n) for k in range(n)]
     if not spec.get("path"):
