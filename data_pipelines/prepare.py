@@ -197,6 +197,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
             return out
         print(f"[prepare] {out} was built from other inputs or settings; rebuilding", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -308,6 +309,18 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
         current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
         lines.append(f"  existing dataset: {'up to date' if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else 'out of date: would rebuild'}")
     return "\n".join(lines)
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Temporary directories of earlier runs that were killed (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = int(stale.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _publish(tmp: Path, out: Path) -> None:

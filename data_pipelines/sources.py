@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import zstandard
+
 PACKAGE_SCHEME = "package://"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -111,9 +113,8 @@ def _open_binary(path: str, compression: str) -> io.BufferedIOBase:
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        # Buffered so lines can be iterated (the raw zstd reader has no readline).
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
@@ -123,6 +124,10 @@ def _decode(raw: bytes) -> tuple[str, int]:
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+# What a decompressor raises on bytes that are not its format (or are cut short).
+BAD_FILE_ERRORS = (OSError, EOFError, zstandard.ZstdError)
 
 
 def _bad_file(path: str, what: str, e: Exception) -> ValueError:
@@ -148,7 +153,7 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                     yield Record(None, origin, bad="missing_text_field")
                     continue
                 yield Record(record[text_field], origin, replaced)
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile, zstd errors, truncated archives
+    except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
 
 
@@ -156,7 +161,7 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
     try:
         with _open_binary(path, compression) as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
     text, replaced = _decode(raw)
     yield Record(text, f"{path}:1", replaced)

@@ -104,3 +104,66 @@ def test_unshuffled_loader_reads_in_shard_order(tiny_dataset):
     expected = [s["tokens.npy"] for s in wds.WebDataset(str(tiny_dataset / m.shards("train")[0].name), shardshuffle=False).decode()]
     got = next(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=len(expected), seed=0, shuffle=False))
     assert np.array_equal(got.numpy(), np.stack(expected).astype(np.int64))
+
+
+def _copy(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, copy)
+    return copy
+
+
+def _first_batch(root):
+    return next(TokenLoader(root, "train", 0, 1, batch_size=1, seed=0, shuffle=False))
+
+
+def test_truncated_shard_is_named(tiny_dataset, tmp_path):
+    copy = _copy(tiny_dataset, tmp_path)
+    shard = copy / "train/shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"shard-000000.tar is truncated or altered: 3000 bytes"):
+        _first_batch(copy)
+
+
+def test_checksum_mismatch_is_named(tiny_dataset, tmp_path):
+    copy = _copy(tiny_dataset, tmp_path)
+    shard = copy / "train/shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01  # inside the first sample's data: same size, different bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-000000.tar does not match its checksum"):
+        _first_batch(copy)
+
+
+def test_tokenizer_mismatch_is_named(tiny_dataset, tmp_path):
+    copy = _copy(tiny_dataset, tmp_path)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"<s>"', '"<S>"'))
+    with pytest.raises(ValueError, match=r"tokenizer.json does not match the fingerprint"):
+        _first_batch(copy)
+    with pytest.raises(ValueError, match="was tokenized with tokenizer"):
+        TokenLoader(tiny_dataset, "train", 0, 1, batch_size=1, seed=0, tokenizer_fingerprint="0" * 64)
+
+
+def test_member_path_leaving_the_archive_is_refused(tiny_dataset, tmp_path):
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    copy = _copy(tiny_dataset, tmp_path)
+    shard = copy / "train/shard-000000.tar"
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for i, m in enumerate(src.getmembers()):
+            data = src.extractfile(m).read()
+            if i == 0:
+                m.name = "../../escape.tokens.npy"
+            dst.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    manifest = json.loads((copy / "manifest.json").read_text())  # a consistent manifest: only the path is wrong
+    entry = manifest["splits"]["train"]["shards"][0]
+    entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shard-000000.tar: member '../../escape.tokens.npy' is not a plain file"):
+        _first_batch(copy)

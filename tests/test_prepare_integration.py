@@ -1,0 +1,74 @@
+"""prepare end to end: the same bytes whatever the number of Ray Data tokenizer actors, errors
+surfacing by name from inside Ray, and a killed run that leaves nothing looking complete."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from corpus import TOKENIZER_CFG, data_cfg, make_documents, write_jsonl
+from data_pipelines.manifest import read_manifest
+from data_pipelines.prepare import prepare
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from cluster.ray_runtime import connect
+
+    connect({"address": None, "num_cpus": 4, "use_gpu": False})
+    yield
+    ray.shutdown()
+
+
+def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local):
+    corpus_dir = tmp_path / "corpus"
+    for i in range(3):  # several files: several read tasks feeding the actor pool
+        write_jsonl(corpus_dir / f"part-{i}.jsonl", make_documents(150, seed=10 + i))
+    checksums = {}
+    for workers in (0, 1, 2):
+        cfg = data_cfg(corpus_dir / "*.jsonl", tmp_path / f"ds{workers}", workers=workers)
+        m = read_manifest(prepare(cfg, TOKENIZER_CFG))
+        checksums[workers] = [s.sha256 for split in ("train", "val") for s in m.shards(split)]
+        assert m.data["stats"]["documents_read"] == 450
+    assert checksums[0] == checksums[1] == checksums[2]
+
+
+def test_errors_inside_ray_workers_name_the_record(tmp_path, ray_local):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    cfg = data_cfg(tmp_path / "c.jsonl", tmp_path / "ds", workers=2, on_bad_record="error")
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: bad record \(missing_text_field\)"):
+        prepare(cfg, {"kind": "file", "vocab_size": 300, "path": _tokenizer(tmp_path)})
+
+
+def _tokenizer(tmp_path):
+    from data_pipelines.tokenizer import train_bpe
+
+    return str(train_bpe(make_documents(50), 300).save(tmp_path))
+
+
+def test_a_killed_prepare_leaves_nothing_that_looks_complete(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(6_000, min_words=50, max_words=200))
+    out = tmp_path / "ds"
+    tok = {"kind": "file", "vocab_size": 300, "path": _tokenizer(tmp_path)}
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from corpus import data_cfg; from data_pipelines.prepare import prepare;"
+        f"prepare(data_cfg({str(corpus)!r}, {str(out)!r}, samples_per_shard=16), {tok!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__)])
+    deadline = time.time() + 120
+    while not any((tmp_path).glob(".ds.tmp-*/train/shard-*.tar")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert list(tmp_path.glob(".ds.tmp-*")), "the killed run's temporary directory should be there"
+    prepare(data_cfg(corpus, out, samples_per_shard=16), tok)  # the next run cleans up and completes
+    assert (out / "manifest.json").exists() and not list(tmp_path.glob(".ds.tmp-*"))

@@ -1,0 +1,101 @@
+"""Every supported source format reads the same documents; bad files are named."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from corpus import TOKENIZER_CFG, data_cfg, make_documents
+from data_pipelines.manifest import read_manifest
+from data_pipelines.prepare import prepare
+from data_pipelines.sources import read_unit, read_units
+
+DOCS = make_documents(12, seed=3)
+
+
+def jsonl_bytes(docs, field="text"):
+    return "".join(json.dumps({field: d, "meta": i}) + "\n" for i, d in enumerate(docs)).encode()
+
+
+WRITERS = {
+    "a.jsonl": lambda p: p.write_bytes(jsonl_bytes(DOCS)),
+    "a.jsonl.gz": lambda p: p.write_bytes(gzip.compress(jsonl_bytes(DOCS))),
+    "a.jsonl.zst": lambda p: p.write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(DOCS))),
+    "a.json.gz": lambda p: p.write_bytes(gzip.compress(jsonl_bytes(DOCS))),
+    "a.parquet": lambda p: pq.write_table(pa.table({"text": DOCS, "meta": list(range(len(DOCS)))}), p, row_group_size=5),
+}
+
+
+def texts(spec):
+    return [r.text for unit in read_units(spec, 0) for r in read_unit(unit, spec.get("text_field", "text"))]
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_every_format_reads_the_same_documents(tmp_path, name):
+    WRITERS[name](tmp_path / name)
+    assert texts({"path": str(tmp_path / name)}) == DOCS
+
+
+def test_txt_files_are_one_document_each_and_globs_are_sorted(tmp_path):
+    for i, d in enumerate(DOCS[:3]):
+        (tmp_path / f"doc{i}.txt").write_text(d)
+    (tmp_path / "doc3.txt.gz").write_bytes(gzip.compress(DOCS[3].encode()))
+    assert texts({"path": str(tmp_path / "doc*")}) == DOCS[:4]
+
+
+def test_text_field_is_configurable(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS, field="content"))
+    assert texts({"path": str(tmp_path / "a.jsonl"), "text_field": "content"}) == DOCS
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    raw = b'{"text": "caf\xe9 au lait"}\n{"text": "fine"}\n'
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    records = [r for u in read_units({"path": str(tmp_path / "a.jsonl")}, 0) for r in read_unit(u)]
+    assert records[0].text == "caf\ufffd au lait" and records[0].replaced == 1
+    assert records[1].replaced == 0
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl.gz", b'{"text": "not compressed"}\n', r"bad\.jsonl\.gz: not a valid gz file"),
+        ("bad.jsonl.zst", b'{"text": "not compressed"}\n', r"bad\.jsonl\.zst: not a valid zst file"),
+        ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet: not a valid parquet file"),
+        ("bad.jsonl", b"\x89PNG\r\n\x1a\n binary", r"bad\.jsonl:1: not JSON lines"),
+        ("bad.csv", b"a,b\n", r"bad\.csv: unsupported file type"),
+    ],
+)
+def test_a_file_that_is_not_what_its_name_says_is_named(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        texts({"path": str(tmp_path / name)})
+
+
+def test_parquet_without_the_text_column_is_named(tmp_path):
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"a\.parquet: parquet file has no column 'text'"):
+        texts({"path": str(tmp_path / "a.parquet")})
+
+
+def test_hugging_face_datasets_stream_local_files_by_shard(tmp_path, monkeypatch):
+    """The real `datasets` streaming path, offline: a dataset directory with two data files."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "my_dataset" / "data"
+    repo.mkdir(parents=True)
+    (repo / "train-00000.jsonl").write_bytes(jsonl_bytes(DOCS[:7]))
+    (repo / "train-00001.jsonl").write_bytes(jsonl_bytes(DOCS[7:]))
+    spec = {"hf": str(tmp_path / "my_dataset"), "hf_split": "train"}
+    units = read_units(spec, 0)
+    assert len(units) == 2 and all(u.hf for u in units)
+    records = [r for u in units for r in read_unit(u)]
+    assert [r.text for r in records] == DOCS
+    assert records[0].origin.endswith("[shard 0]#0")
+
+    cfg = data_cfg(tmp_path / "unused", tmp_path / "ds")
+    cfg["sources"] = [{**spec, "name": "hub"}]
+    stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
+    assert stats["documents_read"] == len(DOCS) and stats["sources"][0]["name"] == "hub"
