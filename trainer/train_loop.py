@@ -58,6 +58,7 @@ def train(cfg: dict) -> dict:
     manifest = read_manifest(cfg["data"]["dir"])
     _check_data(cfg, manifest)
     model = build_model(OpenELMConfig(**cfg["model"]), seed=t_cfg["seed"]).to(env.device)
+    num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine, scheduler = build_engine(cfg, model, env)
     loader = TokenLoader(
         manifest.root,
@@ -71,7 +72,7 @@ def train(cfg: dict) -> dict:
     metrics = MetricsLogger(cfg["run"]["dir"], cfg, enabled=env.is_main)
     if env.is_main:
         print(
-            f"[train] {cfg['run']['name']}: {model.num_params():,} parameters, {env.world_size} ranks, "
+            f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} ranks, "
             f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}, {t_cfg['max_steps']} steps",
             flush=True,
         )
@@ -120,7 +121,7 @@ def train(cfg: dict) -> dict:
         "steps": t_cfg["max_steps"],
         "final_loss": losses[-1],
         "losses": losses,
-        "num_params": model.num_params(),
+        "num_params": num_params,
         "data_dir": str(manifest.root),
         "checkpoint": str(checkpoint),
         "metrics": str(metrics.path),

@@ -1,0 +1,313 @@
+"""Hugging Face interop: export/import of our layout, the shipped remote code, DeepSpeed checkpoint consolidation."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never reach for the hub
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from cluster.config import compose_config  # noqa: E402
+from test_model import released, small_config  # noqa: E402
+from test_train_loop import SMALL_MODEL  # noqa: E402
+from trainer.hf import (  # noqa: E402
+    average_state_dicts,
+    config_from_hf,
+    consolidated_state_dict,
+    export_checkpoints,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
+from trainer.loss import lm_loss  # noqa: E402
+from trainer.model import OpenELMConfig, build_model  # noqa: E402
+from trainer.train_loop import train  # noqa: E402
+
+CONFIGS = {
+    # The formula gives 2, 4, 4 query heads and FFN 32, 144, 256.
+    "formula": small_config(),
+    # Explicit lists; FFN widths that are not multiples of ffn_dim_divisor=16 must still round-trip.
+    "explicit": small_config(num_query_heads=[2, 4, 6], num_kv_heads=[1, 2, 3], ffn_dims=[24, 48, 80]),
+}
+
+
+def random_model(cfg: OpenELMConfig, seed: int = 0):
+    """A model with random norm weights too, so a misplaced or skipped norm cannot hide behind weight = 1."""
+    model = build_model(cfg, seed=seed).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def tokens_for(cfg: OpenELMConfig, batch: int = 2, seq: int = 13) -> torch.Tensor:
+    return torch.randint(3, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    model = random_model(CONFIGS["explicit"])
+    return model, save_hf_checkpoint(model, tmp_path / "hf")
+
+
+# ---------------------------------------------------------------------------- (a) our export and import
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_then_load_gives_identical_logits(name, tmp_path):
+    model = random_model(CONFIGS[name])
+    out = save_hf_checkpoint(model, tmp_path / "hf")
+    loaded = load_hf_checkpoint(out)
+    assert loaded.plan == model.plan
+    tokens = tokens_for(model.cfg)
+    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+
+
+def test_export_writes_the_published_layout(exported):
+    model, out = exported
+    config = json.loads((out / "config.json").read_text())
+    plan = model.plan
+    assert config["model_type"] == "openelm" and config["architectures"] == ["OpenELMForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_openelm.OpenELMForCausalLM"
+    assert config["num_query_heads"] == [2, 4, 6] and config["num_kv_heads"] == [1, 2, 3]
+    assert config["num_transformer_layers"] == 3 and config["vocab_size"] == 97
+    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "float32")
+    assert config_from_hf(config).layer_plan() == plan
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == set(model.state_dict())  # the tied head is stored once, as the embedding
+    assert "transformer.layers.2.attn.qkv_proj.weight" in weights
+    assert (out / "configuration_openelm.py").is_file() and (out / "modeling_openelm.py").is_file()
+
+
+# ---------------------------------------------------------------------------- (b) transformers remote code
+
+
+def test_transformers_loads_the_export_with_the_same_logits_and_loss(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokens = tokens_for(model.cfg)
+    ours = logits(model, tokens)
+    with torch.no_grad():
+        result = hf(tokens, labels=tokens)
+    torch.testing.assert_close(result.logits, ours, atol=1e-5, rtol=1e-5)
+    _, ce = lm_loss(ours[:, :-1], tokens[:, 1:], 0.0)
+    torch.testing.assert_close(result.loss, ce, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_matches_our_argmax_loop(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    prompt = tokens_for(model.cfg, batch=1, seq=6)
+    expected = prompt
+    for _ in range(5):
+        expected = torch.cat([expected, logits(model, expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    generated = hf.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+def test_left_padding_does_not_change_a_prompts_logits(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    prompt = tokens_for(model.cfg, batch=1, seq=7)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(prompt)], dim=1)
+    with torch.no_grad():
+        alone, with_padding = hf(prompt).logits, hf(padded, attention_mask=mask).logits
+    torch.testing.assert_close(with_padding[:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
+    out = save_hf_checkpoint(random_model(small_config(vocab_size=300)), tmp_path / "hf", tokenizer_dir=tiny_dataset)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "select the row from the table"
+    raw = Tokenizer.from_file(str(tiny_dataset / "tokenizer.json"))
+    assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
+
+
+# ---------------------------------------------------------------------------- (c) Apple's release layout
+
+
+def apple_style_config(**overrides) -> dict:
+    """config.json as Apple published it: per-layer lists, ffn_multipliers rounded to 2 places, (min, max) qkv."""
+    config = {
+        "activation_fn_name": "swish",
+        "architectures": ["OpenELMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_openelm.OpenELMConfig",
+            "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM",
+        },
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "ffn_dim_divisor": 16,
+        "ffn_multipliers": [0.5, 1.37, 2.25],  # 64x: 32, 87.68 -> 80, 144
+        "ffn_with_glu": True,
+        "head_dim": 16,
+        "initializer_range": 0.02,
+        "max_context_length": 64,
+        "model_dim": 64,
+        "model_type": "openelm",
+        "normalization_layer_name": "rms_norm",
+        "normalize_qk_projections": True,
+        "num_gqa_groups": 2,
+        "num_kv_heads": [1, 2, 2],
+        "num_query_heads": [2, 4, 4],
+        "num_transformer_layers": 3,
+        "qkv_multipliers": [0.5, 1.0],
+        "rope_freq_constant": 10000,
+        "rope_max_length": 128,
+        "share_input_output_layers": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.39.3",
+        "use_cache": True,
+        "vocab_size": 97,
+    }
+    return {**config, **overrides}
+
+
+def write_hf_dir(path, config: dict, weights: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+
+
+def test_apple_style_checkpoint_loads(tmp_path):
+    source = random_model(small_config(num_query_heads=[2, 4, 4], num_kv_heads=[1, 2, 2], ffn_dims=[32, 80, 144]))
+    write_hf_dir(tmp_path, apple_style_config(), source.state_dict())
+    loaded = load_hf_checkpoint(tmp_path)
+    assert list(loaded.plan.ffn_dims) == [32, 80, 144]
+    tokens = tokens_for(source.cfg)
+    assert torch.equal(logits(loaded, tokens), logits(source, tokens))
+
+
+def test_the_released_270m_config_gives_the_released_model():
+    betas = [round(float(b), 2) for b in np.linspace(0.5, 4.0, 16)]
+    q_heads = [12] * 5 + [16] * 7 + [20] * 4
+    config = apple_style_config(
+        num_transformer_layers=16, model_dim=1280, head_dim=64, num_gqa_groups=4, ffn_dim_divisor=256,
+        ffn_multipliers=betas, num_query_heads=q_heads, num_kv_heads=[q // 4 for q in q_heads], vocab_size=32000,
+        max_context_length=2048, rope_max_length=4096,
+    )
+    cfg = config_from_hf(config)
+    assert cfg.layer_plan() == released("openelm_270m").layer_plan()
+    assert build_model(cfg, device="meta").num_params() == 271_527_168
+
+
+# ---------------------------------------------------------------------------- (d) clear errors
+
+
+def _drop_norm(w):
+    w.pop("transformer.norm.weight")
+
+
+def _shrink_qkv(w):
+    w["transformer.layers.1.attn.qkv_proj.weight"] = w["transformer.layers.1.attn.qkv_proj.weight"][:-16]
+
+
+def _add_head(w):
+    w["lm_head.weight"] = w["transformer.token_embeddings.weight"].clone()
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_drop_norm, r"model\.safetensors: missing tensor 'transformer\.norm\.weight'"),
+        (_shrink_qkv, r"'transformer\.layers\.1\.attn\.qkv_proj\.weight' has shape \(112, 64\), the model expects \(128, 64\)"),
+        (_add_head, r"model\.safetensors: unexpected tensor 'lm_head\.weight'"),
+    ],
+)
+def test_bad_weights_are_named(corrupt, message, tmp_path):
+    weights = random_model(small_config(num_query_heads=[2, 4, 4], num_kv_heads=[1, 2, 2], ffn_dims=[32, 80, 144])).state_dict()
+    corrupt(weights)
+    write_hf_dir(tmp_path, apple_style_config(), weights)
+    with pytest.raises(ValueError, match=message):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_query_heads": None}, r"config\.json: missing key 'num_query_heads'"),
+        ({"ffn_multipliers": [0.5, 4.0]}, r"ffn_multipliers must list one value per layer \(3\)"),
+        ({"ffn_with_glu": False}, r"ffn_with_glu=False is not supported"),
+    ],
+)
+def test_bad_configs_are_named(change, message):
+    config = {k: v for k, v in {**apple_style_config(), **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(config)
+
+
+# ---------------------------------------------------------------------------- (e) DeepSpeed checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """The same tiny run under ZeRO 0, 2 and 3: {stage: (model config, checkpoint dir)}."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for stage in (0, 2, 3):
+        cfg = compose_config(
+            [*SMALL_MODEL, f"data.dir={tiny_dataset}", f"storage_path={root / str(stage)}", f"deepspeed=zero{stage}",
+             "logger=none", "train.max_steps=2", "train.warmup_steps=1", "train.micro_batch_size=4"]
+        )
+        runs[stage] = (OpenELMConfig(**cfg["model"]), train(cfg)["checkpoint"])
+    return runs
+
+
+def test_every_zero_stage_consolidates_to_the_same_trained_weights(trained):
+    cfg, _ = trained[2]
+    initial = build_model(cfg, seed=0).state_dict()
+    weights = {stage: consolidated_state_dict(ckpt) for stage, (_, ckpt) in trained.items()}
+    for stage, state in weights.items():
+        assert state.keys() == initial.keys(), stage
+        assert all(v.dtype == torch.float32 for v in state.values())
+    assert not torch.equal(weights[2]["transformer.layers.0.attn.qkv_proj.weight"], initial["transformer.layers.0.attn.qkv_proj.weight"])
+    # fp32 on one rank: the stages take the same steps; only the optimizer's flattening may differ in the last bit.
+    for stage in (0, 3):
+        for name in initial:
+            torch.testing.assert_close(weights[stage][name], weights[2][name], atol=2e-7, rtol=1e-6, msg=name)
+
+
+def test_exported_checkpoint_loads_as_the_consolidated_weights(trained, tiny_dataset, tmp_path):
+    cfg, ckpt = trained[3]
+    out = export_checkpoints([ckpt], tmp_path / "hf", cfg, tokenizer_dir=tiny_dataset)
+    direct = build_model(cfg).eval()
+    direct.load_state_dict(consolidated_state_dict(ckpt))
+    tokens = tokens_for(cfg, seq=32)
+    exported = logits(load_hf_checkpoint(out), tokens)
+    assert torch.isfinite(exported).all()
+    assert torch.equal(exported, logits(direct, tokens))
+    assert (out / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------------- (f) checkpoint averaging
+
+
+def test_average_is_the_elementwise_mean():
+    a, b = random_model(small_config(), seed=1).state_dict(), random_model(small_config(), seed=2).state_dict()
+    mean = average_state_dicts([a, b])
+    for name in a:
+        torch.testing.assert_close(mean[name], (a[name] + b[name]) / 2)
+    with pytest.raises(ValueError, match="different keys"):
+        average_state_dicts([a, {k: v for k, v in b.items() if k != "transformer.norm.weight"}])
+
+
+def test_exporting_several_checkpoints_averages_them(trained, tmp_path):
+    cfg, ckpt_0 = trained[0]
+    _, ckpt_3 = trained[3]
+    out = export_checkpoints([ckpt_0, ckpt_3], tmp_path / "hf", cfg)
+    exported = load_file(str(out / "model.safetensors"))
+    a, b = consolidated_state_dict(ckpt_0), consolidated_state_dict(ckpt_3)
+    for name in a:
+        torch.testing.assert_close(exported[name], (a[name] + b[name]) / 2)

@@ -1,0 +1,249 @@
+"""Hugging Face interop: our OpenELM <-> Apple's published layout (config.json + model.safetensors).
+
+An exported directory loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+through our own remote code (trainer/hf_modeling), copied beside the weights. Parameter names
+already match the layout, so export and import copy tensors without renaming. DeepSpeed
+checkpoints (any ZeRO stage) are consolidated to full fp32 weights and, like the OpenELM
+release, the last few can be averaged before export.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.layer_scaling import LayerPlan, make_divisible
+from trainer.model import OpenELM, OpenELMConfig, build_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+REMOTE_CODE_DIR = Path(__file__).parent / "hf_modeling"
+REMOTE_CODE_FILES = ("configuration_openelm.py", "modeling_openelm.py")
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+
+# What our model computes; a config.json asking for anything else cannot be loaded faithfully.
+# (hf_modeling/modeling_openelm.py keeps its own copy: remote code may not import elmforge.)
+ARCHITECTURE = {
+    "ffn_with_glu": True,
+    "activation_fn_name": "swish",
+    "normalization_layer_name": "rms_norm",
+    "normalize_qk_projections": True,
+    "share_input_output_layers": True,
+}
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def _ffn_divisor(model_dim: int, ffn_dims: tuple[int, ...], preferred: int) -> int:
+    """A divisor with which make_divisible(ffn_dims[i] / model_dim * model_dim, divisor) gives back ffn_dims[i].
+
+    Formula-made widths are multiples of `preferred`; explicit ones may not be, and then their gcd works
+    (make_divisible leaves a multiple of its divisor unchanged).
+    """
+    for divisor in (preferred, math.gcd(*ffn_dims)):
+        if all(make_divisible(f / model_dim * model_dim, divisor) == f for f in ffn_dims):
+            return divisor
+    raise ValueError(f"no ffn_dim_divisor reproduces the FFN widths {list(ffn_dims)}")
+
+
+def hf_config_dict(cfg: OpenELMConfig, plan: LayerPlan, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for `cfg` with the per-layer lists of `plan` (Apple's keys, our remote code)."""
+    divisor = _ffn_divisor(cfg.model_dim, plan.ffn_dims, cfg.ffn_dim_divisor)
+    from_formula = cfg.num_query_heads is None
+    return {
+        "model_type": "openelm",
+        "architectures": ["OpenELMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_openelm.OpenELMConfig",
+            "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM",
+        },
+        "num_transformer_layers": cfg.num_layers,
+        "model_dim": cfg.model_dim,
+        "head_dim": cfg.head_dim,
+        "num_gqa_groups": cfg.num_gqa_groups,
+        "num_query_heads": list(plan.num_query_heads),
+        "num_kv_heads": list(plan.num_kv_heads),
+        # (min, max) as released when the heads follow the formula; otherwise each layer's actual share.
+        "qkv_multipliers": (
+            list(cfg.qkv_multipliers) if from_formula else [q * cfg.head_dim / cfg.model_dim for q in plan.num_query_heads]
+        ),
+        "ffn_multipliers": [f / cfg.model_dim for f in plan.ffn_dims],
+        "ffn_dim_divisor": divisor,
+        **ARCHITECTURE,
+        "rope_freq_constant": cfg.rope_theta,
+        "rope_max_length": cfg.rope_max_length,
+        "max_context_length": cfg.max_context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": False,  # our remote code keeps no KV cache; generate() reads this
+    }
+
+
+def _require(hf: dict, key: str, source: str):
+    if key not in hf:
+        raise ValueError(f"{source}: missing key {key!r}")
+    return hf[key]
+
+
+def _per_layer(values: list, num_layers: int, key: str, source: str) -> list:
+    if not isinstance(values, list) or len(values) != num_layers:
+        raise ValueError(f"{source}: {key} must list one value per layer ({num_layers}), got {values!r}")
+    return values
+
+
+def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> OpenELMConfig:
+    """Our OpenELMConfig from a config.json dict (ours or Apple's): explicit per-layer heads and FFN widths."""
+    for key, value in ARCHITECTURE.items():
+        if hf.get(key, value) != value:
+            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {value!r})")
+    n, d = _require(hf, "num_transformer_layers", source), _require(hf, "model_dim", source)
+    divisor = _require(hf, "ffn_dim_divisor", source)
+    ffn_multipliers = _per_layer(_require(hf, "ffn_multipliers", source), n, "ffn_multipliers", source)
+    qkv = hf.get("qkv_multipliers") or [0.5, 1.0]  # informational once the heads are listed per layer
+    return OpenELMConfig(
+        name=hf.get("_name_or_path") or "openelm_hf",
+        num_layers=n,
+        model_dim=d,
+        head_dim=_require(hf, "head_dim", source),
+        num_gqa_groups=_require(hf, "num_gqa_groups", source),
+        qkv_multipliers=[qkv[0], qkv[-1]],
+        ffn_multipliers=[ffn_multipliers[0], ffn_multipliers[-1]],
+        ffn_dim_divisor=divisor,
+        vocab_size=_require(hf, "vocab_size", source),
+        max_context_length=hf.get("max_context_length", 2048),
+        rope_theta=float(hf.get("rope_freq_constant", 10000)),
+        rope_max_length=hf.get("rope_max_length", 4096),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        num_query_heads=_per_layer(_require(hf, "num_query_heads", source), n, "num_query_heads", source),
+        num_kv_heads=_per_layer(_require(hf, "num_kv_heads", source), n, "num_kv_heads", source),
+        ffn_dims=[make_divisible(m * d, divisor) for m in ffn_multipliers],
+    )
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state_dict` into `model`; any missing, unexpected or wrong-shaped tensor is an error naming it."""
+    expected = model.state_dict()
+    problems = [f"missing tensor {k!r}" for k in expected if k not in state_dict]
+    problems += [f"unexpected tensor {k!r}" for k in state_dict if k not in expected]
+    problems += [
+        f"tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def save_hf_checkpoint(
+    model: OpenELM, path: str | Path, tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write config.json, model.safetensors, the remote code and (optionally) the tokenizer into `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(model.cfg, model.plan, dtype)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # The tied head is the embedding itself, so the state dict holds it once.
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_DIR / name, path / name)
+    if tokenizer_dir is not None:
+        save_tokenizer(tokenizer_dir, path, config["max_context_length"])
+    return path
+
+
+def load_hf_checkpoint(path: str | Path) -> OpenELM:
+    """Our OpenELM (fp32, eval mode) from a Hugging Face directory: ours or Apple's release."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (expected a Hugging Face OpenELM directory)")
+    model = build_model(config_from_hf(json.loads(config_path.read_text()), str(config_path)))
+    load_weights(model, load_file(str(weights_path)), str(weights_path))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) -> None:
+    """tokenizer.json plus the two small files AutoTokenizer needs to load it offline as a fast tokenizer."""
+    source = Path(tokenizer_dir)
+    source = source / "tokenizer.json" if source.is_dir() else source
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no tokenizer.json to export")
+    out = Path(out)
+    shutil.copyfile(source, out / "tokenizer.json")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------- DeepSpeed checkpoints
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of one DeepSpeed checkpoint `.../checkpoints/step_N` (any ZeRO stage, any world size)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory")
+    if any(checkpoint_dir.glob("*_optim_states.pt")):
+        # ZeRO 1-3 keep the fp32 master weights in the (sharded) optimizer states; DeepSpeed's own tool
+        # merges them. Those files hold pickled DeepSpeed objects: it loads them with weights_only=False.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    else:
+        state = _stage0_state_dict(checkpoint_dir / "mp_rank_00_model_states.pt")
+    return {k: v.float() for k, v in state.items()}
+
+
+def _stage0_state_dict(model_states: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 saves the whole module in one file under "module"."""
+    if not model_states.is_file():
+        raise FileNotFoundError(f"{model_states}: not found (not a DeepSpeed checkpoint?)")
+    # Tensors and plain containers only (optimizer and scheduler state dicts, our client state): no unpickling.
+    return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+
+
+def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Elementwise mean (accumulated in fp64, returned in fp32) of state dicts with the same keys and shapes."""
+    if not state_dicts:
+        raise ValueError("average_state_dicts: no state dicts given")
+    first = state_dicts[0]
+    for i, other in enumerate(state_dicts[1:], start=1):
+        if other.keys() != first.keys():
+            raise ValueError(f"state dict {i} has different keys: {sorted(other.keys() ^ first.keys())}")
+        for k, v in other.items():
+            if v.shape != first[k].shape:
+                raise ValueError(f"state dict {i}: {k!r} has shape {tuple(v.shape)}, state dict 0 {tuple(first[k].shape)}")
+    return {k: (sum(sd[k].double() for sd in state_dicts) / len(state_dicts)).float() for k in first}
+
+
+def export_checkpoints(
+    checkpoint_dirs: list[str | Path],
+    out_dir: str | Path,
+    model_cfg: OpenELMConfig,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Average the given DeepSpeed checkpoints (the release averages the last 5) and write a HF directory."""
+    if not checkpoint_dirs:
+        raise ValueError("export_checkpoints: no checkpoints given")
+    state = average_state_dicts([consolidated_state_dict(d) for d in checkpoint_dirs])
+    model = build_model(model_cfg)
+    load_weights(model, state, ", ".join(map(str, checkpoint_dirs)))
+    return save_hf_checkpoint(model, out_dir, tokenizer_dir)
