@@ -53,9 +53,30 @@ def _explain(e: Exception) -> str:
 def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("log_every", "loader_workers", "faults")}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"
+
+
+def derive_batch(cfg: dict) -> None:
+    """grad_accum_steps from train.global_batch_tokens, or a check that both agree."""
+    t = cfg["train"]
+    if t["global_batch_tokens"] is None:
+        t["grad_accum_steps"] = t["grad_accum_steps"] or 1
+        return
+    per_micro_step = t["micro_batch_size"] * cfg["cluster"]["num_workers"] * cfg["data"]["seq_len"]
+    accum, rest = divmod(t["global_batch_tokens"], per_micro_step)
+    where = (
+        f"train.global_batch_tokens={t['global_batch_tokens']:,} over train.micro_batch_size={t['micro_batch_size']} x "
+        f"cluster.num_workers={cfg['cluster']['num_workers']} x data.seq_len={cfg['data']['seq_len']} "
+        f"(= {per_micro_step:,} tokens per micro-step)"
+    )
+    if rest or accum == 0:
+        raise ConfigError(f"invalid config:\n  {where}: does not divide; change one of them so it does")
+    if t["grad_accum_steps"] is not None and t["grad_accum_steps"] != accum:
+        raise ConfigError(f"invalid config:\n  train.grad_accum_steps={t['grad_accum_steps']}: {where} needs {accum}")
+    t["grad_accum_steps"] = accum
 
 
 def finalise(cfg: dict) -> dict:
@@ -69,8 +90,9 @@ def finalise(cfg: dict) -> dict:
     if cfg["run"]["dir"] is None:
         cfg["run"]["dir"] = os.path.join(cfg["storage_path"], "outputs", cfg["run"]["name"])
     cfg["run"]["dir"] = os.path.abspath(cfg["run"]["dir"])
-    if cfg["tokenizer"]["path"]:
-        cfg["tokenizer"]["path"] = os.path.abspath(os.path.expanduser(cfg["tokenizer"]["path"]))
+    for section, key in (("tokenizer", "path"), ("train", "init_from")):
+        if cfg[section][key]:
+            cfg[section][key] = os.path.abspath(os.path.expanduser(cfg[section][key]))
     return cfg
 
 
@@ -83,14 +105,26 @@ def validate(cfg: dict) -> None:
             errors.append(f"{key}: {problem}")
 
     t, m, d, c = cfg["train"], cfg["model"], cfg["data"], cfg["cluster"]
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+    for key in ("max_steps", "micro_batch_size", "log_every", "keep_checkpoints", "eval_batches", "max_skipped_in_row"):
         need(t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1")
+    for key in ("grad_accum_steps", "checkpoint_every", "eval_every"):
+        need(t[key] is None or t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1 (or null)")
     need(0 <= t["warmup_steps"] <= t["max_steps"], f"train.warmup_steps={t['warmup_steps']}", "must be in [0, train.max_steps]")
     need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
     need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
     need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")
     need(t["loader_workers"] >= 0, f"train.loader_workers={t['loader_workers']}", "must be 0 or more")
-    need(cfg["deepspeed"]["stage"] in (0, 1, 2, 3), f"deepspeed.stage={cfg['deepspeed']['stage']}", "must be 0, 1, 2 or 3")
+    z = cfg["deepspeed"]
+    need(z["stage"] in (0, 1, 2, 3), f"deepspeed.stage={z['stage']}", "must be 0, 1, 2 or 3")
+    need(not z["offload_optimizer"] or z["stage"] >= 1, "deepspeed.offload_optimizer", "needs deepspeed.stage 1, 2 or 3")
+    need(not z["offload_params"] or z["stage"] == 3, "deepspeed.offload_params", "needs deepspeed.stage=3")
+    need(
+        z["communication_data_type"] in (None, "fp32", "bf16", "fp16"),
+        f"deepspeed.communication_data_type={z['communication_data_type']}",
+        "must be fp32, bf16 or fp16 (or null)",
+    )
+    if t["init_from"]:
+        need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}", "must be a Hugging Face directory with config.json")
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
     need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
@@ -134,6 +168,7 @@ def compose_config(overrides: list[str] = ()) -> dict:
         raise ConfigError(_explain(e) + "\nfix: set it on the command line, e.g. key=value") from None
     cfg = finalise(cfg)
     validate(cfg)
+    derive_batch(cfg)
     return cfg
 
 

@@ -81,11 +81,23 @@ class TokenizerConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, for tests of recovery; never set in real runs."""
+
+    kill_at_step: Optional[int] = None  # this rank's process dies at the start of the step, once per run
+    kill_rank: int = 0
+    sigterm_at_step: Optional[int] = None  # every rank receives SIGTERM after this step, once per run
+    nonfinite_at_steps: list[int] = field(default_factory=list)  # the loss becomes NaN on nonfinite_rank
+    nonfinite_rank: int = 0
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     max_steps: int = 120
     micro_batch_size: int = 8
-    grad_accum_steps: int = 1
+    grad_accum_steps: Optional[int] = None  # null: from global_batch_tokens, else 1
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step over all ranks
     precision: Precision = Precision.fp32
     lr: float = 3e-3
     warmup_steps: int = 10
@@ -98,20 +110,37 @@ class TrainConfig:
     z_loss_weight: float = 1e-4
     log_every: int = 10
     loader_workers: int = 1
+    checkpoint_every: Optional[int] = None  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept
+    eval_every: Optional[int] = None  # validation loss every N steps (and at the end)
+    eval_batches: int = 20  # per rank, from the val split
+    max_skipped_in_row: int = 3  # non-finite steps in a row before training stops
+    init_from: Optional[str] = None  # a Hugging Face OpenELM directory to start from
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
 class DeepSpeedConfig:
     stage: int = 2
+    offload_optimizer: bool = False  # optimizer state in CPU memory (stage 1-3)
+    offload_params: bool = False  # parameters in CPU memory (stage 3)
+    communication_data_type: Optional[str] = None  # e.g. fp32: reduce bf16 gradients in fp32
+
+
+class Launcher(Enum):
+    ray = "ray"
+    local = "local"
 
 
 @dataclass
 class ClusterConfig:
+    launcher: Launcher = Launcher.ray  # local: this process, or each torchrun process, runs the loop
     address: Optional[str] = None
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     num_cpus: Optional[int] = 4
+    max_failures: int = 0  # worker-group restarts Ray Train may make; each resumes from the newest checkpoint
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch
 
 from trainer.deepspeed_config import deepspeed_config
 from trainer.model import OpenELMConfig, build_model
-from trainer.optim import param_groups, warmup_cosine_lr, warmup_cosine_scheduler
+from trainer.optim import param_groups, rewind_one_step, warmup_cosine_lr, warmup_cosine_scheduler
 
 TRAIN = dict(
     lr=5.3e-3, warmup_init_lr=1e-6, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, micro_batch_size=4,
@@ -61,3 +61,15 @@ def test_deepspeed_config_carries_the_recipe():
     assert (params["betas"], params["eps"], params["weight_decay"]) == ([0.9, 0.95], 1e-8, 0.1)
     assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=True)["optimizer"]["params"]["torch_adam"] is False
     assert math.isclose(ds["gradient_clipping"], 1.0)
+    assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=False)["gradient_clipping"] == 0.0  # the loop clips
+
+
+def test_rewinding_a_skipped_step_restores_the_lr():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=TRAIN["lr"])
+    sched = warmup_cosine_scheduler(opt, TRAIN)
+    for _ in range(4):
+        sched.step()
+    before = (sched.last_epoch, opt.param_groups[0]["lr"], sched.get_last_lr())
+    sched.step()
+    rewind_one_step(sched)
+    assert (sched.last_epoch, opt.param_groups[0]["lr"], sched.get_last_lr()) == before

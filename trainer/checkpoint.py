@@ -1,33 +1,99 @@
 """Checkpoints under run.dir/checkpoints/step_N, marked complete only once fully written.
 
-DeepSpeed writes its (possibly sharded) model and optimizer state from every
-rank; our client state (step, loader position, config) rides along. The
-COMPLETE marker is written by rank 0 after all ranks finished, so a crash
-mid-save never leaves a checkpoint that looks usable.
+DeepSpeed writes its (possibly sharded) model, optimizer and scheduler state
+from every rank; our client state (step, loader position, RNG states, config)
+rides along. Rank 0 writes the COMPLETE marker after every rank has finished,
+so a crash mid-save leaves no checkpoint that looks usable; resuming takes the
+newest complete one. Only the newest K complete checkpoints are kept.
 """
 
 import json
+import random
+import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 
 
-def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_main: bool) -> Path:
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Every step_N directory, complete or not, oldest first."""
     root = Path(root)
-    tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)  # every rank must call this
-    dist.barrier()
-    if is_main:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-    dist.barrier()
-    return root / tag
+    return sorted((p for p in root.glob("step_*") if p.name.split("_")[1].isdigit()), key=_step_of)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
+    return [p for p in checkpoint_dirs(root) if (p / COMPLETE).is_file()]
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain values, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_main: bool, keep: int) -> Path:
     root = Path(root)
-    found = [p for p in root.glob("step_*") if (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    tag = f"step_{step}"
+    if is_main and (root / tag).exists():  # a leftover of a crashed save at this step
+        shutil.rmtree(root / tag)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)  # every rank must call this
+    dist.barrier()
+    if is_main:
+        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        _prune(root, keep)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers."""
+    complete = complete_checkpoints(root)
+    newest = _step_of(complete[-1])
+    for path in checkpoint_dirs(root):
+        if path in complete[-keep:]:
+            continue
+        if (path / COMPLETE).is_file() or _step_of(path) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Restore model, optimizer and scheduler from a complete checkpoint; returns our client state."""
+    loaded, client_state = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    return client_state

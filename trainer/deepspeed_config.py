@@ -3,11 +3,17 @@
 
 def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) -> dict:
     micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
-    return {
+    zero_section: dict = {"stage": zero["stage"]}
+    if zero.get("offload_optimizer"):
+        zero_section["offload_optimizer"] = {"device": "cpu"}
+    if zero.get("offload_params"):
+        zero_section["offload_param"] = {"device": "cpu"}
+    config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        "gradient_clipping": train["grad_clip"],
+        # ZeRO-0 is clipped by the train loop, which must first check the norm is finite.
+        "gradient_clipping": train["grad_clip"] if zero["stage"] > 0 else 0.0,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -19,8 +25,15 @@ def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) ->
                 "torch_adam": not use_gpu,
             },
         },
-        "zero_optimization": {"stage": zero["stage"]},
-        "bf16": {"enabled": train["precision"] == "bf16"},
+        "zero_optimization": zero_section,
+        # A non-finite gradient norm skips the update (ZeRO 1-3 check it; bf16 needs asking).
+        "bf16": {"enabled": train["precision"] == "bf16", "check_grad_overflow": True},
         "steps_per_print": 1 << 30,  # we log progress ourselves
         "wall_clock_breakdown": False,
     }
+    if zero.get("offload_optimizer") and not use_gpu:
+        # DeepSpeed's CPU Adam is a compiled op; torch's AdamW does the same job on a CPU-only run.
+        config["zero_force_ds_cpu_optimizer"] = False
+    if zero.get("communication_data_type"):
+        config["communication_data_type"] = zero["communication_data_type"]
+    return config

@@ -17,7 +17,7 @@ def wandb_run_id(run_name: str) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, cfg: dict, enabled: bool):
+    def __init__(self, run_dir: str, cfg: dict, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_dir: Optional[Path] = None
@@ -25,6 +25,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_until(resume_step)
         self._file = open(self.path, "a", buffering=1)
         log_cfg = cfg["logger"]
         if log_cfg["wandb"] and log_cfg["mode"] != "disabled":
@@ -44,6 +45,13 @@ class MetricsLogger:
                 settings=wandb.Settings(console="off", quiet=True),
             )
             self.wandb_dir = Path(self._wandb.dir).parent
+
+    def _keep_until(self, step: int) -> None:
+        """On resume, drop records past the checkpoint: those steps are about to be trained again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:

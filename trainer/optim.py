@@ -34,3 +34,11 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict) -
         return lr / t["lr"]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rewind_one_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Undo a scheduler step taken for an update that was skipped, as DeepSpeed does for ZeRO 1-3."""
+    scheduler.last_epoch -= 1
+    for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -2,40 +2,49 @@
 
 Runs the same in one process, under torchrun, or inside a Ray Train worker
 (cluster/launch.py): every rank calls train(cfg) with the finalised config.
+A run resumes from its newest complete checkpoint, so re-running the same
+run.name, a restarted worker group and a preempted job all continue exactly.
 """
 
+import json
+import math
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
+from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
+from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
+from trainer.preemption import PreemptionWatch
 from trainer.summary import write_summary
-from trainer.optim import param_groups, warmup_cosine_scheduler
 
 
-def _check_data(cfg: dict, manifest) -> None:
-    vocab = cfg["model"]["vocab_size"]
-    if manifest.vocab_size > vocab:
+def model_config(cfg: dict) -> OpenELMConfig:
+    """The architecture: from train.init_from's config.json when starting from a HF checkpoint."""
+    if cfg["train"]["init_from"]:
+        from trainer.hf import config_from_hf
+
+        path = Path(cfg["train"]["init_from"], "config.json")
+        return config_from_hf(json.loads(path.read_text()), source=str(path))
+    return OpenELMConfig(**cfg["model"])
+
+
+def _check_data(model_cfg: OpenELMConfig, manifest) -> None:
+    if manifest.vocab_size > model_cfg.vocab_size:
         raise ValueError(
-            f"{manifest.root}: tokenizer vocabulary {manifest.vocab_size} exceeds model.vocab_size={vocab}"
+            f"{manifest.root}: tokenizer vocabulary {manifest.vocab_size} exceeds model.vocab_size={model_cfg.vocab_size}"
         )
-    if manifest.seq_len > cfg["model"]["rope_max_length"]:
+    if manifest.seq_len > model_cfg.rope_max_length:
         raise ValueError(f"{manifest.root}: seq_len {manifest.seq_len} exceeds model.rope_max_length")
-
-
-def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float) -> str:
-    eta = elapsed / step * (max_steps - step)
-    return (
-        f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | ETA {eta:.0f}s"
-    )
 
 
 def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
@@ -52,83 +61,164 @@ def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
     return engine, scheduler
 
 
+def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
+    """ZeRO-0 only (DeepSpeed checks ZeRO 1-3 itself): clip, or drop non-finite gradients.
+
+    Returns (gradient norm, skipped). Gradients are already averaged across ranks
+    here, so every rank decides alike; with every .grad None, AdamW leaves
+    parameters and its state untouched. Clipping matches DeepSpeed's own.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])).item()
+    if not math.isfinite(norm):
+        for p in params:
+            p.grad = None
+        return norm, True
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and coef < 1:
+        for p in params:
+            p.grad.mul_(coef)
+    return norm, False
+
+
+def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_done: int) -> str:
+    eta = elapsed / max(1, steps_done) * (max_steps - step)
+    return (
+        f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | ETA {eta:.0f}s"
+    )
+
+
+class NonFiniteTraining(RuntimeError):
+    pass
+
+
 def train(cfg: dict) -> dict:
-    t_cfg = cfg["train"]
+    t_cfg, run_dir = cfg["train"], cfg["run"]["dir"]
+    ckpt_root = Path(run_dir, "checkpoints")
     env = init_distributed(cfg["cluster"]["use_gpu"])
     manifest = read_manifest(cfg["data"]["dir"])
-    _check_data(cfg, manifest)
-    model = build_model(OpenELMConfig(**cfg["model"]), seed=t_cfg["seed"]).to(env.device)
+    model_cfg = model_config(cfg)
+    _check_data(model_cfg, manifest)
+
+    model = build_model(model_cfg, seed=t_cfg["seed"]).to(env.device)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    resume = latest_checkpoint(ckpt_root)
+    if t_cfg["init_from"] and resume is None:
+        from trainer.hf import load_hf_checkpoint
+
+        model.load_state_dict(load_hf_checkpoint(t_cfg["init_from"]).state_dict())
     engine, scheduler = build_engine(cfg, model, env)
+    tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
+    if resume is not None:
+        state = load_checkpoint(engine, resume)
+        if state["model"] != asdict(model_cfg):
+            raise ValueError(f"checkpoint {resume} was trained with another model config; use a new run.name")
+        tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
     loader = TokenLoader(
-        manifest.root,
-        "train",
-        env.rank,
-        env.world_size,
-        t_cfg["micro_batch_size"],
-        t_cfg["seed"],
-        num_workers=t_cfg["loader_workers"],
+        manifest.root, "train", env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["seed"],
+        num_workers=t_cfg["loader_workers"], tokenizer_fingerprint=tokenizer_fp,
     )
-    metrics = MetricsLogger(cfg["run"]["dir"], cfg, enabled=env.is_main)
+    start_step = 0
+    if state is not None:
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+    metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
+        where = f"resuming from {resume.name}" if resume else "from scratch"
         print(
             f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} ranks, "
-            f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}, {t_cfg['max_steps']} steps",
+            f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}, {t_cfg['max_steps']} steps, {where}",
             flush=True,
         )
 
-    tokens_per_step = t_cfg["micro_batch_size"] * t_cfg["grad_accum_steps"] * env.world_size * manifest.seq_len
-    start = time.perf_counter()
-    losses = []
-    for step in range(1, t_cfg["max_steps"] + 1):
-        step_start = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        total = torch.zeros((), device=env.device)
-        ce_total = torch.zeros((), device=env.device)
-        for _ in range(t_cfg["grad_accum_steps"]):
-            batch = next(loader).to(env.device, non_blocking=True)
-            logits = engine(batch[:, :-1])
-            loss, ce = lm_loss(logits, batch[:, 1:], t_cfg["z_loss_weight"])
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
-            ce_total += ce.detach()
-        loss_value = mean_across_ranks(total / t_cfg["grad_accum_steps"])
-        step_time = time.perf_counter() - step_start
-        record = {
-            "loss": loss_value,
-            "ce_loss": mean_across_ranks(ce_total / t_cfg["grad_accum_steps"]),
-            "lr": lr,
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "tokens_per_s": tokens_per_step / step_time,
-            "step_time_s": step_time,
-            "tokens": step * tokens_per_step,
-        }
-        losses.append(loss_value)
-        metrics.log(step, record)
-        if env.is_main and (step % t_cfg["log_every"] == 0 or step == t_cfg["max_steps"]):
-            print(_progress_line(step, t_cfg["max_steps"], record, time.perf_counter() - start), flush=True)
+    accum = t_cfg["grad_accum_steps"]
+    tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
+    preemption = PreemptionWatch()
+    losses, skipped_in_row, skipped_total, last_saved = [], 0, 0, resume
+    start, step, preempted = time.perf_counter(), start_step, False
 
-    checkpoint = save_checkpoint(
-        engine,
-        f"{cfg['run']['dir']}/checkpoints",
-        t_cfg["max_steps"],
-        {"step": t_cfg["max_steps"], "loader": loader.state_dict(), "config": cfg},
-        env.is_main,
-    )
+    def checkpoint(at_step: int) -> Path:
+        client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
+                  "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp}
+        return save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
+
+    try:
+        for step in range(start_step + 1, t_cfg["max_steps"] + 1):
+            maybe_kill(t_cfg["faults"], step, env.rank, run_dir)
+            step_start = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            total = torch.zeros((), device=env.device)
+            ce_total = torch.zeros((), device=env.device)
+            own_norm, own_skip = None, False
+            for _ in range(accum):
+                batch = next(loader).to(env.device, non_blocking=True)
+                loss, ce = lm_loss(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
+                loss = maybe_poison(loss, t_cfg["faults"], step, env.rank)
+                engine.backward(loss)
+                if cfg["deepspeed"]["stage"] == 0 and engine.is_gradient_accumulation_boundary():
+                    own_norm, own_skip = _clip_or_drop_grads(engine, t_cfg["grad_clip"])
+                engine.step()
+                if own_skip:
+                    rewind_one_step(scheduler)
+                total += loss.detach()
+                ce_total += ce.detach()
+            skipped = own_skip or (cfg["deepspeed"]["stage"] > 0 and not engine.was_step_applied())
+            grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+            step_time = time.perf_counter() - step_start
+            record = {
+                "loss": mean_across_ranks(total / accum),
+                "ce_loss": mean_across_ranks(ce_total / accum),
+                "lr": lr,
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_step / step_time,
+                "step_time_s": step_time,
+                "tokens": step * tokens_per_step,
+                "skipped": int(skipped),
+            }
+            skipped_total += skipped
+            skipped_in_row = skipped_in_row + 1 if skipped else 0
+            losses.append(record["loss"])
+            metrics.log(step, record)
+            if env.is_main and skipped:
+                print(f"[train] step {step}: non-finite loss or gradient norm, update skipped", flush=True)
+            if skipped_in_row >= t_cfg["max_skipped_in_row"]:
+                good = last_saved.name if last_saved else "none (no checkpoint yet)"
+                raise NonFiniteTraining(
+                    f"training stopped at step {step}: {skipped_in_row} steps in a row had a non-finite loss or "
+                    f"gradient norm; the last good checkpoint is {good} in {ckpt_root}"
+                )
+            if env.is_main and (step % t_cfg["log_every"] == 0 or step == t_cfg["max_steps"]):
+                elapsed = time.perf_counter() - start
+                print(_progress_line(step, t_cfg["max_steps"], record, elapsed, step - start_step), flush=True)
+            maybe_sigterm(t_cfg["faults"], step, run_dir, env.rank)
+            preempted = preemption.any_rank_requested(env.device)
+            every = t_cfg["checkpoint_every"]
+            if preempted or step == t_cfg["max_steps"] or (every and step % every == 0):
+                last_saved = checkpoint(step)
+            if preempted:
+                if env.is_main:
+                    print(f"[train] SIGTERM: saved {last_saved} and stopping at step {step}", flush=True)
+                break
+    finally:
+        preemption.close()
+        metrics.close()
+
     summary = {
         "run_name": cfg["run"]["name"],
-        "steps": t_cfg["max_steps"],
-        "final_loss": losses[-1],
+        "steps": step,
+        "resumed_from": resume.name if resume else None,
+        "preempted": preempted,
+        "skipped_steps": skipped_total,
+        "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "num_params": num_params,
         "data_dir": str(manifest.root),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(last_saved) if last_saved else None,
         "metrics": str(metrics.path),
         "wandb_dir": str(metrics.wandb_dir) if metrics.wandb_dir else None,
     }
-    metrics.summary({"final_loss": losses[-1]})
-    metrics.close()
     if env.is_main:
-        write_summary(cfg["run"]["dir"], summary)
+        write_summary(run_dir, summary)
     return summary

@@ -1,0 +1,101 @@
+"""Equivalence on the Ray-free gloo path: ZeRO stages agree, accumulation equals more ranks,
+a preempted and resumed run equals the uninterrupted one bitwise, non-finite steps change nothing."""
+
+import json
+
+import pytest
+import torch
+
+from cluster.config import compose_config
+from distributed import RankFailed, run_ranks
+from test_train_loop import SMALL_MODEL
+from trainer.train_loop import train
+
+pytestmark = pytest.mark.integration
+
+
+def cfg_for(tiny_dataset, run_dir, *overrides, workers=2):
+    return compose_config(
+        [*SMALL_MODEL, f"data.dir={tiny_dataset}", f"run.dir={run_dir}", "run.name=eq", "logger=none",
+         "train.max_steps=5", "train.warmup_steps=2", "train.micro_batch_size=4", "train.loader_workers=0",
+         f"cluster.num_workers={workers}", "cluster.launcher=local", *overrides]
+    )
+
+
+def losses(cfg, world):
+    return run_ranks(world, train, cfg)[0]["losses"]
+
+
+@pytest.fixture(scope="module")
+def zero2_losses(tiny_dataset, tmp_path_factory):
+    return losses(cfg_for(tiny_dataset, tmp_path_factory.mktemp("z2"), "deepspeed=zero2"), 2)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_give_the_same_losses(tiny_dataset, tmp_path, zero2_losses, stage):
+    got = losses(cfg_for(tiny_dataset, tmp_path, f"deepspeed=zero{stage}"), 2)
+    # Stages reduce gradients in different orders; fp32 losses agree to about one unit in the last place.
+    assert got == pytest.approx(zero2_losses, rel=1e-6)
+    assert got != losses(cfg_for(tiny_dataset, tmp_path / "lr", f"deepspeed=zero{stage}", "train.lr=1e-3"), 2)
+
+
+def test_one_rank_with_accumulation_matches_two_ranks(tiny_dataset, tmp_path, zero2_losses):
+    cfg = cfg_for(tiny_dataset, tmp_path, "deepspeed=zero2", "train.grad_accum_steps=2", workers=1)
+    assert losses(cfg, 1) == pytest.approx(zero2_losses, rel=1e-6)
+
+
+def test_preempted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tiny_dataset, tmp_path):
+    overrides = ("deepspeed=zero3", "train.max_steps=8", "train.checkpoint_every=3")
+    full = losses(cfg_for(tiny_dataset, tmp_path / "full", *overrides), 2)
+
+    run_dir = tmp_path / "preempted"
+    first = run_ranks(2, train, cfg_for(tiny_dataset, run_dir, *overrides, "train.faults.sigterm_at_step=5"))[0]
+    assert first["preempted"] and first["steps"] == 5 and first["checkpoint"].endswith("step_5")
+    second = run_ranks(2, train, cfg_for(tiny_dataset, run_dir, *overrides))[0]
+    assert second["resumed_from"] == "step_5"
+    assert first["losses"] + second["losses"] == full  # bitwise
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def _weights_and_optimizer(step_dir):
+    module = torch.load(next(step_dir.glob("*model_states.pt")), weights_only=False)["module"]
+    optim = [torch.load(p, weights_only=False)["optimizer_state_dict"] for p in sorted(step_dir.glob("*optim_states.pt"))]
+    return module, optim
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k not in ("step",):
+                _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+
+
+@pytest.mark.parametrize("stage, world", [(2, 2), (0, 1)])
+def test_a_non_finite_step_changes_nothing_on_any_rank(tiny_dataset, tmp_path, stage, world):
+    cfg = cfg_for(tiny_dataset, tmp_path, f"deepspeed=zero{stage}", "train.checkpoint_every=1",
+                  "train.keep_checkpoints=10", "train.faults.nonfinite_at_steps=[3]",
+                  f"train.faults.nonfinite_rank={world - 1}", workers=world)
+    summary = run_ranks(world, train, cfg)[0]
+    assert summary["skipped_steps"] == 1
+    ckpts = tmp_path / "checkpoints"
+    before, after = _weights_and_optimizer(ckpts / "step_2"), _weights_and_optimizer(ckpts / "step_3")
+    _assert_same(before, after)
+    later = _weights_and_optimizer(ckpts / "step_4")
+    assert not torch.equal(next(iter(later[0].values())), next(iter(after[0].values())))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 0, 0]
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tiny_dataset, tmp_path):
+    cfg = cfg_for(tiny_dataset, tmp_path, "train.checkpoint_every=1", "train.faults.nonfinite_at_steps=[2,3,4]",
+                  "train.max_skipped_in_row=3")
+    with pytest.raises(RankFailed, match=r"training stopped at step 4: 3 steps in a row .* last good checkpoint is step_3"):
+        run_ranks(2, train, cfg)

@@ -1,0 +1,36 @@
+"""Fault injection for recovery tests (train.faults): a rank that dies, a preemption, a loss that goes NaN."""
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+
+def maybe_kill(faults: dict, step: int, rank: int, run_dir: str) -> None:
+    """Kill this process at the start of `kill_at_step` on `kill_rank`, once per run (a marker remembers)."""
+    if faults["kill_at_step"] != step or faults["kill_rank"] != rank:
+        return
+    marker = Path(run_dir) / f".fault_killed_at_step_{step}"
+    if marker.exists():
+        return
+    marker.write_text("killed by train.faults.kill_at_step\n")
+    print(f"[faults] killing rank {rank} at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_sigterm(faults: dict, step: int, run_dir: str, rank: int) -> None:
+    """Send SIGTERM to this process after `sigterm_at_step` (every rank), once per run, as a preemption would."""
+    if faults["sigterm_at_step"] != step:
+        return
+    marker = Path(run_dir) / f".fault_sigterm_at_step_{step}_rank_{rank}"
+    if marker.exists():
+        return
+    marker.write_text("SIGTERM by train.faults.sigterm_at_step\n")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def maybe_poison(loss: torch.Tensor, faults: dict, step: int, rank: int) -> torch.Tensor:
+    if step in faults["nonfinite_at_steps"] and rank == faults["nonfinite_rank"]:
+        return loss * float("nan")
+    return loss
