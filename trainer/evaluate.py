@@ -1,0 +1,225 @@
+"""Evaluation: token-weighted loss and perplexity on a dataset's val split or on a text file.
+
+The mean is over target tokens, never a mean of batch means, so it does not
+depend on how the tokens were batched or split across ranks: each rank sums
+its cross-entropy and counts its tokens, and one all-reduce of (sum, count)
+gives the exact mean of the whole split. Models load from either a Hugging
+Face directory or one of our DeepSpeed checkpoints (run.dir/checkpoints/step_N).
+"""
+
+import itertools
+import math
+import pickle
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_pipelines.loader import TokenLoader
+from data_pipelines.manifest import read_manifest
+from data_pipelines.packing import Packer, token_dtype
+from data_pipelines.sources import read_unit, read_units
+from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
+from trainer.checkpoint import COMPLETE
+from trainer.hf import CONFIG_FILE, consolidated_state_dict, load_hf_checkpoint, load_weights
+from trainer.model import OpenELM, OpenELMConfig, build_model
+
+# ---------------------------------------------------------------------------- loss
+
+
+def all_reduce_sums(*values: float) -> list[float]:
+    """Sum each value over all ranks (one collective; float64 so token counts and sums stay exact)."""
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def distributed_mean(sum_loss: float, count: int) -> float:
+    """The mean over every rank's items: (sum of sums) / (sum of counts), whatever each rank's count."""
+    total, n = all_reduce_sums(sum_loss, count)
+    if n == 0:
+        raise ValueError("distributed_mean: no items on any rank")
+    return total / n
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device | str,
+    z_loss_weight: float = 0.0,
+    distributed: bool = False,
+) -> dict:
+    """Token-weighted cross-entropy of `batches` ((B, S+1) token ids: inputs [:, :-1], targets [:, 1:]).
+
+    Returns ce_loss, perplexity = exp(ce_loss), loss (ce + z_loss_weight * mean z), tokens and ce_sum.
+    `distributed=True` sums over all ranks first (every rank then holds the global figures); under
+    ZeRO-3 every rank must also run the same number of batches, as validation_batches gives them.
+    """
+    was_training = model.training
+    model.eval()
+    # Sums stay on the device (no sync per batch), in float64 so long evaluations do not lose digits.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, z
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = batch.to(device, non_blocking=True)
+                logits = model(batch[:, :-1]).float().flatten(0, -2)
+                targets = batch[:, 1:].flatten()
+                sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+                if z_loss_weight:
+                    sums[1] += torch.logsumexp(logits, dim=-1).pow(2).sum().double()
+                tokens += targets.numel()
+    finally:
+        model.train(was_training)
+    ce_sum, z_sum = sums.tolist()
+    if distributed:
+        ce_sum, z_sum, tokens = all_reduce_sums(ce_sum, z_sum, tokens)
+        tokens = int(tokens)
+    if tokens == 0:
+        raise ValueError("evaluate_loss: no tokens to evaluate (empty batches)")
+    ce = ce_sum / tokens
+    return {
+        "ce_loss": ce,
+        "perplexity": math.exp(ce),
+        "loss": ce + z_loss_weight * z_sum / tokens,
+        "tokens": tokens,
+        "ce_sum": ce_sum,
+    }
+
+
+# ---------------------------------------------------------------------------- what to evaluate on
+
+
+def validation_batches(
+    data_dir: str | Path,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    max_batches: Optional[int] = None,
+    tokenizer_fingerprint: Optional[str] = None,
+) -> Iterator[torch.Tensor]:
+    """One unshuffled pass over this rank's share of the `val` split, in (batch_size, seq_len+1) batches.
+
+    Ranks split the samples as the training loader does (rank r takes r, r+W, ...), and every rank
+    gets per_rank // batch_size batches (at most max_batches): the same count everywhere, so
+    collectives inside the forward (ZeRO-3) stay matched. The few samples this leaves out are the
+    price of equal counts. A tokenizer_fingerprint refuses data tokenized with another tokenizer.
+    """
+    loader = TokenLoader(
+        data_dir, "val", rank, world_size, batch_size, seed=0, shuffle=False, tokenizer_fingerprint=tokenizer_fingerprint
+    )
+    per_rank = loader.dataset.per_rank
+    n = per_rank // batch_size if max_batches is None else min(per_rank // batch_size, max_batches)
+    if n == 0:
+        raise ValueError(
+            f"{data_dir}: the val split gives each of {world_size} ranks {per_rank} samples, "
+            f"fewer than one batch of {batch_size}: lower the batch size or prepare more validation data"
+        )
+    return itertools.islice(loader, n)
+
+
+def text_batches(
+    path_or_glob: str, tokenizer: TextTokenizer, seq_len: int, batch_size: int, text_field: str = "text"
+) -> Iterator[torch.Tensor]:
+    """Documents of .txt/.jsonl/... files packed like training data (BOS doc EOS) into (B, seq_len+1) batches.
+
+    The tail that does not fill a sample is dropped; the last batch may be smaller. A bad record
+    (say, a JSON line without `text_field`) is an error naming it: an eval figure must cover its input.
+    """
+    units = read_units({"path": path_or_glob}, 0)  # now, so a missing file fails before iteration
+    bos, eos = tokenizer.special_ids()
+    packer = Packer(seq_len, bos, eos, token_dtype(tokenizer.vocab_size))
+
+    def samples() -> Iterator[np.ndarray]:
+        for unit in units:
+            for record in read_unit(unit, text_field):
+                if record.text is None:
+                    raise ValueError(f"{record.origin}: bad record ({record.bad}); fix it or remove it to evaluate")
+                yield from packer.add(tokenizer.encode_batch([record.text])[0])
+
+    def batches() -> Iterator[torch.Tensor]:
+        produced = 0
+        stream = samples()
+        while rows := list(itertools.islice(stream, batch_size)):
+            produced += len(rows)
+            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+        packer.finish()
+        if produced == 0:
+            raise ValueError(
+                f"{path_or_glob}: only {packer.dropped_tail_tokens} tokens (with BOS/EOS), "
+                f"too few for one sample of seq_len + 1 = {seq_len + 1}"
+            )
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def _model_states_file(checkpoint_dir: Path) -> Path:
+    """Rank 0's model-states file, which carries our client state: ZeRO 0-2 and ZeRO-3 name it differently."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
+
+
+def read_client_state(checkpoint_dir: str | Path) -> dict:
+    """What train() saved with a checkpoint (step, loader, rng, config, ...), plus DeepSpeed's own
+    bookkeeping keys beside them, as DeepSpeed's load_checkpoint returns it; not the weights."""
+    path = _model_states_file(Path(checkpoint_dir))
+    try:
+        # DeepSpeed stores the client state at the top level of the model-states file, beside its own
+        # keys: tensors and plain containers only, so no pickled code needs to run. Only the ZeRO
+        # optimizer files hold pickled DeepSpeed objects (hf.py leaves those to DeepSpeed's loader).
+        # mmap: the weights in the file are not read.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: holds objects other than tensors and plain data; not loading it ({e})") from None
+    missing = [k for k in ("step", "config") if k not in state]
+    if missing:
+        raise ValueError(f"{path}: no {missing} in the client state (not an elmforge checkpoint?)")
+    return {k: v for k, v in state.items() if k != "module"}
+
+
+def _dataset_tokenizer(data_dir: Optional[str]) -> Optional[TextTokenizer]:
+    """The training data's tokenizer, if that dataset is still where the run left it."""
+    if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+        return None
+    manifest = read_manifest(data_dir)
+    path = manifest.tokenizer_path
+    return load_tokenizer(path, manifest.data["tokenizer"].get("kind")) if path.is_file() else None
+
+
+def load_for_eval(
+    path: str | Path, model_cfg: Optional[OpenELMConfig] = None
+) -> tuple[OpenELM, Optional[TextTokenizer]]:
+    """(model in eval mode, its tokenizer or None) from a Hugging Face directory or a checkpoint step_N.
+
+    model_cfg overrides the config saved in a DeepSpeed checkpoint; a Hugging Face directory
+    always uses its own config.json.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        if model_cfg is not None:
+            raise ValueError(f"{path}: a Hugging Face directory carries its own {CONFIG_FILE}; do not pass model_cfg")
+        tokenizer_file = path / "tokenizer.json"
+        return load_hf_checkpoint(path), load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    if path.is_dir() and any(path.glob("*model_states.pt")):
+        if not (path / COMPLETE).is_file():
+            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
+        client = read_client_state(path)
+        model = build_model(model_cfg or OpenELMConfig(**client["model"]))  # the architecture train() built
+        load_weights(model, consolidated_state_dict(path), str(path))
+        cfg = client["config"]
+        return model.eval(), _dataset_tokenizer(cfg.get("data", {}).get("dir"))
+    raise FileNotFoundError(
+        f"{path}: neither a Hugging Face directory ({CONFIG_FILE} + model.safetensors) "
+        "nor a DeepSpeed checkpoint directory (run.dir/checkpoints/step_N)"
+    )
