@@ -1,4 +1,4 @@
-"""The `elmforge` command line: `elmforge <verb> [key=value ...] [--cfg job]`.
+"""The `elmforge` command line: `elmforge <verb> [key=value ...] [flags]`.
 
 Each verb parses its few flags, composes the Hydra config from the overrides,
 validates it as a whole, and only then starts work.
@@ -8,11 +8,15 @@ import argparse
 import os
 import sys
 
+from cluster import commands
 from cluster.config import ConfigError, compose_config, to_yaml
 
 VERBS = {
     "prepare": "tokenize the configured sources into WebDataset shards + manifest.json",
-    "train": "prepare the data if needed, then train on Ray Train workers with DeepSpeed",
+    "train": "prepare the data if needed, then train (Ray Train workers, or torchrun / this process)",
+    "export": "write a run's checkpoint (or the average of its last K) as a Hugging Face directory",
+    "eval": "loss and perplexity of a checkpoint or Hugging Face directory on the val split or text files",
+    "generate": "continue a prompt with a checkpoint or Hugging Face directory",
 }
 
 
@@ -24,55 +28,40 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb in ("eval", "generate"):
+            p.add_argument("path", help="a Hugging Face directory or run.dir/checkpoints/step_N")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    export = sub.choices["export"]
+    export.add_argument("--checkpoint", nargs="+", help="checkpoint directories (default: the run's newest)")
+    export.add_argument("--average", type=int, default=1, help="average the run's last K checkpoints (OpenELM: 5)")
+    export.add_argument("--out", help="output directory (default: run.dir/hf)")
+    ev = sub.choices["eval"]
+    ev.add_argument("--text", help="a .txt/.jsonl file or glob to score instead of the val split")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int)
+    ev.add_argument("--seq-len", type=int, help="with --text (default: data.seq_len)")
+    gen = sub.choices["generate"]
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--seed", type=int)
     return parser
 
 
-def _prepare(cfg: dict):
-    from data_pipelines.prepare import prepare
-
-    if cfg["data"]["workers"] != 0:  # tokenizer actors run on the configured Ray cluster
-        from cluster.ray_runtime import connect
-
-        connect(cfg["cluster"])
-    return prepare(cfg["data"], cfg["tokenizer"], force=cfg["prepare"]["force"])
-
-
-def cmd_prepare(cfg: dict):
-    from data_pipelines.integrity import verify_dataset
-    from data_pipelines.prepare import describe_plan
-
-    options = cfg["prepare"]
-    if options["dry_run"]:
-        print(describe_plan(cfg["data"], cfg["tokenizer"]))
-        return None
-    if options["verify"]:
-        verify_dataset(cfg["data"]["dir"])
-        return cfg["data"]["dir"]
-    return _prepare(cfg)
-
-
-def cmd_train(cfg: dict) -> None:
-    from cluster.launch import launch_training
-
-    data_dir = _prepare(cfg)
-    result = launch_training(cfg)
-    print("\n[elmforge] training finished")
-    print(f"  final loss   {result['final_loss']:.4f}")
-    print(f"  shards       {data_dir}")
-    print(f"  checkpoint   {result['checkpoint']}")
-    print(f"  metrics      {result['metrics']}")
-    if result.get("wandb_dir"):
-        print(f"  W&B run      {result['wandb_dir']}")
-        if cfg["logger"]["mode"] == "offline":
-            print(f"  upload with  wandb sync {result['wandb_dir']}")
+def _implicit_overrides(args) -> list[str]:
+    """Under torchrun the world size is torchrun's, unless the user said otherwise."""
+    if commands.launched_by_torchrun() and not any(o.startswith("cluster.num_workers=") for o in args.overrides):
+        return [f"cluster.num_workers={os.environ['WORLD_SIZE']}"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = compose_config(args.overrides)
+        cfg = compose_config(args.overrides + _implicit_overrides(args))
     except ConfigError as e:
         print(f"elmforge {args.verb}: config error\n{e}", file=sys.stderr)
         return 2
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     try:
-        {"prepare": cmd_prepare, "train": cmd_train}[args.verb](cfg)
+        getattr(commands, f"cmd_{args.verb}")(cfg, args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise

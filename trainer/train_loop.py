@@ -19,6 +19,7 @@ from data_pipelines.manifest import read_manifest
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
+from trainer.evaluate import evaluate_loss, validation_batches
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
@@ -83,8 +84,9 @@ def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
 
 def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_done: int) -> str:
     eta = elapsed / max(1, steps_done) * (max_steps - step)
+    val = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
     return (
-        f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
         f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | ETA {eta:.0f}s"
     )
 
@@ -133,6 +135,16 @@ def train(cfg: dict) -> dict:
             flush=True,
         )
 
+    def validate() -> dict:
+        """Validation loss over the val split; every rank takes part (ZeRO-3 gathers inside the forward)."""
+        batches = validation_batches(
+            manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["eval_batches"], tokenizer_fp
+        )
+        r = evaluate_loss(engine, batches, env.device, distributed=True)
+        return {"val_loss": r["ce_loss"], "val_perplexity": r["perplexity"]}
+
+    if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
+        validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     accum = t_cfg["grad_accum_steps"]
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
     preemption = PreemptionWatch()
@@ -177,6 +189,8 @@ def train(cfg: dict) -> dict:
                 "tokens": step * tokens_per_step,
                 "skipped": int(skipped),
             }
+            if t_cfg["eval_every"] and (step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]):
+                record.update(validate())
             skipped_total += skipped
             skipped_in_row = skipped_in_row + 1 if skipped else 0
             losses.append(record["loss"])
@@ -212,6 +226,7 @@ def train(cfg: dict) -> dict:
         "preempted": preempted,
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
+        "final_val_loss": record.get("val_loss") if losses else None,
         "losses": losses,
         "num_params": num_params,
         "data_dir": str(manifest.root),

@@ -1,0 +1,159 @@
+"""What each `elmforge` verb does, given the composed config and its own flags: thin glue over
+data_pipelines/ and trainer/, printing what a user needs to see."""
+
+import os
+from pathlib import Path
+
+import torch
+
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
+
+
+def launched_by_torchrun() -> bool:
+    return TORCHRUN_ENV in os.environ
+
+
+def _prepare(cfg: dict, use_ray: bool = True) -> Path:
+    from data_pipelines.prepare import prepare
+
+    data = dict(cfg["data"])
+    if data["workers"] != 0:
+        if use_ray:  # tokenizer actors run on the configured Ray cluster
+            from cluster.ray_runtime import connect
+
+            connect(cfg["cluster"])
+        elif data["workers"] is None:
+            data["workers"] = 0  # no Ray on this path unless asked for
+    return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"])
+
+
+def cmd_prepare(cfg: dict, args) -> None:
+    from data_pipelines.integrity import verify_dataset
+    from data_pipelines.prepare import describe_plan
+
+    options = cfg["prepare"]
+    if options["dry_run"]:
+        print(describe_plan(cfg["data"], cfg["tokenizer"]))
+    elif options["verify"]:
+        verify_dataset(cfg["data"]["dir"])
+    else:
+        _prepare(cfg)
+
+
+def _train_here(cfg: dict) -> dict:
+    """The Ray-free path: this process (a world of one) or each process torchrun started."""
+    import torch.distributed as dist
+
+    from trainer.distributed import init_distributed
+    from trainer.train_loop import train
+
+    env = init_distributed(cfg["cluster"]["use_gpu"])
+    if env.world_size != cfg["cluster"]["num_workers"]:
+        raise ValueError(
+            f"cluster.num_workers={cfg['cluster']['num_workers']} but this launch has {env.world_size} processes; "
+            f"set cluster.num_workers={env.world_size}"
+        )
+    if env.is_main:
+        _prepare(cfg, use_ray=False)
+    dist.barrier()
+    return train(cfg)
+
+
+def cmd_train(cfg: dict, args) -> None:
+    if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
+        summary = _train_here(cfg)
+        if not (summary and int(os.environ.get("RANK", 0)) == 0):
+            return
+    else:
+        from cluster.launch import launch_training
+
+        _prepare(cfg)
+        summary = launch_training(cfg)
+    _print_summary(cfg, summary)
+
+
+def _print_summary(cfg: dict, summary: dict) -> None:
+    state = "stopped by SIGTERM (re-run the same command to resume)" if summary["preempted"] else "finished"
+    print(f"\n[elmforge] training {state}")
+    if summary["final_loss"] is not None:
+        print(f"  final loss   {summary['final_loss']:.4f}")
+    if summary.get("final_val_loss") is not None:
+        print(f"  val loss     {summary['final_val_loss']:.4f}")
+    print(f"  shards       {summary['data_dir']}")
+    print(f"  checkpoint   {summary['checkpoint']}")
+    print(f"  metrics      {summary['metrics']}")
+    if summary.get("wandb_dir"):
+        print(f"  W&B run      {summary['wandb_dir']}")
+        if cfg["logger"]["mode"] == "offline":
+            print(f"  upload with  wandb sync {summary['wandb_dir']}")
+
+
+def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
+    from trainer.checkpoint import complete_checkpoints
+
+    if args.checkpoint:
+        return [Path(p) for p in args.checkpoint]
+    found = complete_checkpoints(Path(cfg["run"]["dir"], "checkpoints"))
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint under {cfg['run']['dir']}/checkpoints (is run.name right?)")
+    if len(found) < args.average:
+        raise ValueError(f"--average {args.average}: only {len(found)} complete checkpoints in {cfg['run']['dir']}")
+    return found[-args.average :]
+
+
+def cmd_export(cfg: dict, args) -> None:
+    from data_pipelines.manifest import read_manifest
+    from trainer.evaluate import read_client_state
+    from trainer.hf import export_checkpoints
+    from trainer.model import OpenELMConfig
+
+    checkpoints = _checkpoints_to_export(cfg, args)
+    client = read_client_state(checkpoints[-1])
+    data_dir = client["config"]["data"]["dir"]
+    tokenizer = read_manifest(data_dir).tokenizer_path if Path(data_dir, "manifest.json").is_file() else None
+    out = Path(args.out or Path(cfg["run"]["dir"], "hf"))
+    export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=tokenizer)
+    names = ", ".join(c.name for c in checkpoints)
+    print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}"
+          f"{'' if tokenizer else ' (no tokenizer: the training data is gone)'}")
+    print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def _device(cfg: dict) -> torch.device:
+    return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
+
+
+def cmd_eval(cfg: dict, args) -> None:
+    from trainer.evaluate import evaluate_loss, load_for_eval, read_client_state, text_batches, validation_batches
+
+    model, tokenizer = load_for_eval(args.path)
+    if args.text:
+        if tokenizer is None:
+            raise ValueError(f"{args.path}: no tokenizer beside the model or in its training data; cannot read --text")
+        seq_len = args.seq_len or cfg["data"]["seq_len"]
+        batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), args.text
+    else:
+        data_dir = cfg["data"]["dir"]
+        is_checkpoint = not Path(args.path, "config.json").is_file()
+        if is_checkpoint and not any(o.startswith("data.dir=") for o in args.overrides):
+            data_dir = read_client_state(args.path)["config"]["data"]["dir"]  # the run's own data by default
+        fingerprint = tokenizer.fingerprint if tokenizer else None
+        batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, fingerprint)
+        where = f"{data_dir} (val split)"
+    r = evaluate_loss(model.to(_device(cfg)), batches, _device(cfg))
+    print(f"[eval] {args.path} on {where}: loss {r['ce_loss']:.4f} | perplexity {r['perplexity']:.2f} | "
+          f"{r['tokens']:,} tokens")
+
+
+def cmd_generate(cfg: dict, args) -> None:
+    from trainer.evaluate import load_for_eval
+    from trainer.sampling import complete
+
+    model, tokenizer = load_for_eval(args.path)
+    if tokenizer is None:
+        raise ValueError(f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset)")
+    text = complete(
+        model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
+    )
+    print(args.prompt + text)

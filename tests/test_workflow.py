@@ -1,0 +1,79 @@
+"""The user's workflow on the Ray-free path: train (with validation) -> export -> eval -> generate -> train from HF."""
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from corpus import make_documents, write_jsonl
+from test_train_loop import SMALL_MODEL
+from trainer.summary import read_summary
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflow")
+    corpus = write_jsonl(root / "corpus.jsonl", make_documents(400, seed=7))
+    common = [
+        *SMALL_MODEL, f"storage_path={root}", f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0",
+        "data.val_fraction=0.2", "cluster.launcher=local", "cluster.num_workers=1", "train.loader_workers=0",
+        "train.micro_batch_size=4", "train.warmup_steps=2",
+    ]
+    train_args = ["train", *common, "run.name=base", "train.max_steps=6", "train.checkpoint_every=2",
+                  "train.eval_every=3", "logger=none"]
+    assert main(train_args) == 0
+    return root, common
+
+
+def test_validation_loss_is_logged_at_the_configured_steps(workspace):
+    root, _ = workspace
+    records = [json.loads(line) for line in open(root / "outputs/base/metrics.jsonl")]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert all(r["val_perplexity"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6) for r in records if "val_loss" in r)
+    assert read_summary(root / "outputs/base")["final_val_loss"] == records[-1]["val_loss"]
+
+
+def test_export_average_eval_and_generate(workspace, capsys):
+    root, common = workspace
+    assert main(["export", *common, "run.name=base", "--average", "2", f"--out={root / 'hf'}"]) == 0
+    out = capsys.readouterr().out
+    assert "average of step_4, step_6" in out and (root / "hf/config.json").is_file()
+    assert (root / "hf/tokenizer.json").is_file()
+
+    assert main(["export", *common, "run.name=base", f"--out={root / 'hf_last'}"]) == 0
+    capsys.readouterr()
+    losses = {}
+    for path in (root / "outputs/base/checkpoints/step_6", root / "hf_last"):
+        assert main(["eval", str(path), *common, "run.name=base", "--max-batches=3", "--batch-size=2"]) == 0
+        line = capsys.readouterr().out
+        losses[path.name] = float(line.split("loss ")[1].split(" ")[0])
+    assert losses["step_6"] == losses["hf_last"]
+    records = [json.loads(line) for line in open(root / "outputs/base/metrics.jsonl")]
+    assert losses["step_6"] == pytest.approx(records[-1]["val_loss"], abs=0.2)  # 3 of the val batches
+
+    assert main(["generate", str(root / "hf"), *common, "--prompt", "The database", "--greedy",
+                 "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The database") and len(text.strip()) > len("The database")
+
+
+def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
+    root, common = workspace
+    assert main(["export", *common, "run.name=base", f"--out={root / 'hf_init'}"]) == 0
+    args = [*common, "train.max_steps=2", "train.warmup_steps=1", "logger=none"]
+    assert main(["train", *args, "run.name=scratch"]) == 0
+    assert main(["train", *args, "run.name=from_hf", f"train.init_from={root / 'hf_init'}"]) == 0
+    scratch = read_summary(root / "outputs/scratch")["losses"]
+    from_hf = read_summary(root / "outputs/from_hf")["losses"]
+    trained = read_summary(root / "outputs/base")["losses"]
+    assert from_hf[0] < scratch[0] - 0.3 and from_hf[0] < trained[0] - 0.3
+
+
+def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, capsys):
+    root, common = workspace
+    assert main(["train", *common, "run.name=base", "train.max_steps=6", "train.checkpoint_every=2",
+                 "train.eval_every=3", "logger=none"]) == 0
+    assert "resuming from step_6" in capsys.readouterr().out
+    assert len(open(root / "outputs/base/metrics.jsonl").readlines()) == 6
