@@ -1,14 +1,18 @@
 """Equivalence on the Ray-free gloo path: ZeRO stages agree, accumulation equals more ranks,
-a preempted and resumed run equals the uninterrupted one bitwise, non-finite steps change nothing."""
+a preempted and resumed run equals the uninterrupted one bitwise, non-finite steps change nothing,
+torchrun runs the same loop."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from cluster.config import compose_config
+from corpus import make_documents, write_jsonl
 from distributed import RankFailed, run_ranks
 from test_train_loop import SMALL_MODEL
+from trainer.summary import read_summary
 from trainer.train_loop import train
 
 pytestmark = pytest.mark.integration
@@ -99,3 +103,21 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tiny_dataset
                   "train.max_skipped_in_row=3")
     with pytest.raises(RankFailed, match=r"training stopped at step 4: 3 steps in a row .* last good checkpoint is step_3"):
         run_ranks(2, train, cfg)
+
+
+def test_torchrun_runs_the_same_loop(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=11))
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "logger=none", "train.max_steps=4", "train.warmup_steps=2",
+                 "train.micro_batch_size=4", "train.loader_workers=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cluster.cli", "train", *overrides, "run.name=torchrun"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 ranks, ZeRO-2" in proc.stdout and proc.stdout.count("training finished") == 1
+    torchrun = read_summary(tmp_path / "outputs/torchrun")["losses"]
+    cfg = compose_config([*overrides, "run.name=spawned", "cluster.num_workers=2"])
+    assert run_ranks(2, train, cfg)[0]["losses"] == torchrun
