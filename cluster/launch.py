@@ -7,7 +7,7 @@ gives it the rank environment DeepSpeed expects and reports its result back.
 import os
 
 import ray.train
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.ray_runtime import connect
@@ -30,10 +30,25 @@ def _worker(config: dict) -> None:
 
 
 def scaling_config(cluster: dict) -> ScalingConfig:
+    """cluster.num_workers ranks, each cpus_per_worker CPUs and, with use_gpu, one GPU."""
     resources = {"CPU": cluster["cpus_per_worker"]}
     if cluster["use_gpu"]:
         resources["GPU"] = 1
     return ScalingConfig(num_workers=cluster["num_workers"], use_gpu=cluster["use_gpu"], resources_per_worker=resources)
+
+
+def torch_backend(cluster: dict) -> str:
+    return "nccl" if cluster["use_gpu"] else "gloo"
+
+
+def run_config(cfg: dict) -> RunConfig:
+    """After a worker dies Ray restarts the group up to max_failures times; train() resumes from the
+    newest complete checkpoint in run.dir, which the trainer owns (Ray keeps no copy)."""
+    return RunConfig(
+        name=cfg["run"]["name"],
+        storage_path=os.path.join(cfg["run"]["dir"], "ray"),
+        failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"]),
+    )
 
 
 def launch_training(cfg: dict) -> dict:
@@ -44,8 +59,8 @@ def launch_training(cfg: dict) -> dict:
         _worker,
         train_loop_config={"cfg": cfg},
         scaling_config=scaling_config(cluster),
-        torch_config=TorchConfig(backend="nccl" if cluster["use_gpu"] else "gloo"),
-        run_config=RunConfig(name=cfg["run"]["name"], storage_path=os.path.join(cfg["run"]["dir"], "ray")),
+        torch_config=TorchConfig(backend=torch_backend(cluster)),
+        run_config=run_config(cfg),
     )
     trainer.fit()
     return read_summary(cfg["run"]["dir"])

@@ -43,3 +43,31 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
 
     manifest = json.loads((tmp_path / "data" / "sample" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] > 1000
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    from cluster.config import compose_config
+    from corpus import make_documents, write_jsonl
+    from data_pipelines.prepare import prepare
+    from distributed import run_ranks
+    from test_train_loop import SMALL_MODEL
+    from trainer.train_loop import train
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=12))
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "logger=none", "train.max_steps=6", "train.warmup_steps=2",
+                 "train.micro_batch_size=4", "train.loader_workers=0", "train.checkpoint_every=2"]
+    reference = compose_config([*overrides, "run.name=reference"])
+    prepare(reference["data"], reference["tokenizer"])
+    expected = run_ranks(2, train, reference)[0]["losses"]
+
+    cmd = [sys.executable, "-m", "cluster.cli", "train", *overrides, "run.name=faulty", "cluster.max_failures=1",
+           "train.faults.kill_at_step=5", "train.faults.kill_rank=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "faulty"
+    assert (run_dir / ".fault_killed_at_step_5").exists()
+    assert read_summary(run_dir)["resumed_from"] == "step_4"
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["loss"] for r in records] == expected

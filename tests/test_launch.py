@@ -1,0 +1,48 @@
+"""How a config becomes a Ray connection, a worker group and a process-group backend."""
+
+import pytest
+
+from cluster.config import compose_config
+from cluster.launch import run_config, scaling_config, torch_backend
+from cluster.ray_runtime import init_kwargs
+
+
+def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
+    cluster = compose_config([])["cluster"]
+    kwargs = init_kwargs(cluster)
+    assert kwargs["num_cpus"] == 4 and "address" not in kwargs
+    assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
+    assert torch_backend(cluster) == "gloo"
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://head.example:10001"])
+def test_an_existing_cluster_is_joined_as_is(address):
+    kwargs = init_kwargs(compose_config([f"cluster.address={address}"])["cluster"])
+    assert kwargs["address"] == address and "num_cpus" not in kwargs
+
+
+def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
+    cluster = compose_config(["cluster.use_gpu=true", "cluster.num_workers=8", "cluster.cpus_per_worker=6"])["cluster"]
+    scaling = scaling_config(cluster)
+    assert scaling.num_workers == 8 and scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 6, "GPU": 1}
+    assert torch_backend(cluster) == "nccl"
+    assert init_kwargs(cluster)["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cuda"
+
+
+def test_cpu_workers_reserve_only_cpus():
+    scaling = scaling_config(compose_config(["cluster.cpus_per_worker=0.5"])["cluster"])
+    assert scaling.resources_per_worker == {"CPU": 0.5} and not scaling.use_gpu
+
+
+def test_no_secret_travels_in_the_runtime_env(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "planted-secret-0123456789")
+    env = init_kwargs(compose_config([])["cluster"])["runtime_env"]
+    assert "planted-secret" not in repr(env)
+
+
+def test_failures_allowed_and_storage_follow_the_run(tmp_path):
+    cfg = compose_config([f"storage_path={tmp_path}", "cluster.max_failures=2", "run.name=r"])
+    rc = run_config(cfg)
+    assert rc.failure_config.max_failures == 2
+    assert rc.storage_path == str(tmp_path / "outputs/r/ray") and rc.name == "r"
