@@ -92,3 +92,11 @@ def test_vocabulary_larger_than_the_model_is_refused(tiny_dataset, tmp_path):
     cfg["model"]["vocab_size"] = 200
     with pytest.raises(ValueError, match="tokenizer vocabulary 300 exceeds model.vocab_size=200"):
         train(cfg)
+
+
+@pytest.mark.parametrize("zero", ["zero2_offload", "zero3_offload"])
+def test_cpu_offload_variants_train(tiny_dataset, tmp_path, zero):
+    cfg = small_cfg(tiny_dataset, tmp_path, f"deepspeed={zero}", "logger=none", "train.max_steps=3",
+                    "train.warmup_steps=1")
+    losses = train(cfg)["losses"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
