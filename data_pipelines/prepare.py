@@ -25,7 +25,7 @@ import numpy as np
 
 from data_pipelines.cleaning import clean_text, split_of
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from data_pipelines.mixture import FRAMING, mix, normalised_weights
+from data_pipelines.mixture import FRAMING, SourceExhausted, mix, normalised_weights
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter
@@ -230,8 +230,18 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     seen: set[bytes] = set()
     caches, source_stats = [], []
     for i, spec in enumerate(sources):
+        if shares[i] == 0:  # weight 0: never mixed, so not read at all
+            caches.append(SourceCacheWriter(tmp / "cache" / str(i), dtype).close())
+            source_stats.append(SourceStats(names[i]))
+            continue
         budget = shares[i] * target if target and not spec.get("repeat") else None
         cache, stats = _cache_source(i, spec, tokenizer, data_cfg, tmp / "cache" / str(i), dtype, budget, seen)
+        if budget is not None and stats.tokens_kept < budget:  # known now, before tokenizing the other sources
+            raise SourceExhausted(
+                f"data source {names[i]!r} holds {stats.tokens_kept:,} tokens after filtering, short of its share "
+                f"of {budget:,.0f} of data.target_tokens={target:,}; allow repeating it with repeat: true on that "
+                "source, or lower the target or its weight"
+            )
         caches.append(cache)
         source_stats.append(stats)
     if sum(s.documents_kept for s in source_stats) == 0:
@@ -304,7 +314,7 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     lines.append(f"  tokenizer: {tok}")
     lines.append(f"  filters: min {f['min_chars']} characters, min {f['min_tokens']} tokens, dedup {'on' if f['dedup'] else 'off'}")
     per_shard = data_cfg.get("shard_bytes") and f"{format_count(data_cfg['shard_bytes'])}B" or f"{data_cfg['samples_per_shard']} samples"
-    lines.append(f"  samples of {data_cfg['seq_len'] + 1} tokens, {per_shard} per shard, {data_cfg['val_fraction']:.1%} of documents to val")
+    lines.append(f"  samples of {data_cfg['seq_len'] + 1} tokens, {per_shard} per shard, {data_cfg['val_fraction'] * 100:.3g}% of documents to val")
     if (Path(data_cfg["dir"]) / MANIFEST_NAME).is_file():
         current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
         lines.append(f"  existing dataset: {'up to date' if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else 'out of date: would rebuild'}")

@@ -39,7 +39,7 @@ def test_weights_are_shares_of_output_tokens(tmp_path, weights):
 def test_an_exhausted_source_is_an_error_naming_it(tmp_path):
     cfg = two_sources(tmp_path, (0.5, 0.5))
     cfg["target_tokens"] = 80_000  # "short" holds far fewer than 40k tokens
-    with pytest.raises(ValueError, match=r"data source 'short' ran out after [\d,]+ tokens, short of its share of 40,000"):
+    with pytest.raises(ValueError, match=r"data source 'short' holds [\d,]+ tokens after filtering, short of its share of 40,000"):
         prepare(cfg, TOKENIZER_CFG)
     assert not (tmp_path / "ds").exists()
 
@@ -83,3 +83,9 @@ def test_openelm_mix_dry_run_lists_every_source_without_network(tmp_path, capsys
         assert dataset in out
     assert "min 200 characters, min 256 tokens" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_a_weight_zero_source_is_not_read(tmp_path):
+    cfg = two_sources(tmp_path, (1, 0))
+    stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]["sources"]
+    assert stats[1]["documents_read"] == 0 and stats[1]["tokens_used"] == 0 and stats[0]["share"] == 1.0
