@@ -17,6 +17,9 @@ VERBS = {
     "export": "write a run's checkpoint (or the average of its last K) as a Hugging Face directory",
     "eval": "loss and perplexity of a checkpoint or Hugging Face directory on the val split or text files",
     "generate": "continue a prompt with a checkpoint or Hugging Face directory",
+    "submit": "send the training job to a Ray cluster through the Ray Jobs API (submit.address or RAY_ADDRESS)",
+    "jobs": "list submitted jobs, or show the status or logs of one, or stop it",
+    "report": "charts and one self-contained HTML page comparing runs, or a sweep's trials",
 }
 
 
@@ -28,8 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == "report":  # reads a run's files only: no Hydra config, no overrides
+            continue
         if verb in ("eval", "generate"):
             p.add_argument("path", help="a Hugging Face directory or run.dir/checkpoints/step_N")
+        if verb == "jobs":
+            p.add_argument("action", choices=["list", "status", "logs", "stop"])
+            p.add_argument("job_id", nargs="?", help="the job id submit printed")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     export = sub.choices["export"]
@@ -48,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--greedy", action="store_true")
     gen.add_argument("--seed", type=int)
+    rep = sub.choices["report"]
+    rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs one or two levels down (a sweep dir)")
+    rep.add_argument("--out", default="report", help="output directory (default: ./report)")
+    sub.choices["submit"].add_argument("--wait", action="store_true", help="follow the job; exit non-zero if it fails")
+    sub.choices["jobs"].add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
     return parser
 
 
@@ -58,8 +71,32 @@ def _implicit_overrides(args) -> list[str]:
     return []
 
 
+def _report(args) -> None:
+    from cluster.report import build_report
+
+    written = build_report(args.paths, args.out)
+    charts = [k for k in written if k != "html"]
+    print(f"[report] {written['html']} ({len(charts)} charts: {', '.join(charts) or 'none yet'})")
+
+
+def _run(verb: str, fn, *fn_args) -> int:
+    try:
+        fn(*fn_args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
+        if os.environ.get("ELMFORGE_DEBUG"):
+            raise
+        print(f"elmforge {verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb == "report":
+        return _run("report", _report, args)
+    if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given
+        args.overrides.insert(0, args.job_id)
+        args.job_id = None
     try:
         cfg = compose_config(args.overrides + _implicit_overrides(args))
     except ConfigError as e:
@@ -68,14 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg == "job":
         print(to_yaml(cfg), end="")
         return 0
-    try:
-        getattr(commands, f"cmd_{args.verb}")(cfg, args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
-        if os.environ.get("ELMFORGE_DEBUG"):
-            raise
-        print(f"elmforge {args.verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
-    return 0
+    return _run(args.verb, getattr(commands, f"cmd_{args.verb}"), cfg, args)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,38 @@ def cmd_generate(cfg: dict, args) -> None:
         temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
     )
     print(args.prompt + text)
+
+
+def cmd_submit(cfg: dict, args) -> None:
+    from cluster.submit import SubmitError, follow, submit_job
+
+    if not any(o.startswith("storage_path=") and os.path.isabs(o.split("=", 1)[1]) for o in args.overrides):
+        raise SubmitError("submit needs storage_path=<absolute path on the cluster's shared storage>")
+    job_id, url = submit_job(cfg, args.overrides)
+    print(f"[submit] job {job_id}\n  dashboard    {url}\n  logs         elmforge jobs logs {job_id} --follow")
+    if args.wait:
+        status = follow(cfg["submit"], job_id)
+        print(f"[submit] job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise SubmitError(f"job {job_id} ended {status}")
+
+
+def cmd_jobs(cfg: dict, args) -> None:
+    from cluster.submit import SubmitError, client, follow
+
+    if args.action != "list" and not args.job_id:
+        raise SubmitError(f"elmforge jobs {args.action} needs a job id (see `elmforge jobs list`)")
+    jobs = client(cfg["submit"])
+    if args.action == "list":
+        for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+    elif args.action == "status":
+        info = jobs.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")
+    elif args.action == "logs":
+        if args.follow:
+            follow(cfg["submit"], args.job_id)
+        else:
+            print(jobs.get_job_logs(args.job_id), end="")
+    elif args.action == "stop":
+        print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")

@@ -160,6 +160,16 @@ class RunConfig:
 
 
 @dataclass
+class SubmitConfig:
+    address: Optional[str] = None  # Ray Jobs API, http://<head>:8265 (or RAY_ADDRESS)
+    working_dir: str = "."  # uploaded with the job, less `excludes` (gitignore syntax: "/x" is top-level only)
+    excludes: list[str] = field(
+        default_factory=lambda: ["/.venv", "/data", "/outputs", "/wandb", "/.whl", ".git", "__pycache__", ".pytest_cache"]
+    )
+    entrypoint_num_cpus: float = 0.0  # the driver only coordinates the workers
+
+
+@dataclass
 class PrepareConfig:
     dry_run: bool = False
     verify: bool = False
@@ -177,4 +187,5 @@ class ElmConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
     storage_path: str = "."

@@ -1,0 +1,93 @@
+"""Submission to a real Ray head on 127.0.0.1 with token authentication."""
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from cluster import submit
+from cluster.cli import main
+from corpus import make_documents, write_jsonl
+from ray_head import start_head
+from test_train_loop import SMALL_MODEL
+
+pytestmark = pytest.mark.integration
+PLANTED = "planted-wandb-key-5f0c1d2e3a4b"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    head = start_head(tmp_path_factory.mktemp("head") / "ray.log")
+    yield head
+    head.stop()
+
+
+@pytest.fixture
+def as_user(head, monkeypatch, tmp_path):
+    """The submitting user: the cluster's token in RAY_AUTH_TOKEN, a W&B key in the environment, no token file."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    monkeypatch.setenv("WANDB_API_KEY", PLANTED)
+    monkeypatch.setattr(submit, "TOKEN_FILE", tmp_path / "no_token_file")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(REPO)  # the working directory that travels with the job
+    return head
+
+
+def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(200, seed=3))
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch_size=4",
+                 "run.name=submitted", f"submit.address={as_user.address}"]
+    assert main(["submit", *overrides, "--wait"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split("[submit] job ")[1].split()[0]
+    assert f"{as_user.address}/#/jobs/{job_id}" in out
+    assert "training finished" in out and ": SUCCEEDED" in out
+    assert (tmp_path / "outputs/submitted/checkpoints/step_3/COMPLETE").is_file()
+
+    assert main(["jobs", "status", job_id, f"submit.address={as_user.address}"]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, f"submit.address={as_user.address}"]) == 0
+    logs = capsys.readouterr().out
+    assert "[train] step 3/3" in logs
+    assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
+    assert job_id in capsys.readouterr().out
+
+    # The W&B key of the submitting user is in no job record and no log.
+    client = submit.client({"address": as_user.address})
+    info = client.get_job_info(job_id)
+    records = json.dumps([j.dict() if hasattr(j, "dict") else str(j) for j in client.list_jobs()], default=str)
+    assert PLANTED not in json.dumps(info.dict() if hasattr(info, "dict") else str(info), default=str)
+    assert PLANTED not in records and PLANTED not in logs
+    assert (info.dict() if hasattr(info, "dict") else {}).get("entrypoint_num_cpus") in (0, None, 0.0)
+    wandb_files = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "outputs").rglob("*.json") if p.is_file())
+    assert PLANTED not in wandb_files
+
+
+def test_a_failing_job_makes_wait_exit_non_zero(as_user, tmp_path, capsys):
+    overrides = [f"storage_path={tmp_path}", "data.sources=[{name:none,path:/nonexistent/*.jsonl}]",
+                 "data.workers=0", f"submit.address={as_user.address}"]
+    assert main(["submit", *overrides, "--wait"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path):
+    assert requests.get(f"{head.address}/api/jobs/", timeout=5).status_code == 401
+    monkeypatch.setattr(submit, "TOKEN_FILE", tmp_path / "no_token_file")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    with pytest.raises(submit.SubmitError, match="requires an authentication token.*RAY_AUTH_TOKEN"):
+        submit.client({"address": head.address})
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong-token")
+    with pytest.raises(submit.SubmitError, match="refused the authentication token"):
+        submit.client({"address": head.address})
+    (tmp_path / "token").write_text(head.token + "\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setattr(submit, "TOKEN_FILE", tmp_path / "token")
+    submit.client({"address": head.address})  # the token file works too
+
+
+def test_submit_refuses_a_relative_storage_path(as_user, capsys):
+    assert main(["submit", f"submit.address={as_user.address}"]) == 1
+    assert "storage_path=<absolute path" in capsys.readouterr().err
