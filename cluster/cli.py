@@ -17,6 +17,7 @@ VERBS = {
     "export": "write a run's checkpoint (or the average of its last K) as a Hugging Face directory",
     "eval": "loss and perplexity of a checkpoint or Hugging Face directory on the val split or text files",
     "generate": "continue a prompt with a checkpoint or Hugging Face directory",
+    "sweep": "search hyperparameters with Ray Tune (sweep=<name>), ASHA stopping weak trials early",
     "submit": "send the training job to a Ray cluster through the Ray Jobs API (submit.address or RAY_ADDRESS)",
     "jobs": "list submitted jobs, or show the status or logs of one, or stop it",
     "report": "charts and one self-contained HTML page comparing runs, or a sweep's trials",

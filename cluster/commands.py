@@ -192,3 +192,12 @@ def cmd_jobs(cfg: dict, args) -> None:
             print(jobs.get_job_logs(args.job_id), end="")
     elif args.action == "stop":
         print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
+
+
+def cmd_sweep(cfg: dict, args) -> None:
+    from cluster.sweep import run_sweep
+
+    if not cfg["sweep"]:
+        raise ValueError("elmforge sweep needs sweep=<name>, a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
+    _prepare(cfg)
+    run_sweep(cfg)

@@ -6,7 +6,7 @@ misspelt key or a value of the wrong type fails at composition, naming the key.
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -170,6 +170,21 @@ class SubmitConfig:
 
 
 @dataclass
+class SweepConfig:
+    name: str = MISSING
+    metric: str = "val_loss"
+    mode: str = "min"
+    num_samples: int = 4
+    max_concurrent_trials: int = 2
+    grace_period: int = 2  # ASHA: steps before a trial can be stopped
+    reduction_factor: int = 2
+    trial_cpus: float = 0.1  # the trial function only drives its Ray Train workers (Ray needs > 0)
+    seed: int = 0
+    # config key -> {type: choice, values: [...]} | {type: uniform|loguniform, low: .., high: ..}
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PrepareConfig:
     dry_run: bool = False
     verify: bool = False
@@ -188,4 +203,5 @@ class ElmConfig:
     run: RunConfig = field(default_factory=RunConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    sweep: Optional[SweepConfig] = None
     storage_path: str = "."

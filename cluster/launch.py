@@ -5,12 +5,16 @@ gives it the rank environment DeepSpeed expects and reports its result back.
 """
 
 import os
+import signal
+import threading
+from pathlib import Path
 
 import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.ray_runtime import connect
+from trainer.preemption import request_stop
 from trainer.summary import read_summary
 
 
@@ -24,9 +28,9 @@ def _worker(config: dict) -> None:
     )
     from trainer.train_loop import train
 
-    result = train(config["cfg"])
-    # Train V2: report is a barrier, so every rank reports.
-    ray.train.report({"final_loss": result["final_loss"]})
+    # Validation results go to Ray (and so to Tune in a sweep). Train V2's report is a barrier:
+    # every rank reports, at the same steps.
+    train(config["cfg"], report=ray.train.report)
 
 
 def scaling_config(cluster: dict) -> ScalingConfig:
@@ -41,20 +45,35 @@ def torch_backend(cluster: dict) -> str:
     return "nccl" if cluster["use_gpu"] else "gloo"
 
 
-def run_config(cfg: dict) -> RunConfig:
+def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
     """After a worker dies Ray restarts the group up to max_failures times; train() resumes from the
     newest complete checkpoint in run.dir, which the trainer owns (Ray keeps no copy)."""
     return RunConfig(
         name=cfg["run"]["name"],
         storage_path=os.path.join(cfg["run"]["dir"], "ray"),
-        failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"]),
+        # A controller that cannot start its workers retries a few times, not forever.
+        failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"], controller_failure_limit=3),
+        callbacks=callbacks,
     )
+
+
+def _forward_sigterm(run_dir: str) -> None:
+    """SIGTERM to the driver (a preempted Slurm job, a deleted pod) asks the workers to checkpoint and stop."""
+
+    def handle(signum, frame):
+        print("[elmforge] SIGTERM: asking the workers to checkpoint and stop", flush=True)
+        request_stop(run_dir)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
 
 
 def launch_training(cfg: dict) -> dict:
     """Train under Ray Train; returns the run summary rank 0 wrote (run.dir/summary.json)."""
     cluster = cfg["cluster"]
     connect(cluster)
+    Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
+    _forward_sigterm(cfg["run"]["dir"])
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg},

@@ -12,7 +12,14 @@ import ray
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
 # Ray Train's print patch sends each line through logging too, printing it twice.
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Worker processes that import torch and deepspeed on a busy machine (or wait for
+# autoscaling) can take longer than Ray Train's default 60 s to start.
+WORKER_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "WANDB_SILENT": "true",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+}
 
 
 def init_kwargs(cluster: dict) -> dict:
@@ -22,7 +29,8 @@ def init_kwargs(cluster: dict) -> dict:
         env_vars["DS_ACCELERATOR"] = "cuda"
     kwargs = {"runtime_env": {"env_vars": env_vars}}
     if cluster["address"] is None:
-        return {**kwargs, "num_cpus": cluster["num_cpus"], "configure_logging": False}
+        # "local": always a new instance here, never a cluster someone else started on this machine.
+        return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False}
     return {**kwargs, "address": cluster["address"]}
 
 

@@ -10,7 +10,7 @@ from cluster.ray_runtime import init_kwargs
 def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     cluster = compose_config([])["cluster"]
     kwargs = init_kwargs(cluster)
-    assert kwargs["num_cpus"] == 4 and "address" not in kwargs
+    assert kwargs["num_cpus"] == 4 and kwargs["address"] == "local"
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
     assert torch_backend(cluster) == "gloo"
 

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,7 +96,9 @@ class NonFiniteTraining(RuntimeError):
     pass
 
 
-def train(cfg: dict) -> dict:
+def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) the run; returns its summary. `report`, called on every rank after each
+    validation with {step, loss, val_loss, ...}, lets a launcher forward results (Ray Train, Tune)."""
     t_cfg, run_dir = cfg["train"], cfg["run"]["dir"]
     ckpt_root = Path(run_dir, "checkpoints")
     env = init_distributed(cfg["cluster"]["use_gpu"])
@@ -147,7 +150,7 @@ def train(cfg: dict) -> dict:
         validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     accum = t_cfg["grad_accum_steps"]
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
-    preemption = PreemptionWatch()
+    preemption = PreemptionWatch(run_dir, env.is_main)
     losses, skipped_in_row, skipped_total, last_saved = [], 0, 0, resume
     start, step, preempted = time.perf_counter(), start_step, False
 
@@ -191,6 +194,8 @@ def train(cfg: dict) -> dict:
             }
             if t_cfg["eval_every"] and (step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]):
                 record.update(validate())
+                if report is not None:
+                    report({"step": step, **record})
             skipped_total += skipped
             skipped_in_row = skipped_in_row + 1 if skipped else 0
             losses.append(record["loss"])

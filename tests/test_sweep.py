@@ -1,0 +1,56 @@
+"""A 4-trial sweep on the tiny model under Ray Tune: completes, ASHA stops weak trials early."""
+
+import csv
+
+import pytest
+
+from cluster.cli import main
+from cluster.sweep import apply, search_space
+from cluster.config import ConfigError, compose_config
+from corpus import make_documents, write_jsonl
+from test_train_loop import SMALL_MODEL
+
+
+def test_the_search_space_is_read_from_config():
+    space = search_space(compose_config(["sweep=lr_tiny"])["sweep"]["space"])
+    assert set(space) == {"train.lr", "train.warmup_steps"}
+    with pytest.raises(ConfigError, match=r"sweep.space.train.lr.type='gauss'"):
+        search_space({"train.lr": {"type": "gauss"}})
+    with pytest.raises(ConfigError, match=r"sweep.space.train.lr: loguniform needs 'high'"):
+        search_space({"train.lr": {"type": "loguniform", "low": 1e-4}})
+
+
+def test_trial_parameters_must_be_config_keys():
+    cfg = compose_config([])
+    assert apply(cfg, {"train.lr": 0.5})["train"]["lr"] == 0.5 and cfg["train"]["lr"] != 0.5
+    with pytest.raises(ConfigError, match="train.lrr is not a config key"):
+        apply(cfg, {"train.lrr": 0.5})
+
+
+@pytest.mark.integration
+def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, seed=5))
+    overrides = [
+        *SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0",
+        "data.val_fraction=0.2", "sweep=lr_tiny",
+        "sweep.space={train.lr:{type:loguniform,low:1e-5,high:0.1},train.warmup_steps:{type:choice,values:[1,2]}}",
+        "sweep.grace_period=2", "sweep.num_samples=4", "sweep.max_concurrent_trials=2", "train.max_steps=8",
+        "train.eval_every=2", "train.eval_batches=2", "train.warmup_steps=1",
+        "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1", "logger.mode=offline",
+    ]
+    assert main(["sweep", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "[sweep] lr_tiny: 4 trials" in out
+    rows = list(csv.DictReader(open(tmp_path / "sweeps/lr_tiny/results.csv")))
+    assert len(rows) == 4 and all(r["error"] == "" for r in rows)
+    losses = [float(r["val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    assert sum(r["stopped_early"] == "True" for r in rows) >= 1
+    assert any(int(r["last_step"]) == 8 for r in rows)
+    trial_dirs = [p for p in (tmp_path / "sweeps/lr_tiny").iterdir() if (p / "metrics.jsonl").exists()]
+    assert len(trial_dirs) == 4
+    wandb_runs = list((tmp_path / "sweeps/lr_tiny").glob("*/wandb/offline-run-*"))
+    assert len(wandb_runs) == 4
+    from wandb_offline import run_summary
+
+    assert run_summary(wandb_runs[0])["config"]["logger"]["group"] == "lr_tiny"
