@@ -53,7 +53,10 @@ def _explain(e: Exception) -> str:
 def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
-    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("log_every", "loader_workers", "faults")}
+    # Settings that change how a run is observed or kept, not what it computes, stay out of the name.
+    bookkeeping = ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
+                   "eval_batches", "max_skipped_in_row")
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in bookkeeping}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"

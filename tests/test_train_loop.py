@@ -39,10 +39,11 @@ def test_train_writes_metrics_checkpoint_and_an_offline_wandb_run(tiny_dataset, 
 
     records = [json.loads(line) for line in open(result["metrics"])]
     assert [r["step"] for r in records] == list(range(1, 7))
-    for key in ("loss", "ce_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tokens"):
+    for key in ("loss", "ce_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tokens", "mfu", "memory_gb"):
         assert all(math.isfinite(r[key]) for r in records), key
     assert records[0]["lr"] == pytest.approx(1e-6)
     assert records[-1]["tokens"] == 6 * 4 * 2 * 32
+    assert all(0 < r["mfu"] < 1 and r["memory_gb"] > 0.1 for r in records)
     assert [r["loss"] for r in records] == result["losses"]
 
     ckpts = complete_checkpoints(f"{cfg['run']['dir']}/checkpoints")

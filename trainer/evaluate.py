@@ -209,8 +209,8 @@ def load_for_eval(
     if (path / CONFIG_FILE).is_file():
         if model_cfg is not None:
             raise ValueError(f"{path}: a Hugging Face directory carries its own {CONFIG_FILE}; do not pass model_cfg")
-        tokenizer_file = path / "tokenizer.json"
-        return load_hf_checkpoint(path), load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+        tokenizer_file = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
+        return load_hf_checkpoint(path), load_tokenizer(tokenizer_file) if tokenizer_file else None
     if path.is_dir() and any(path.glob("*model_states.pt")):
         if not (path / COMPLETE).is_file():
             raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")

@@ -180,15 +180,19 @@ def load_hf_checkpoint(path: str | Path) -> OpenELM:
 
 
 def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) -> None:
-    """tokenizer.json plus the two small files AutoTokenizer needs to load it offline as a fast tokenizer."""
+    """The tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model such as LLaMA's) plus the
+    small files AutoTokenizer needs to load it offline."""
     source = Path(tokenizer_dir)
-    source = source / "tokenizer.json" if source.is_dir() else source
+    if source.is_dir():
+        source = next((source / n for n in ("tokenizer.json", "tokenizer.model") if (source / n).is_file()), source)
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: no tokenizer.json to export")
+        raise FileNotFoundError(f"{source}: no tokenizer.json or tokenizer.model to export")
     out = Path(out)
-    shutil.copyfile(source, out / "tokenizer.json")
+    sentencepiece = source.suffix == ".model"
+    shutil.copyfile(source, out / ("tokenizer.model" if sentencepiece else "tokenizer.json"))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, **special}
+    tokenizer_class = "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast"
+    tokenizer_config = {"tokenizer_class": tokenizer_class, "model_max_length": max_length, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 

@@ -21,13 +21,14 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, sa
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
 from trainer.evaluate import evaluate_loss, validation_batches
+from trainer.flops import device_peak_flops, flops_per_token, mfu, peak_memory_gb
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
-from trainer.summary import write_summary
+from trainer.summary import read_summary, write_summary
 
 
 def model_config(cfg: dict) -> OpenELMConfig:
@@ -129,6 +130,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+    if start_step >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
+        if env.is_main:
+            print(f"[train] {cfg['run']['name']} already finished at step {start_step} ({resume})", flush=True)
+        return read_summary(run_dir)
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
         where = f"resuming from {resume.name}" if resume else "from scratch"
@@ -149,6 +154,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
         validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     accum = t_cfg["grad_accum_steps"]
+    flops = flops_per_token(model_cfg, manifest.seq_len)
+    peak = device_peak_flops(env.device)  # per rank: MFU divides by world size x peak
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
     preemption = PreemptionWatch(run_dir, env.is_main)
     losses, skipped_in_row, skipped_total, last_saved = [], 0, 0, resume
@@ -188,6 +195,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 "lr": lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_step / step_time,
+                "mfu": mfu(tokens_per_step / step_time / env.world_size, flops, peak),
+                "memory_gb": peak_memory_gb(env.device),
                 "step_time_s": step_time,
                 "tokens": step * tokens_per_step,
                 "skipped": int(skipped),
@@ -220,6 +229,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 if env.is_main:
                     print(f"[train] SIGTERM: saved {last_saved} and stopping at step {step}", flush=True)
                 break
+        metrics.summary({"final_loss": losses[-1]} if losses else {})
     finally:
         preemption.close()
         metrics.close()
