@@ -4,7 +4,6 @@ Parameter names follow Apple's Hugging Face layout (transformer.layers.{i}.attn.
 so export and import are a rename-free copy. See SPEC-openelm.md for the facts this implements.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,6 +56,90 @@ class OpenELMConfig:
         )
 
 
+# fp32 matmuls on CPU go to oneDNN rather than torch's default BLAS (MKL) when both exist. MKL takes
+# its AVX2 code path on AMD processors: on an AMD EPYC (Zen 5) it reached ~105 GFLOP/s per core where
+# oneDNN's AVX-512 kernels reached ~230, on the same fp32 inputs (bench/model_step.py). Products
+# smaller than ONEDNN_MIN_MACS multiply-adds stay on MKL, which starts faster.
+ONEDNN_CPU_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_MACS = 1 << 22
+
+
+def onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T (a: (..., k), b: (n, k)) by oneDNN's fp32 matmul."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight.T with its two backward products on oneDNN as well (see ONEDNN_CPU_MATMUL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return onednn_mm_nt(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_mm_nt(grad, weight.t())
+        if ctx.needs_input_grad[1]:
+            # grad_w = grad^T @ x contracts over tokens, and oneDNN copies its first operand into a
+            # contiguous one: either grad^T (out x tokens), or x^T (in x tokens) and then the
+            # transposed result (out x in). Take whichever copies less.
+            g, x = grad.flatten(0, -2), x.flatten(0, -2)
+            (tokens, n_out), n_in = g.shape, x.shape[1]
+            if n_in * (tokens + n_out) < n_out * tokens:
+                grad_w = onednn_mm_nt(x.t(), g.t()).t().contiguous()
+            else:
+                grad_w = onednn_mm_nt(g.t(), x.t())
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T: F.linear, except fp32 on CPU (no autocast), where large products use oneDNN."""
+    if (
+        ONEDNN_CPU_MATMUL
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    ):
+        return _OneDNNLinear.apply(x, weight)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose forward goes through `linear`; still a module, so hooks (ZeRO-3) see it."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """fp32 RMSNorm with its gradient written out. On CPU, F.rms_norm is a decomposition that
+    autograd differentiates op by op, about twice the passes over x that this makes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_normed = grad * weight
+        # d normed / d x = rstd * (I - normed normed^T / n)
+        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+        grad_w = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (bf16 statistics are too coarse), learnable scale, no bias."""
 
@@ -66,47 +149,48 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # Normalise in fp32, round to x's dtype, then scale (as the Hugging Face release does).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return normed * self.weight
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE with fp32 cos/sin tables, built once for rope_max_length positions."""
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, signed sin), each (seq_len, head_dim), for rotate-half RoPE with inv_freq = theta^(-2i/hd).
 
-    def __init__(self, head_dim: int, theta: float, max_length: int):
-        super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_length, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+    rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin), so the sign lives in the table. Built once
+    per forward and shared by the layers; computed, not stored, so it stays fp32 when the module is cast
+    to bf16.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, heads, S, head_dim)."""
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq], self.sin[:seq]
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (xf * cos + rotated * sin).type_as(x)
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (..., S, head_dim), in fp32: x * cos + rotate_half(x) * sin."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.addcmul(xf * cos, torch.cat([x2, x1], dim=-1), signed_sin).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: OpenELMConfig, q_heads: int, kv_heads: int, rope: RotaryEmbedding):
+    def __init__(self, cfg: OpenELMConfig, q_heads: int, kv_heads: int):
         super().__init__()
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.model_dim, (q_heads + 2 * kv_heads) * cfg.head_dim, bias=False)
+        self.qkv_proj = Linear(cfg.model_dim, (q_heads + 2 * kv_heads) * cfg.head_dim)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.out_proj = nn.Linear(q_heads * cfg.head_dim, cfg.model_dim, bias=False)
-        self.rope = rope
+        self.out_proj = Linear(q_heads * cfg.head_dim, cfg.model_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.qkv_proj(x).view(b, s, self.q_heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
-        q = self.rope(self.q_norm(q))
-        k = self.rope(self.k_norm(k))
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
         # enable_gqa repeats each KV head for g consecutive query heads (repeat_interleave order).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
         return self.out_proj(y.transpose(1, 2).reshape(b, s, self.q_heads * self.head_dim))
@@ -117,8 +201,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, model_dim: int, ffn_dim: int):
         super().__init__()
-        self.proj_1 = nn.Linear(model_dim, 2 * ffn_dim, bias=False)
-        self.proj_2 = nn.Linear(ffn_dim, model_dim, bias=False)
+        self.proj_1 = Linear(model_dim, 2 * ffn_dim)
+        self.proj_2 = Linear(ffn_dim, model_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.proj_1(x).chunk(2, dim=-1)
@@ -126,15 +210,15 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: OpenELMConfig, q_heads: int, kv_heads: int, ffn_dim: int, rope: RotaryEmbedding):
+    def __init__(self, cfg: OpenELMConfig, q_heads: int, kv_heads: int, ffn_dim: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
-        self.attn = Attention(cfg, q_heads, kv_heads, rope)
+        self.attn = Attention(cfg, q_heads, kv_heads)
         self.ffn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.model_dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -142,9 +226,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: OpenELMConfig, plan: LayerPlan):
         super().__init__()
         self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_max_length)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, q, kv, f, rope) for q, kv, f in zip(plan.num_query_heads, plan.num_kv_heads, plan.ffn_dims)
+            DecoderLayer(cfg, q, kv, f) for q, kv, f in zip(plan.num_query_heads, plan.num_kv_heads, plan.ffn_dims)
         )
         self.norm = RMSNorm(cfg.model_dim, cfg.norm_eps)
 
@@ -178,13 +261,14 @@ class OpenELM(nn.Module):
         if seq > self.cfg.rope_max_length:
             raise ValueError(f"sequence of {seq} tokens exceeds rope_max_length {self.cfg.rope_max_length}")
         x = self.transformer.token_embeddings(tokens)
+        cos, sin = rope_tables(seq, self.cfg.head_dim, self.cfg.rope_theta, tokens.device)
         for layer in self.transformer.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, cos, sin)
         x = self.transformer.norm(x)
-        return x @ self.transformer.token_embeddings.weight.T  # tied output head
+        return linear(x, self.transformer.token_embeddings.weight)  # tied output head
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
