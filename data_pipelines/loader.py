@@ -9,6 +9,7 @@ on K. The whole state is the stream offset, reported as (epoch, position).
 """
 
 import io
+import os
 import tarfile
 from typing import Iterator
 
@@ -49,12 +50,13 @@ class SampleIndex:
         self.starts = np.cumsum([0] + [s.samples for s in self.shards])
         self.num_samples = int(self.starts[-1])
         self._offsets: dict[int, list[tuple[int, int]]] = {}
-        self._files: dict[int, object] = {}
+        self._files: dict[int, object] = {}  # shard index -> open file, read with os.pread (one syscall a sample)
+        self._npy: dict[int, tuple[bytes, np.dtype, int]] = {}  # member size -> (.npy preamble, dtype, count)
 
     def _members(self, shard_idx: int) -> list[tuple[int, int]]:
         if shard_idx not in self._offsets:
             self._offsets[shard_idx] = self._check_shard(self.shards[shard_idx])
-            self._files[shard_idx] = open(self.manifest.root / self.shards[shard_idx].name, "rb")
+            self._files[shard_idx] = open(self.manifest.root / self.shards[shard_idx].name, "rb", buffering=0)
         return self._offsets[shard_idx]
 
     def _check_shard(self, shard) -> list[tuple[int, int]]:
@@ -79,9 +81,19 @@ class SampleIndex:
     def __getitem__(self, i: int) -> np.ndarray:
         shard_idx = int(np.searchsorted(self.starts, i, side="right")) - 1
         offset, size = self._members(shard_idx)[i - int(self.starts[shard_idx])]
-        f = self._files[shard_idx]
-        f.seek(offset)
-        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+        return self._decode(os.pread(self._files[shard_idx].fileno(), size, offset))
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        """np.load of one .npy member; a preamble seen before (same bytes, same size) skips re-parsing it."""
+        known = self._npy.get(len(data))
+        if known is not None and data.startswith(known[0]):
+            preamble, dtype, count = known
+            return np.frombuffer(data, dtype=dtype, count=count, offset=len(preamble))
+        buf = io.BytesIO(data)
+        array = np.load(buf, allow_pickle=False)
+        if array.ndim == 1 and buf.tell() == len(data):  # header + data, nothing after: the preamble can be re-used
+            self._npy[len(data)] = (data[: len(data) - array.nbytes], array.dtype, array.size)
+        return array
 
 
 class RankBatches(IterableDataset):
@@ -115,7 +127,7 @@ class RankBatches(IterableDataset):
                 if epoch != order_epoch:
                     order, order_epoch = self._order(epoch, index.num_samples), epoch
                 rows.append(index[int(order[self.rank + pos * self.world_size])])
-            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield torch.from_numpy(np.stack(rows, dtype=np.int64))
             batch_no += num_workers
 
 

@@ -1,6 +1,7 @@
 """Read, clean, filter and tokenize one source's documents, in order, in parallel.
 
-With `workers=0` everything runs in this process; otherwise it is a Ray Data
+With `workers=0` everything runs in this process (one helper thread reads and
+tokenizes ahead of the caller); otherwise it is a Ray Data
 pipeline: read tasks (one per read unit) feed a pool of tokenizer actors, with
 order preserved, so the output is identical whatever the number of workers.
 Either way the result is a stream of pyarrow tables with one row per record:
@@ -10,10 +11,14 @@ origin, replaced (non-UTF-8 characters replaced), unit (read-unit index).
 
 import logging
 import os
+import queue
+import threading
 import warnings
 from functools import partial
+from itertools import chain
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from data_pipelines.cleaning import clean_text, dedup_key, filter_length
@@ -21,7 +26,12 @@ from data_pipelines.sources import ReadUnit, read_unit
 from data_pipelines.tokenizer import TextTokenizer
 
 BATCH = 1024
-
+PREFETCH = 2  # in-process: processed batches made ahead of the caller
+# Ray Data: block size, object-store budget (blocks per actor, at least MIN_STORE_BUDGET), read tasks.
+BLOCK_BYTES = 4 << 20
+STORE_BLOCKS_PER_ACTOR = 8
+MIN_STORE_BUDGET = 128 << 20
+ACTORS_PER_READER = 16
 
 
 def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_bad_record: str) -> Iterator[pa.Table]:
@@ -77,12 +87,9 @@ class DocumentProcessor:
                     kept.append((i, text))
             drops.append(reason)
             keys.append(key)
-        ids = [[] for _ in texts]
-        for (i, _), encoded in zip(kept, self.tokenizer.encode_batch([t for _, t in kept])):
-            ids[i] = encoded
         return pa.table(
             {
-                "ids": pa.array(ids, type=pa.list_(pa.uint32())),
+                "ids": self._ids_column(len(texts), kept),
                 "key": pa.array(keys, type=pa.binary()),
                 "drop": pa.array(drops, type=pa.string()),
                 "origin": batch.column("origin").cast(pa.string()),
@@ -91,11 +98,69 @@ class DocumentProcessor:
             }
         )
 
+    def _ids_column(self, rows: int, kept: list[tuple[int, str]]) -> pa.ListArray:
+        """Token ids of the kept rows (empty lists elsewhere), built from flat arrays, not per-row lists."""
+        encoded = encode_texts(self.tokenizer, [t for _, t in kept])
+        lengths = np.zeros(rows, dtype=np.int64)
+        lengths[[i for i, _ in kept]] = [len(ids) for ids in encoded]
+        offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(chain.from_iterable(encoded), dtype=np.uint32, count=int(offsets[-1]))
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def encode_texts(tokenizer: TextTokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, as TextTokenizer.encode_batch gives them.
+
+    A Hugging Face tokenizer uses `encode_batch_fast` where it exists: the same ids
+    without computing character offsets, which we never use (about 15% less work).
+    """
+    if tokenizer.kind == "hf" and hasattr(tokenizer.impl, "encode_batch_fast"):
+        return [e.ids for e in tokenizer.impl.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer.encode_batch(texts)
+
 
 def _in_process(units, text_field, on_bad_record, processor) -> Iterator[pa.Table]:
-    for i in range(len(units)):
-        for table in record_tables(i, units, text_field, on_bad_record):
-            yield processor(table)
+    """Batches made by one helper thread, up to PREFETCH ahead of the caller, in order.
+
+    The tokenizer releases the GIL while it encodes (on all cores), so the caller's work on
+    one batch (caching, dedup) overlaps the reading and tokenizing of the next ones.
+    """
+    results: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for i in range(len(units)):
+                for table in record_tables(i, units, text_field, on_bad_record):
+                    if not put(("batch", processor(table))):
+                        return
+            put(("done", None))
+        except BaseException as e:  # handed to the caller, raised there
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="elmforge-tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = results.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -109,23 +174,48 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
+def default_workers() -> int:
+    """Tokenizer actors for data.workers=null: Ray's CPUs less one (for the reader and the driver), but
+    on a one-node Ray on this machine no more than its cores: an embedded Ray is given more logical
+    CPUs than cores (so training workers fit), and a third single-threaded actor on two cores only
+    adds a process (memory, Ray overhead) without adding throughput."""
+    import ray
+
+    workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
+            workers = min(workers, len(os.sched_getaffinity(0)))
+    except Exception:  # Ray client mode and the like: keep the logical count
+        pass
+    return workers
+
+
 def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -> Iterator[pa.Table]:
     import ray
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # output order = input order, whatever the pool size
-    ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*minimum number of concurrent actors", category=UserWarning)
     if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        workers = default_workers()
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+    ctx = ds.context  # this pipeline's own copy of the DataContext; the process-wide one is left alone
+    ctx.execution_options.preserve_order = True  # output order = input order, whatever the pool size
+    ctx.enable_progress_bars = False
+    # Blocks of about one batch: a read task's output is cut into blocks of this size as it
+    # streams (Ray's default, 128 MiB, would hand a whole file to a single actor), and the
+    # object store holds a bounded number of them (else reading runs ahead of tokenizing).
+    ctx.target_max_block_size = BLOCK_BYTES
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=max(MIN_STORE_BUDGET, STORE_BLOCKS_PER_ACTOR * BLOCK_BYTES * workers)
+    )
     ds = ds.map_batches(
         partial(_read_stage, units=units, text_field=text_field, on_bad_record=on_bad_record),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,  # mostly I/O; different resources also keep Ray from fusing it into the actors
+        concurrency=-(-workers // ACTORS_PER_READER),  # reading is a few % of the work; each reader is a process
     )
     ds = ds.map_batches(
         DocumentProcessor,
