@@ -35,7 +35,9 @@ def test_train_writes_metrics_checkpoint_and_an_offline_wandb_run(tiny_dataset, 
     cfg = small_cfg(tiny_dataset, tmp_path, "train.grad_accum_steps=2")
     result = train(cfg)
     assert len(result["losses"]) == 6 and all(math.isfinite(x) for x in result["losses"])
-    assert "[train] step 6/6" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[train] step 6/6" in out
+    assert f"[wandb] offline run {result['wandb_dir']} (upload: wandb sync {result['wandb_dir']})" in out
 
     records = [json.loads(line) for line in open(result["metrics"])]
     assert [r["step"] for r in records] == list(range(1, 7))

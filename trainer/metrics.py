@@ -45,6 +45,9 @@ class MetricsLogger:
                 settings=wandb.Settings(console="off", quiet=True),
             )
             self.wandb_dir = Path(self._wandb.dir).parent
+            url = self._wandb.get_url() if log_cfg["mode"] == "online" else None
+            where = f"run {url}" if url else f"offline run {self.wandb_dir} (upload: wandb sync {self.wandb_dir})"
+            print(f"[wandb] {where}", flush=True)
 
     def _keep_until(self, step: int) -> None:
         """On resume, drop records past the checkpoint: those steps are about to be trained again."""
