@@ -81,27 +81,27 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=13))
     cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL_MODEL, f"storage_path={tmp_path}",
-           f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=40",
+           f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=200",
            "train.warmup_steps=2", "train.micro_batch_size=4", "train.loader_workers=0", "train.log_every=1",
            "run.name=preempted"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "[train] step 3/40" in line:
+        if "[train] step 3/200" in line:  # 200 steps: far more than the driver needs to pass the signal on
             proc.send_signal(signal.SIGTERM)
             break
-    rest, _ = proc.communicate(timeout=300)
+    rest, _ = proc.communicate(timeout=600)
     out = "".join(seen) + rest
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by SIGTERM" in out
     run_dir = tmp_path / "outputs" / "preempted"
     first = read_summary(run_dir)
-    assert first["preempted"] and 3 <= first["steps"] < 40 and first["checkpoint"].endswith(f"step_{first['steps']}")
+    assert first["preempted"] and 3 <= first["steps"] < 200 and first["checkpoint"].endswith(f"step_{first['steps']}")
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     second = read_summary(run_dir)
-    assert second["resumed_from"] == f"step_{first['steps']}" and second["steps"] == 40
+    assert second["resumed_from"] == f"step_{first['steps']}" and second["steps"] == 200
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 201))
