@@ -34,7 +34,7 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
         *SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0",
         "data.val_fraction=0.2", "sweep=lr_tiny",
         "sweep.space={train.lr:{type:loguniform,low:1e-5,high:0.1},train.warmup_steps:{type:choice,values:[1,2]}}",
-        "sweep.grace_period=2", "sweep.num_samples=4", "sweep.max_concurrent_trials=2", "train.max_steps=8",
+        "sweep.grace_period=2", "sweep.num_samples=4", "sweep.max_concurrent_trials=1", "train.max_steps=8",
         "train.eval_every=2", "train.eval_batches=2", "train.warmup_steps=1",
         "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1", "logger.mode=offline",
     ]

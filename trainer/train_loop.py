@@ -53,7 +53,12 @@ def _check_data(model_cfg: OpenELMConfig, manifest) -> None:
 def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
     """The DeepSpeed engine (ZeRO, AdamW, clipping, precision) and its lr scheduler."""
     import deepspeed  # after init_distributed has chosen the accelerator
+    import deepspeed.ops
 
+    # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (for inference) at every init, under a
+    # lock in ~/.cache/torch_extensions; training never uses it, and a build killed midway leaves
+    # the lock behind and every later init waiting on it forever.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     t_cfg = cfg["train"]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
