@@ -310,11 +310,10 @@ def fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M tok/s" if x >= 1e6 else f"{x / 1e3:.0f}k tok/s"
 
 
-def best_of(kind: str, repeat: int, **kw) -> dict:
-    """The fastest of `repeat` runs (the least disturbed by other work on the machine); peak memory of any."""
-    runs = [run_child(kind, **kw) for _ in range(repeat)]
-    best = min(runs, key=lambda r: r["seconds"])
-    return {**best, "peak_rss": max(r["peak_rss"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
+def best(runs: list[dict]) -> dict:
+    """The fastest run (the one least disturbed by other work on the machine), with the peak memory of any."""
+    fastest = min(runs, key=lambda r: r["seconds"])
+    return {**fastest, "peak_rss": max(r["peak_rss"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
 
 
 def load_average() -> str:
@@ -370,15 +369,21 @@ def main(argv=None) -> int:
         files = sorted(corpus.glob("*.jsonl"))
         nbytes = sum(f.stat().st_size for f in files)
         print(f"[bench] corpus {corpus}: {nbytes / 1e6:.0f} MB in {len(files)} file(s) ({time.perf_counter() - t0:.1f}s)", flush=True)
-        base = best_of("baseline", args.repeat, corpus=corpus, tokenizer=tok_path)
+        runs: dict[str, list] = {"baseline": [], **{path: [] for path in paths}}
+        for _ in range(args.repeat):  # rounds of baseline then each path, so a load change hits all alike
+            runs["baseline"].append(run_child("baseline", corpus=corpus, tokenizer=tok_path))
+            for path in paths:
+                out = work / f"data-{size}mb-{path}"
+                runs[path].append(run_child("prepare", corpus=corpus, tokenizer=tok_path, out=out, path=path, seq_len=2048,
+                                            workdir=work, vocab=vocab))
+                shutil.rmtree(out, ignore_errors=True)
+        base = best(runs["baseline"])
         base_tps = base["tokens"] / base["seconds"]
         print(f"[bench] {size} MB baseline (read JSONL + encode_batch): {base['tokens']:,} tokens in {base['seconds']:.1f}s "
               f"= {fmt_rate(base_tps)}, {base['cpu_seconds']:.0f} CPU-s, peak {base['peak_rss'] / 2**20:.0f} MiB "
               f"(runs {', '.join(f'{x:.1f}' for x in base['all_seconds'])}s)", flush=True)
         for path in paths:
-            out = work / f"data-{size}mb-{path}"
-            res = best_of("prepare", args.repeat, corpus=corpus, tokenizer=tok_path, out=out, path=path, seq_len=2048,
-                          workdir=work, vocab=vocab)
+            res = best(runs[path])
             tps = res["tokens"] / res["seconds"]
             peaks[path][size] = res["peak_rss"]
             ray_start = f", Ray start {res['ray_start']:.1f}s not timed" if path == "ray" else ""
@@ -391,7 +396,6 @@ def main(argv=None) -> int:
             rows.append((f"prepare {size} MB, {path}: tokens/s", fmt_rate(tps), fmt_rate(base_tps), f"{ratio:.2f}", ">= 0.8", ratio >= 0.8))
             rows.append((f"prepare {size} MB, {path}: CPU-s (all processes)", f"{res['cpu_seconds']:.1f}",
                          f"{base['cpu_seconds']:.1f}", f"{res['cpu_seconds'] / base['cpu_seconds']:.2f}", "-", None))
-            shutil.rmtree(out, ignore_errors=True)
     for path in paths:
         if len(sizes) > 1:
             small, large = min(sizes), max(sizes)
