@@ -7,6 +7,8 @@ client; an existing cluster brings its own resources.
 """
 
 import os
+import socket
+from typing import Optional
 
 import ray
 
@@ -22,21 +24,49 @@ WORKER_ENV = {
 }
 
 
-def init_kwargs(cluster: dict) -> dict:
-    """Arguments for ray.init. No secrets here: runtime_env is stored and shown by the cluster."""
+def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
+    """Arguments for ray.init. No secrets here: runtime_env is stored and shown by the cluster.
+
+    embedded_gcs (host:port, for cluster.address null) is told to every worker as RAY_ADDRESS.
+    Ray's own lookup in a worker (the State API, which Ray Train's placement-group cleaner
+    uses) reads /tmp/ray/ray_current_cluster, which only `ray start` writes: for an embedded
+    instance it finds nothing, or a cluster long gone, and the cleaner dies, leaking the
+    worker group's CPUs whenever a controller is killed (every trial Tune stops early).
+    """
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if cluster["use_gpu"]:
         env_vars["DS_ACCELERATOR"] = "cuda"
     kwargs = {"runtime_env": {"env_vars": env_vars}}
     if cluster["address"] is None:
+        if embedded_gcs:
+            env_vars["RAY_ADDRESS"] = embedded_gcs
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False}
     return {**kwargs, "address": cluster["address"]}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def connect(cluster: dict) -> None:
     if ray.is_initialized():
         return
-    context = ray.init(**init_kwargs(cluster))
+    if cluster["address"] is not None:
+        context = ray.init(**init_kwargs(cluster))
+    else:
+        # The GCS port is chosen here, before the start, so the workers can be told the address.
+        port = free_port()
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            context = ray.init(**init_kwargs(cluster, f"{ray.util.get_node_ip_address()}:{port}"))
+        finally:
+            if previous is None:
+                del os.environ["RAY_GCS_SERVER_PORT"]
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)

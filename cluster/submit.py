@@ -41,9 +41,11 @@ def resolve_address(submit_cfg: dict) -> str:
 
 
 def auth_token() -> Optional[str]:
+    """The cluster token: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token and TOKEN_FILE.is_file():
-        token = TOKEN_FILE.read_text().strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or TOKEN_FILE)
+    if not token and path.is_file():
+        token = path.read_text().strip()
     return token or None
 
 
@@ -53,7 +55,9 @@ def client(submit_cfg: dict):
 
     address = resolve_address(submit_cfg)
     token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Always our header, even empty (the server reads that as "no token"): the SDK would
+    # otherwise add a token of its own, from a lookup cached once per process.
+    headers = {"Authorization": f"Bearer {token}" if token else ""}
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # the SDK raises bare RuntimeError/ConnectionError with the HTTP status inside

@@ -110,7 +110,9 @@ def run_sweep(cfg: dict) -> list[dict]:
                 num_samples=s["num_samples"],
                 scheduler=ASHAScheduler(
                     time_attr="step",
-                    max_t=cfg["train"]["max_steps"],
+                    # Past the last step: a trial that reaches max_t is stopped (killed) at that
+                    # report, before its final checkpoint is written; this way it finishes.
+                    max_t=cfg["train"]["max_steps"] + 1,
                     grace_period=s["grace_period"],
                     reduction_factor=s["reduction_factor"],
                 ),
@@ -132,12 +134,14 @@ def _table(grid, s: dict, max_steps: int) -> list[dict]:
     for result in grid:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
-        best = history[s["metric"]].min() if s["mode"] == "min" else history[s["metric"]].max()
+        best = None  # a trial that failed before its first validation has no history
+        if history is not None and s["metric"] in history:
+            best = float(history[s["metric"]].min() if s["mode"] == "min" else history[s["metric"]].max())
         step = int(metrics.get("step", 0))
         rows.append({
             "trial": Path(result.path).name.split("_", 1)[-1] if result.path else "?",
             **{k: result.config.get(k) for k in s["space"]},
-            s["metric"]: float(best) if history is not None and s["metric"] in history else None,
+            s["metric"]: best,
             "last_step": step,
             "stopped_early": step < max_steps and result.error is None,
             "error": str(result.error).splitlines()[0] if result.error else "",

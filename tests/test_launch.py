@@ -46,3 +46,11 @@ def test_failures_allowed_and_storage_follow_the_run(tmp_path):
     rc = run_config(cfg)
     assert rc.failure_config.max_failures == 2
     assert rc.storage_path == str(tmp_path / "outputs/r/ray") and rc.name == "r"
+
+
+def test_embedded_workers_are_told_where_the_cluster_is():
+    # Ray's own lookup would read /tmp/ray/ray_current_cluster, written only by `ray start`.
+    embedded = init_kwargs(compose_config([])["cluster"], "10.0.0.7:41234")
+    assert embedded["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "10.0.0.7:41234"
+    joined = init_kwargs(compose_config(["cluster.address=auto"])["cluster"], "10.0.0.7:41234")
+    assert "RAY_ADDRESS" not in joined["runtime_env"]["env_vars"]

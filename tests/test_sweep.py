@@ -1,6 +1,8 @@
 """A 4-trial sweep on the tiny model under Ray Tune: completes, ASHA stops weak trials early."""
 
 import csv
+import json
+import time
 
 import pytest
 
@@ -39,6 +41,15 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
         "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1", "logger.mode=offline",
     ]
     assert main(["sweep", *overrides]) == 0
+    import ray
+
+    # Trials stopped early are killed: their worker groups' CPUs must come back all the same
+    # (Ray Train's cleaner checks each second).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    ray.shutdown()
     out = capsys.readouterr().out
     assert "[sweep] lr_tiny: 4 trials" in out
     rows = list(csv.DictReader(open(tmp_path / "sweeps/lr_tiny/results.csv")))
@@ -49,8 +60,30 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert any(int(r["last_step"]) == 8 for r in rows)
     trial_dirs = [p for p in (tmp_path / "sweeps/lr_tiny").iterdir() if (p / "metrics.jsonl").exists()]
     assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:  # a trial that ran to the end wrote its final checkpoint and summary
+        last = json.loads((trial_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        if last["step"] == 8:
+            assert (trial_dir / "checkpoints/step_8/COMPLETE").is_file() and (trial_dir / "summary.json").is_file()
     wandb_runs = list((tmp_path / "sweeps/lr_tiny").glob("*/wandb/offline-run-*"))
     assert len(wandb_runs) == 4
     from wandb_offline import run_summary
 
-    assert run_summary(wandb_runs[0])["config"]["logger"]["group"] == "lr_tiny"
+    finished = [p for p in wandb_runs if (p.parents[1] / "summary.json").is_file()]  # killed trials' runs end abruptly
+    assert finished and all(run_summary(p)["config"]["logger"]["group"] == "lr_tiny" for p in finished)
+
+
+def test_a_trial_that_failed_before_reporting_is_listed_with_its_error():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cluster.sweep import _table
+
+    s = {"metric": "val_loss", "mode": "min", "space": {"train.lr": {}}}
+    ok = SimpleNamespace(metrics={"step": 8}, metrics_dataframe=pd.DataFrame({"val_loss": [3.0, 2.5]}),
+                         path="/x/_trial_1", config={"train.lr": 0.1}, error=None)
+    failed = SimpleNamespace(metrics={}, metrics_dataframe=pd.DataFrame(), path="/x/_trial_2",
+                             config={"train.lr": 0.2}, error=RuntimeError("worker group did not start\nmore"))
+    rows = _table([failed, ok], s, max_steps=8)
+    assert [r["val_loss"] for r in rows] == [2.5, None]
+    assert rows[1]["error"] == "worker group did not start" and not rows[1]["stopped_early"]
