@@ -97,9 +97,13 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T: F.linear, except fp32 on CPU (no autocast), where large products use oneDNN."""
+    """x @ weight.T: F.linear, except fp32 on CPU (no autocast), where large products use oneDNN.
+
+    Not under torch.compile, whose CPU backend picks its own matmul (and cannot lower this op).
+    """
     if (
         ONEDNN_CPU_MATMUL
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
