@@ -1,7 +1,7 @@
 """Read, clean, filter and tokenize one source's documents, in order, in parallel.
 
-With `workers=0` everything runs in this process (one helper thread reads and
-tokenizes ahead of the caller); otherwise it is a Ray Data
+With `workers=0` everything runs in this process (helper threads read, clean and
+tokenize ahead of the caller); otherwise it is a Ray Data
 pipeline: read tasks (one per read unit) feed a pool of tokenizer actors, with
 order preserved, so the output is identical whatever the number of workers.
 Either way the result is a stream of pyarrow tables with one row per record:
@@ -72,6 +72,10 @@ class DocumentProcessor:
         self.tokenizer, self.min_chars = tokenizer, min_chars
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.tokenize(self.clean(batch))
+
+    def clean(self, batch: pa.Table) -> tuple[pa.Table, list[tuple[int, str]], list[bytes], list[str]]:
+        """First half (Python, holds the GIL): (batch, kept (row, cleaned text), dedup keys, drop reasons)."""
         texts, bad = batch.column("text").to_pylist(), batch.column("bad").to_pylist()
         drops, keys, kept = [], [], []
         for i, (text, reason) in enumerate(zip(texts, bad)):
@@ -87,9 +91,14 @@ class DocumentProcessor:
                     kept.append((i, text))
             drops.append(reason)
             keys.append(key)
+        return batch, kept, keys, drops
+
+    def tokenize(self, cleaned: tuple[pa.Table, list[tuple[int, str]], list[bytes], list[str]]) -> pa.Table:
+        """Second half (mostly the tokenizer, which releases the GIL): the output table."""
+        batch, kept, keys, drops = cleaned
         return pa.table(
             {
-                "ids": self._ids_column(len(texts), kept),
+                "ids": self._ids_column(batch.num_rows, kept),
                 "key": pa.array(keys, type=pa.binary()),
                 "drop": pa.array(drops, type=pa.string()),
                 "origin": batch.column("origin").cast(pa.string()),
@@ -121,10 +130,22 @@ def encode_texts(tokenizer: TextTokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _in_process(units, text_field, on_bad_record, processor) -> Iterator[pa.Table]:
-    """Batches made by one helper thread, up to PREFETCH ahead of the caller, in order.
+    """The processed batches in order, made by two helper threads running ahead of the caller.
 
-    The tokenizer releases the GIL while it encodes (on all cores), so the caller's work on
-    one batch (caching, dedup) overlaps the reading and tokenizing of the next ones.
+    One thread reads and cleans, the other tokenizes. The tokenizer releases the GIL while it
+    encodes on all cores, so the Python work (reading and cleaning the next batches, the
+    caller's caching and dedup) runs meanwhile instead of leaving the cores idle.
+    """
+    records = (table for i in range(len(units)) for table in record_tables(i, units, text_field, on_bad_record))
+    cleaned = _ahead(lambda: map(processor.clean, records), "elmforge-clean")
+    return _ahead(lambda: map(processor.tokenize, cleaned), "elmforge-tokenize", upstream=cleaned)
+
+
+def _ahead(make_items, name: str, upstream=None) -> Iterator:
+    """Iterate make_items() in a helper thread, up to PREFETCH items ahead of the caller.
+
+    Order is kept; an exception in the thread is raised in the caller; closing the returned
+    generator (or dropping it) stops the thread, and then `upstream`.
     """
     results: queue.Queue = queue.Queue(maxsize=PREFETCH)
     stop = threading.Event()
@@ -140,27 +161,32 @@ def _in_process(units, text_field, on_bad_record, processor) -> Iterator[pa.Tabl
 
     def produce() -> None:
         try:
-            for i in range(len(units)):
-                for table in record_tables(i, units, text_field, on_bad_record):
-                    if not put(("batch", processor(table))):
-                        return
+            for item in make_items():
+                if not put(("item", item)):
+                    return
             put(("done", None))
         except BaseException as e:  # handed to the caller, raised there
             put(("error", e))
+        finally:
+            if upstream is not None:
+                upstream.close()
 
-    thread = threading.Thread(target=produce, name="elmforge-tokenize", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = results.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
+    def consume() -> Iterator:
+        thread = threading.Thread(target=produce, name=name, daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = results.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            thread.join()
+
+    return consume()
 
 
 def _unwrap(error: BaseException) -> BaseException:
