@@ -10,6 +10,7 @@ import sys
 
 from cluster import commands
 from cluster.config import ConfigError, compose_config, to_yaml
+from trainer.errors import TrainingError
 
 VERBS = {
     "prepare": "tokenize the configured sources into WebDataset shards + manifest.json",
@@ -83,7 +84,7 @@ def _report(args) -> None:
 def _run(verb: str, fn, *fn_args) -> int:
     try:
         fn(*fn_args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
+    except (ValueError, FileNotFoundError, TrainingError) as e:  # one clear message, no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise
         print(f"elmforge {verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)

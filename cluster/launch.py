@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.ray_runtime import connect
+from trainer.errors import TrainingError
 from trainer.preemption import request_stop
 from trainer.summary import read_summary
 
@@ -81,5 +82,23 @@ def launch_training(cfg: dict) -> dict:
         torch_config=TorchConfig(backend=torch_backend(cluster)),
         run_config=run_config(cfg),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingError(f"training failed ({_worker_errors(e)}); {cluster['max_failures']} restart(s) "
+                            f"from the last checkpoint were allowed (cluster.max_failures)") from e
     return read_summary(cfg["run"]["dir"])
+
+
+def _worker_errors(error: Exception) -> str:
+    """Each failed rank's error, first line only: the full tracebacks are in the log above."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return "; ".join(f"rank {rank}: {_first_line(e)}" for rank, e in sorted(failures.items()))
+
+
+def _first_line(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's own exception
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"

@@ -17,6 +17,7 @@ import torch
 
 from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
+from trainer.errors import TrainingError
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
@@ -98,7 +99,7 @@ def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_d
     )
 
 
-class NonFiniteTraining(RuntimeError):
+class NonFiniteTraining(TrainingError):
     pass
 
 
