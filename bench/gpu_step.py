@@ -47,6 +47,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from shared import reference_kwargs  # noqa: E402
+
 from trainer.flops import cpu_matmul_peak, flops_per_token, gpu_peak_flops, mfu  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402
 from trainer.model import OpenELMConfig, build_model  # noqa: E402
@@ -220,16 +222,7 @@ def run_reference_comparison(args, cfg: OpenELMConfig, device: torch.device, bf1
     model = build_model(cfg, device=device, seed=0).train()
     forward = torch.compile(model) if args.compile else model
     weights = {k: v.detach().clone().requires_grad_() for k, v in model.state_dict().items()}
-    plan = model.plan
-    ref_kwargs = dict(
-        model_dim=cfg.model_dim,
-        head_dim=cfg.head_dim,
-        num_query_heads=list(plan.num_query_heads),
-        num_kv_heads=list(plan.num_kv_heads),
-        ffn_dims=list(plan.ffn_dims),
-        rope_theta=cfg.rope_theta,
-        norm_eps=cfg.norm_eps,
-    )
+    ref_kwargs = reference_kwargs(model)
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (micro, args.seq + 1), generator=gen).to(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

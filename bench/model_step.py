@@ -38,7 +38,6 @@ the environment keeps them (the JSON records MALLOC_*, GLIBC_*, OMP_* and MKL_* 
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +49,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from shared import cpu_name, reference_kwargs  # noqa: E402
 
 from reference_openelm import reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402
@@ -68,16 +69,6 @@ def model_config(name: str, vocab: int | None) -> OpenELMConfig:
     if vocab is not None:
         values["vocab_size"] = vocab  # the tiny config interpolates the tokenizer's vocabulary
     return OpenELMConfig(**values)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def linear_products_s(model, n_tokens: int, clock) -> float:
@@ -107,18 +98,9 @@ def run_case(name: str, repeats: int, warmup: int, clock) -> dict:
     cfg_name, vocab, batch, seq, goal = CASES[name]
     cfg = model_config(cfg_name, vocab)
     model = build_model(cfg, seed=0).train()
-    plan = model.plan
     # The reference's weights: copies of ours, leaves with gradients of their own.
     ref_weights = {k: v.detach().clone().requires_grad_() for k, v in model.state_dict().items()}
-    ref_kwargs = dict(
-        model_dim=cfg.model_dim,
-        head_dim=cfg.head_dim,
-        num_query_heads=list(plan.num_query_heads),
-        num_kv_heads=list(plan.num_kv_heads),
-        ffn_dims=list(plan.ffn_dims),
-        rope_theta=cfg.rope_theta,
-        norm_eps=cfg.norm_eps,
-    )
+    ref_kwargs = reference_kwargs(model)
     reference_logits_with_grad = reference_logits.__wrapped__  # undo @torch.no_grad
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]

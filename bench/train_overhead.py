@@ -41,7 +41,6 @@ ms/step, "met? (CPU)") is what the ratio would be with a core per worker to itse
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -54,17 +53,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from shared import cpu_name  # noqa: E402
+
 GOAL = 0.9
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def spread(values: list[float]) -> dict:
