@@ -10,28 +10,19 @@ import configparser
 import importlib.metadata
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from dev_tools import find_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile.gpu", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
 TORCH_VERSION = "2.13.0"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
-
-
-def find_tool(name: str, package: str) -> str:
-    """A linter installed with the dev extra: beside this Python first (a venv not on PATH), then PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` not found: install the dev extra (pip install -e '.[dev]'), which brings {package}")
-    return found
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

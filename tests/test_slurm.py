@@ -9,14 +9,14 @@ it is not skipped.
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dev_tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "deploy" / "slurm" / "elmforge.sbatch"
@@ -69,14 +69,6 @@ trap 'echo "elmforge SIGTERM" >> "$FAKE_LOG"; sleep 0.5; echo "elmforge checkpoi
 touch "$FAKE_DIR/elmforge.started"
 while :; do sleep 0.1; done
 """
-
-
-def find_tool(name: str, package: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` not found: install the dev extra (pip install -e '.[dev]'), which brings {package}")
-    return found
 
 
 def shellcheck(path: Path) -> subprocess.CompletedProcess:
