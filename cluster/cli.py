@@ -93,7 +93,14 @@ def _run(verb: str, fn, *fn_args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after a flag (`jobs logs ID --follow submit.address=...`) land here: take them back.
+    strays = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if strays:
+        args.overrides += strays
     if args.verb == "report":
         return _run("report", _report, args)
     if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given

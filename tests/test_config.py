@@ -78,6 +78,15 @@ def test_cli_prints_the_composed_config(capsys, tmp_path):
     assert "name: openelm_270m" in out and f"storage_path: {tmp_path}" in out
 
 
+def test_overrides_may_follow_a_flag(capsys, tmp_path):
+    assert main(["train", "model=openelm_270m", "--cfg", "job", f"storage_path={tmp_path}", "train.max_steps=70"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 70" in out and f"storage_path: {tmp_path}" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--cfg", "job", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_cli_config_error_exits_2_without_a_traceback(capsys):
     assert main(["prepare", "train.max_stepz=1"]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Submission to a real Ray head on 127.0.0.1 with token authentication."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,29 @@ def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_pat
     assert (info.dict() if hasattr(info, "dict") else {}).get("entrypoint_num_cpus") in (0, None, 0.0)
     wandb_files = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "outputs").rglob("*.json") if p.is_file())
     assert PLANTED not in wandb_files
+
+
+def test_a_running_job_is_followed_then_stopped(as_user, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(200, seed=4))
+    address = f"submit.address={as_user.address}"
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "logger=none", "train.max_steps=100000", "train.warmup_steps=1",
+                 "train.micro_batch_size=4", "train.log_every=1", "run.name=long", address]
+    assert main(["submit", *overrides]) == 0
+    job_id = capsys.readouterr().out.split("[submit] job ")[1].split()[0]
+    jobs = submit.client({"address": as_user.address})
+    deadline = time.monotonic() + 300
+    while "[train] step 2/100000" not in jobs.get_job_logs(job_id):
+        status = jobs.get_job_status(job_id).value
+        assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, jobs.get_job_logs(job_id)[-3000:]
+        time.sleep(1)
+    assert main(["jobs", "stop", job_id, address]) == 0
+    assert f"{job_id}: stop requested" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--follow", address]) == 0  # returns once the job has ended
+    followed = capsys.readouterr().out
+    assert "[train] step 1/100000" in followed and "[train] step 2/100000" in followed
+    assert main(["jobs", "status", job_id, address]) == 0
+    assert f"{job_id}: STOPPED" in capsys.readouterr().out
 
 
 def test_a_failing_job_makes_wait_exit_non_zero(as_user, tmp_path, capsys):

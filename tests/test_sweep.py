@@ -87,3 +87,40 @@ def test_a_trial_that_failed_before_reporting_is_listed_with_its_error():
     rows = _table([failed, ok], s, max_steps=8)
     assert [r["val_loss"] for r in rows] == [2.5, None]
     assert rows[1]["error"] == "worker group did not start" and not rows[1]["stopped_early"]
+
+
+@pytest.mark.integration
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=6))
+    cmd = [
+        sys.executable, "-m", "cluster.cli", "sweep", *SMALL_MODEL, f"storage_path={tmp_path}",
+        f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "data.val_fraction=0.2", "sweep=lr_tiny",
+        "sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2},train.warmup_steps:{type:choice,values:[1,2]}}",
+        "sweep.num_samples=3", "sweep.max_concurrent_trials=1", "sweep.grace_period=6", "train.max_steps=6",
+        "train.eval_every=3", "train.eval_batches=1", "train.warmup_steps=1", "train.micro_batch_size=4",
+        "train.loader_workers=0", "cluster.num_workers=1", "logger=none",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:  # Ctrl+C once the first trial has finished and the second has started
+        seen.append(line)
+        if "_00001 started" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    first_out = "".join(seen) + rest
+    assert "_00000 completed" in first_out, first_out[-3000:]
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert "[sweep] resuming" in out and "[sweep] lr_tiny: 3 trials" in out
+    assert "_00000 started" not in out  # the finished trial is not run again
+    rows = list(csv.DictReader(open(tmp_path / "sweeps/lr_tiny/results.csv")))
+    assert len(rows) == 3 and all(r["error"] == "" and int(r["last_step"]) == 6 for r in rows)
+    first_trial = next((tmp_path / "sweeps/lr_tiny").glob("*_00000"))
+    assert [json.loads(x)["step"] for x in open(first_trial / "metrics.jsonl")] == list(range(1, 7))
