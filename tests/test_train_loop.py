@@ -103,3 +103,15 @@ def test_cpu_offload_variants_train(tiny_dataset, tmp_path, zero):
                     "train.warmup_steps=1")
     losses = train(cfg)["losses"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dataset, tmp_path):
+    # A sweep trial that finished while the sweep was interrupted is restarted on resume: Tune
+    # still needs its metric.
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.eval_every=3", "train.eval_batches=1")
+    first = []
+    train(cfg, report=first.append)
+    again = []
+    train(cfg, report=again.append)
+    assert [r["step"] for r in first] == [3, 6]
+    assert again == [{"step": 6, "loss": first[-1]["loss"], "val_loss": first[-1]["val_loss"]}]

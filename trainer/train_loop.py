@@ -139,7 +139,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     if start_step >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
         if env.is_main:
             print(f"[train] {cfg['run']['name']} already finished at step {start_step} ({resume})", flush=True)
-        return read_summary(run_dir)
+        summary = read_summary(run_dir)
+        if report is not None:  # e.g. a sweep trial that finished as its sweep was interrupted: Tune needs its metric
+            report({"step": start_step, "loss": summary["final_loss"], "val_loss": summary["final_val_loss"]})
+        return summary
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
         where = f"resuming from {resume.name}" if resume else "from scratch"
