@@ -59,10 +59,10 @@ def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_pat
     # The W&B key of the submitting user is in no job record and no log.
     client = submit.client({"address": as_user.address})
     info = client.get_job_info(job_id)
-    records = json.dumps([j.dict() if hasattr(j, "dict") else str(j) for j in client.list_jobs()], default=str)
-    assert PLANTED not in json.dumps(info.dict() if hasattr(info, "dict") else str(info), default=str)
+    records = json.dumps([j.model_dump() for j in client.list_jobs()], default=str)
+    assert PLANTED not in json.dumps(info.model_dump(), default=str)
     assert PLANTED not in records and PLANTED not in logs
-    assert (info.dict() if hasattr(info, "dict") else {}).get("entrypoint_num_cpus") in (0, None, 0.0)
+    assert info.model_dump().get("entrypoint_num_cpus") in (0, None, 0.0)
     wandb_files = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "outputs").rglob("*.json") if p.is_file())
     assert PLANTED not in wandb_files
 
