@@ -58,6 +58,17 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
     )
 
 
+def torch_trainer(cfg: dict, callbacks: list | None = None) -> TorchTrainer:
+    """The Ray Train trainer that runs the training loop on cluster.num_workers ranks."""
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=scaling_config(cfg["cluster"]),
+        torch_config=TorchConfig(backend=torch_backend(cfg["cluster"])),
+        run_config=run_config(cfg, callbacks),
+    )
+
+
 def _forward_sigterm(run_dir: str) -> None:
     """SIGTERM to the driver (a preempted Slurm job, a deleted pod) asks the workers to checkpoint and stop."""
 
@@ -75,15 +86,8 @@ def launch_training(cfg: dict) -> dict:
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
     _forward_sigterm(cfg["run"]["dir"])
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg},
-        scaling_config=scaling_config(cluster),
-        torch_config=TorchConfig(backend=torch_backend(cluster)),
-        run_config=run_config(cfg),
-    )
     try:
-        trainer.fit()
+        torch_trainer(cfg).fit()
     except TrainingFailedError as e:
         raise TrainingError(f"training failed ({_worker_errors(e)}); {cluster['max_failures']} restart(s) "
                             f"from the last checkpoint were allowed (cluster.max_failures)") from e

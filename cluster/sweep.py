@@ -15,13 +15,12 @@ import os
 from pathlib import Path
 
 from ray import tune
-from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.config import ConfigError, derive_batch, validate
-from cluster.launch import _worker, run_config, scaling_config, torch_backend
+from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
 
 DISTRIBUTIONS = {
@@ -80,13 +79,7 @@ def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
 def _trial(params: dict, base: dict) -> None:
     """One trial: the training loop on Ray Train workers, validation reports forwarded to Tune."""
     cfg = trial_config(base, params, tune.get_context().get_trial_name())
-    TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg},
-        scaling_config=scaling_config(cfg["cluster"]),
-        torch_config=TorchConfig(backend=torch_backend(cfg["cluster"])),
-        run_config=run_config(cfg, callbacks=[TuneReportCallback()]),
-    ).fit()
+    torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
 def run_sweep(cfg: dict) -> list[dict]:

@@ -17,13 +17,13 @@ import torch
 
 from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
-from trainer.errors import TrainingError
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
+from trainer.errors import TrainingError
 from trainer.evaluate import evaluate_loss, validation_batches
-from trainer.flops import device_peak_flops, flops_per_token, mfu, peak_memory_gb
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
+from trainer.flops import device_peak_flops, flops_per_token, mfu, peak_memory_gb
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
