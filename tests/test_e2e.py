@@ -28,6 +28,8 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     for key in ("shards", "checkpoint", "metrics", "W&B run"):
         assert key in proc.stdout, key
+    # At start: where to watch the run.
+    assert "[ray] dashboard: http://" in out and "[wandb] offline run" in out and "wandb sync" in out
 
     # Both ranks wrote their ZeRO-2 optimizer partition; rank 0 marked it complete.
     ckpt = run_dir / "checkpoints" / "step_12"

@@ -54,3 +54,12 @@ def test_embedded_workers_are_told_where_the_cluster_is():
     assert embedded["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "10.0.0.7:41234"
     joined = init_kwargs(compose_config(["cluster.address=auto"])["cluster"], "10.0.0.7:41234")
     assert "RAY_ADDRESS" not in joined["runtime_env"]["env_vars"]
+
+
+def test_a_submitted_job_carries_the_working_directory_without_data_outputs_or_venv(tmp_path, monkeypatch):
+    from cluster.submit import runtime_env
+
+    monkeypatch.chdir(tmp_path)
+    env = runtime_env(compose_config([])["submit"])
+    assert env["working_dir"] == str(tmp_path)
+    assert {"/data", "/outputs", "/.venv"} <= set(env["excludes"]) and "env_vars" not in env
