@@ -178,6 +178,33 @@ def time_steps(step, batch: torch.Tensor, device: torch.device, warmup: int, ste
     }
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; the rest is "other"
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "::mm", "addmm", "bmm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+)
+
+
+def profile_steps(step, batch: torch.Tensor, device: torch.device, steps: int = 2) -> dict:
+    """Device time per step by kind of kernel (matmul, attention, optimizer, other), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        sync(device)
+    kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for event in prof.key_averages():
+        t = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if t <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in name for n in needles)), "other")
+        kinds[kind] += t / 1000 / steps
+    return {"profile_ms_per_step": kinds}
+
+
 def run_training(args, cfg: OpenELMConfig, device: torch.device, bf16: bool) -> dict:
     micro = args.micro_batch or (DEFAULT_MICRO_BATCH.get(args.model, 8) if device.type == "cuda" else 1)
     while True:
@@ -194,6 +221,8 @@ def run_training(args, cfg: OpenELMConfig, device: torch.device, bf16: bool) -> 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timing = time_steps(engine.step, batch, device, args.warmup, args.steps, args.budget)
+            if args.profile:
+                timing |= profile_steps(engine.step, batch, device)
             break
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not is_oom(error) or micro == 1:
@@ -277,6 +306,9 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", choices=["config", "on", "off"], default="config")
     parser.add_argument("--vocab", type=int, default=32000, help="for a model config without its own vocabulary")
     parser.add_argument("--baseline", choices=["none", "reference"], default="none")
+    parser.add_argument("--sdpa", choices=["default", "flash", "efficient", "cudnn"], default="default",
+                        help="the only attention kernel torch may pick (default: torch's own choice)")
+    parser.add_argument("--profile", action="store_true", help="also record device time per kind of kernel")
     parser.add_argument("--label", default=None, help="names the run in the record")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON record here")
     args = parser.parse_args()
@@ -284,6 +316,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("[gpu_step] no CUDA device here; use --device cpu for the CPU smoke run")
+    if args.sdpa != "default":  # before any compilation, which reads these flags; no silent math fallback
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     cfg = model_config(args.model, args.vocab, args.activation_checkpointing)
     if device.type == "cuda":
@@ -308,6 +345,7 @@ def main() -> None:
         "compile": args.compile,
         "activation_checkpointing": cfg.activation_checkpointing,
         "baseline": args.baseline,
+        "sdpa": args.sdpa,
         "flops_per_token": flops_per_token(cfg, args.seq),
         "peak_flops": peak,
         "command": " ".join(["python", *sys.argv]),
@@ -338,6 +376,8 @@ def main() -> None:
         summary += f"micro-batch {record['micro_batch']}, {record['tokens_per_s']:,.0f} tokens/s"
         if "mfu" in record:
             summary += f", MFU {record['mfu']:.1%}"
+        if "profile_ms_per_step" in record:
+            summary += ", per step (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in record["profile_ms_per_step"].items())
         if "speedup" in record:
             summary += f", {record['speedup']:.2f}x the reference ({record['reference']['tokens_per_s']:,.0f} tokens/s)"
     print(summary, flush=True)
