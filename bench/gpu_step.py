@@ -11,7 +11,8 @@ on CPU: fp32.
 
 Engines:
 - torch (default): fp32 master parameters, bf16 autocast, torch.optim.AdamW (fused=True
-  on CUDA), torch.nn.utils.clip_grad_norm_. --compile wraps the model in torch.compile.
+  on CUDA), torch.nn.utils.clip_grad_norm_. --compile compiles the forward and the loss
+  together (torch.compile).
 - deepspeed: a ZeRO-0 DeepSpeed engine built from trainer.deepspeed_config (bf16 params,
   fp32 master weights inside DeepSpeed) with torch's AdamW ("torch_adam": FusedAdam would
   need a CUDA extension build), in a world of one (trainer.distributed; no Ray).
@@ -104,7 +105,8 @@ class TorchEngine:
         self.model = model
         self.device = device
         self.bf16 = bf16
-        self.forward = torch.compile(model) if compile_model else model
+        # Compiling the loss with the model fuses the (tokens x vocab) softmax work into a few kernels.
+        self.loss = torch.compile(self._loss) if compile_model else self._loss
         kwargs = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(
             param_groups(model, TRAIN["weight_decay"]), lr=TRAIN["lr"], betas=TRAIN["betas"], eps=TRAIN["eps"], **kwargs
@@ -115,10 +117,13 @@ class TorchEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = self.forward(tokens[:, :-1])
-        loss, _ = lm_loss(logits, tokens[:, 1:], Z_LOSS)
+            logits = self.model(tokens[:, :-1])
+        return lm_loss(logits, tokens[:, 1:], Z_LOSS)[0]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), TRAIN["grad_clip"], foreach=True)
         self.optimizer.step()
@@ -195,6 +200,7 @@ def profile_steps(step, batch: torch.Tensor, device: torch.device, steps: int = 
             step(batch)
         sync(device)
     kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    others = {}
     for event in prof.key_averages():
         t = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if t <= 0:
@@ -202,7 +208,10 @@ def profile_steps(step, batch: torch.Tensor, device: torch.device, steps: int = 
         name = event.key.lower()
         kind = next((k for k, needles in KERNEL_KINDS if any(n in name for n in needles)), "other")
         kinds[kind] += t / 1000 / steps
-    return {"profile_ms_per_step": kinds}
+        if kind == "other":
+            others[event.key[:120]] = t / 1000 / steps
+    top = dict(sorted(others.items(), key=lambda kv: -kv[1])[:25])
+    return {"profile_ms_per_step": kinds, "profile_top_other_ms": top}
 
 
 def run_training(args, cfg: OpenELMConfig, device: torch.device, bf16: bool) -> dict:
