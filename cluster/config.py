@@ -53,9 +53,9 @@ def _explain(e: Exception) -> str:
 def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
-    # Settings that change how a run is observed or kept, not what it computes, stay out of the name.
+    # Settings that change how a run is observed, kept or executed, not what it computes, stay out of the name.
     bookkeeping = ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
-                   "eval_batches", "max_skipped_in_row")
+                   "eval_batches", "max_skipped_in_row", "compile")
     relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in bookkeeping}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
@@ -121,6 +121,8 @@ def validate(cfg: dict) -> None:
     need(z["stage"] in (0, 1, 2, 3), f"deepspeed.stage={z['stage']}", "must be 0, 1, 2 or 3")
     need(not z["offload_optimizer"] or z["stage"] >= 1, "deepspeed.offload_optimizer", "needs deepspeed.stage 1, 2 or 3")
     need(not z["offload_params"] or z["stage"] == 3, "deepspeed.offload_params", "needs deepspeed.stage=3")
+    # torch.compile traces ZeRO-3's partitioned (empty) parameters; DeepSpeed's own compiler is not wired in.
+    need(not t["compile"] or z["stage"] < 3, "train.compile=true", "does not work with deepspeed.stage=3 (use 0-2)")
     need(
         z["communication_data_type"] in (None, "fp32", "bf16", "fp16"),
         f"deepspeed.communication_data_type={z['communication_data_type']}",

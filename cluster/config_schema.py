@@ -116,6 +116,7 @@ class TrainConfig:
     eval_batches: int = 20  # per rank, from the val split
     max_skipped_in_row: int = 3  # non-finite steps in a row before training stops
     init_from: Optional[str] = None  # a Hugging Face OpenELM directory to start from
+    compile: bool = False  # torch.compile the model and the loss
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 

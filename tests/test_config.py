@@ -34,6 +34,7 @@ def test_run_name_is_stable_and_follows_what_changes_the_result():
     assert compose_config(["train.lr=1e-3"])["run"]["name"] != a
     assert compose_config(["cluster.num_workers=4"])["run"]["name"] != a
     assert compose_config(["logger=none"])["run"]["name"] == a
+    assert compose_config(["train.compile=true"])["run"]["name"] == a  # resumable compiled or not
     assert compose_config(["run.name=mine"])["run"]["name"] == "mine"
 
 
@@ -58,6 +59,7 @@ def test_every_model_composes(model):
         (["model.vocab_size=100"], "tokenizer.vocab_size=4096"),
         (["tokenizer=file", "tokenizer.path=/nonexistent/tokenizer.json"], "tokenizer.path=/nonexistent"),
         (["model.num_query_heads=[4,4,4,4]"], "none of them"),
+        (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):

@@ -1,6 +1,6 @@
 """Equivalence on the Ray-free gloo path: ZeRO stages agree, accumulation equals more ranks,
 a preempted and resumed run equals the uninterrupted one bitwise, non-finite steps change nothing,
-torchrun runs the same loop."""
+a compiled run follows the eager one, torchrun runs the same loop."""
 
 import json
 import os
@@ -103,6 +103,26 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tiny_dataset
                   "train.max_skipped_in_row=3")
     with pytest.raises(RankFailed, match=r"training stopped at step 4: 3 steps in a row .* last good checkpoint is step_3"):
         run_ranks(2, train, cfg)
+
+
+def _train_counting_graphs(cfg) -> dict:
+    from torch._dynamo.utils import counters
+
+    return {**train(cfg), "compiled_graphs": counters["stats"]["unique_graphs"]}
+
+
+def test_a_compiled_run_matches_the_eager_one_and_resumes_eagerly(tiny_dataset, tmp_path):
+    eager = losses(cfg_for(tiny_dataset, tmp_path / "eager", workers=1), 1)
+    run_dir = tmp_path / "compiled"
+    first = run_ranks(1, _train_counting_graphs, cfg_for(tiny_dataset, run_dir, "train.compile=true", "train.faults.sigterm_at_step=3",
+                                        workers=1))[0]
+    # Inductor fuses and reorders fp32 arithmetic: close to the eager losses, not bitwise.
+    assert first["compiled_graphs"] >= 2  # the model and the loss
+    assert first["steps"] == 3 and first["losses"] == pytest.approx(eager[:3], rel=1e-4)
+    # The compiled run's checkpoint keeps the plain module's parameter names: an eager run resumes it.
+    second = run_ranks(1, _train_counting_graphs, cfg_for(tiny_dataset, run_dir, workers=1))[0]
+    assert second["compiled_graphs"] == 0
+    assert second["resumed_from"] == "step_3" and second["losses"] == pytest.approx(eager[3:], rel=1e-4)
 
 
 def test_torchrun_runs_the_same_loop(tmp_path):

@@ -121,6 +121,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
 
         model.load_state_dict(load_hf_checkpoint(t_cfg["init_from"]).state_dict())
     engine, scheduler = build_engine(cfg, model, env)
+    loss_fn = lm_loss
+    if t_cfg["compile"]:  # compiles in place: checkpoints keep the plain module's names
+        engine.compile()
+        loss_fn = torch.compile(lm_loss)
     tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
     if resume is not None:
         state = load_checkpoint(engine, resume)
@@ -148,7 +152,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         where = f"resuming from {resume.name}" if resume else "from scratch"
         print(
             f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} ranks, "
-            f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}, {t_cfg['max_steps']} steps, {where}",
+            f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
+            f"{t_cfg['max_steps']} steps, {where}",
             flush=True,
         )
 
@@ -185,7 +190,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
             own_norm, own_skip = None, False
             for _ in range(accum):
                 batch = next(loader).to(env.device, non_blocking=True)
-                loss, ce = lm_loss(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
+                loss, ce = loss_fn(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
                 loss = maybe_poison(loss, t_cfg["faults"], step, env.rank)
                 engine.backward(loss)
                 if cfg["deepspeed"]["stage"] == 0 and engine.is_gradient_accumulation_boundary():
