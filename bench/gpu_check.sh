@@ -12,6 +12,7 @@
 #   270m_eager    OpenELM-270M, eager
 #   270m_ref      OpenELM-270M forward + backward against the plain reference (same weights, batch, bf16)
 #   1b_deepspeed  OpenELM-1.1B, eager, on the DeepSpeed ZeRO-0 engine with torch_adam (needs the wheels)
+#   1b_deepspeed_compiled  the same, compiled as train.compile=true compiles (needs the wheels)
 # The 1.1B sections run without activation checkpointing (MFU counts model FLOPs only, so
 # recomputing activations would cost a third more work uncounted), at the largest micro-batch
 # that fit an H100 80GB on 2026-11-27: 10 compiled (52.6 GiB peak), 8 eager (69.8 GiB).
@@ -19,7 +20,7 @@
 # A failed or timed-out section is recorded as such and the script goes on; it exits 0.
 # Everything it prints also goes to $OUT/gpu_check.log; $OUT/env.txt holds the machine.
 #
-# Time: the caps below add up to about 7 minutes, plus a few seconds for the wheels.
+# Time: the caps below add up to about 9.5 minutes (7 without the last section), plus a few seconds for the wheels.
 # Override any cap (T_<section>=seconds) or run only some sections, e.g.
 #   SECTIONS="1b_eager 270m_ref" T_1b_eager=90 bash bench/gpu_check.sh
 # EXTRA_ARGS is appended to every bench/gpu_step.py command; a dry run of the plumbing on CPU:
@@ -34,13 +35,14 @@ touch "$JSONL"
 SUMMARY=$OUT/summary.txt
 LOG=$OUT/gpu_check.log
 PY=${PYTHON:-python3}
-SECTIONS=${SECTIONS:-"1b_compiled 1b_eager 270m_compiled 270m_eager 270m_ref 1b_deepspeed"}
+SECTIONS=${SECTIONS:-"1b_compiled 1b_eager 270m_compiled 270m_eager 270m_ref 1b_deepspeed 1b_deepspeed_compiled"}
 T_1b_compiled=${T_1b_compiled:-150}
 T_1b_eager=${T_1b_eager:-50}
 T_270m_compiled=${T_270m_compiled:-80}
 T_270m_eager=${T_270m_eager:-35}
 T_270m_ref=${T_270m_ref:-45}
 T_1b_deepspeed=${T_1b_deepspeed:-45}
+T_1b_deepspeed_compiled=${T_1b_deepspeed_compiled:-150}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/elmforge-inductor}  # a rerun on a warm machine reuses it
@@ -116,8 +118,12 @@ run_section 270m_eager "$T_270m_eager" --model openelm_270m --warmup 2
 run_section 270m_ref "$T_270m_ref" --model openelm_270m --baseline reference --micro-batch 2 --warmup 1 --steps 5
 if [ "$wheels" = yes ]; then
     run_section 1b_deepspeed "$T_1b_deepspeed" "${ONE_B[@]}" --micro-batch 8 --engine deepspeed --warmup 2
-elif [[ " $SECTIONS " == *" 1b_deepspeed "* ]]; then
-    echo "1b_deepspeed: skipped (no wheels installed)" | tee -a "$SUMMARY"
+    run_section 1b_deepspeed_compiled "$T_1b_deepspeed_compiled" "${ONE_B[@]}" --micro-batch 10 --engine deepspeed \
+        --compile --warmup 2
+else
+    for name in 1b_deepspeed 1b_deepspeed_compiled; do
+        [[ " $SECTIONS " == *" $name "* ]] && echo "$name: skipped (no wheels installed)" | tee -a "$SUMMARY"
+    done
 fi
 
 echo "[gpu_check] done $(date -u +%Y-%m-%dT%H:%M:%SZ)"

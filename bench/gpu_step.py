@@ -15,7 +15,8 @@ Engines:
   together (torch.compile).
 - deepspeed: a ZeRO-0 DeepSpeed engine built from trainer.deepspeed_config (bf16 params,
   fp32 master weights inside DeepSpeed) with torch's AdamW ("torch_adam": FusedAdam would
-  need a CUDA extension build), in a world of one (trainer.distributed; no Ray).
+  need a CUDA extension build), in a world of one (trainer.distributed; no Ray). --compile
+  compiles as train.compile=true does (engine.compile() and the loss).
 
 Activation checkpointing follows the model config (on for 450M and up), unless
 --activation-checkpointing on|off says otherwise. If the micro-batch does not fit, it is
@@ -145,14 +146,17 @@ class DeepSpeedEngine:
         train = {**TRAIN, "micro_batch_size": micro_batch, "grad_accum_steps": 1, "precision": "bf16" if bf16 else "fp32"}
         config = deepspeed_config(train, {"stage": 0}, env.world_size, device.type == "cuda")
         config["optimizer"]["params"]["torch_adam"] = True
-        module = torch.compile(model) if compile_model else model
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups(model, TRAIN["weight_decay"]), config=config
+            model=model, model_parameters=param_groups(model, TRAIN["weight_decay"]), config=config
         )
+        self.loss = lm_loss
+        if compile_model:  # as train.compile=true does
+            self.engine.compile()
+            self.loss = torch.compile(lm_loss)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.engine(tokens[:, :-1])
-        loss, _ = lm_loss(logits, tokens[:, 1:], Z_LOSS)
+        loss, _ = self.loss(logits, tokens[:, 1:], Z_LOSS)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()

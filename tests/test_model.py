@@ -147,3 +147,28 @@ def test_z_loss_adds_the_mean_squared_logsumexp():
     total, ce = lm_loss(logits, targets, 0.5)
     z = torch.logsumexp(logits, -1).pow(2).mean()
     torch.testing.assert_close(total - ce, 0.5 * z)
+
+
+def test_loss_gradients_match_autograd_through_the_reference_loss():
+    logits = torch.randn(3, 7, 50, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    # Both outputs carry gradient, with different weights, so each backward term is checked.
+    assert torch.autograd.gradcheck(lambda x: (lambda t, c: t + 0.3 * c)(*lm_loss(x, targets, 0.5)), (logits,))
+    total, ce = lm_loss(logits, targets, 0.5)
+    (total + 0.3 * ce).backward()
+    ours, logits.grad = logits.grad, None
+    (reference_loss(logits, targets, 0.5) + 0.3 * reference_loss(logits, targets, 0.0)).backward()
+    torch.testing.assert_close(ours, logits.grad)
+
+
+def test_bf16_logits_get_bf16_gradients_from_an_fp32_loss():
+    logits = torch.randn(2, 5, 40).bfloat16().requires_grad_()
+    targets = torch.randint(0, 40, (2, 5))
+    total, _ = lm_loss(logits, targets, 1e-4)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, reference_loss(logits.float(), targets, 1e-4))
+    total.backward()
+    expected = logits.detach().float().requires_grad_()
+    reference_loss(expected, targets, 1e-4).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), expected.grad, atol=1e-3, rtol=1e-2)
