@@ -7,6 +7,7 @@ gives it the rank environment DeepSpeed expects and reports its result back.
 import os
 import signal
 import threading
+import uuid
 from pathlib import Path
 
 import ray.train
@@ -29,9 +30,25 @@ def _worker(config: dict) -> None:
     )
     from trainer.train_loop import train
 
-    # Validation results go to Ray (and so to Tune in a sweep). Train V2's report is a barrier:
-    # every rank reports, at the same steps.
-    train(config["cfg"], report=ray.train.report)
+    # Ray restarts the worker group after any error. A TrainingError (a divergence) would come back
+    # from the same checkpoint, so its message is kept and every restart of this launch fails at once.
+    gave_up = _gave_up_path(config["cfg"], config["launch_id"])
+    if gave_up.exists():
+        raise TrainingError(f"not retried: {gave_up.read_text()}")
+    try:
+        # Validation results go to Ray (and so to Tune in a sweep). Train V2's report is a barrier:
+        # every rank reports, at the same steps.
+        train(config["cfg"], report=ray.train.report)
+    except TrainingError as e:
+        rank = ctx.get_world_rank()
+        tmp = gave_up.with_name(f"{gave_up.name}.{rank}")
+        tmp.write_text(f"rank {rank}: {type(e).__name__}: {e}")
+        tmp.replace(gave_up)  # whole, whichever rank writes it
+        raise
+
+
+def _gave_up_path(cfg: dict, launch_id: str) -> Path:
+    return Path(cfg["run"]["dir"], f".gave_up-{launch_id}")
 
 
 def scaling_config(cluster: dict) -> ScalingConfig:
@@ -58,11 +75,11 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
     )
 
 
-def torch_trainer(cfg: dict, callbacks: list | None = None) -> TorchTrainer:
+def torch_trainer(cfg: dict, callbacks: list | None = None, launch_id: str | None = None) -> TorchTrainer:
     """The Ray Train trainer that runs the training loop on cluster.num_workers ranks."""
     return TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "launch_id": launch_id or uuid.uuid4().hex[:12]},
         scaling_config=scaling_config(cfg["cluster"]),
         torch_config=TorchConfig(backend=torch_backend(cfg["cluster"])),
         run_config=run_config(cfg, callbacks),
@@ -86,9 +103,16 @@ def launch_training(cfg: dict) -> dict:
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
     _forward_sigterm(cfg["run"]["dir"])
+    launch_id = uuid.uuid4().hex[:12]
     try:
-        torch_trainer(cfg).fit()
+        torch_trainer(cfg, launch_id=launch_id).fit()
     except TrainingFailedError as e:
+        gave_up = _gave_up_path(cfg, launch_id)
+        if gave_up.exists():  # the first failure is the one to report, not the restarts' "not retried"
+            message = gave_up.read_text()
+            gave_up.unlink()
+            raise TrainingError(f"training failed ({message}); not retried: a restart from the last checkpoint "
+                                f"would fail the same way") from e
         raise TrainingError(f"training failed ({_worker_errors(e)}); {cluster['max_failures']} restart(s) "
                             f"from the last checkpoint were allowed (cluster.max_failures)") from e
     return read_summary(cfg["run"]["dir"])

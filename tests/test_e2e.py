@@ -117,11 +117,15 @@ def test_training_that_fails_on_a_worker_ends_with_one_clear_message(tmp_path):
     cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL_MODEL, f"storage_path={tmp_path}",
            f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=6",
            "train.warmup_steps=2", "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1",
-           "cluster.max_failures=0", "train.checkpoint_every=1", "train.faults.nonfinite_at_steps=[3,4]",
+           "cluster.max_failures=2", "train.checkpoint_every=1", "train.faults.nonfinite_at_steps=[3,4]",
            "train.max_skipped_in_row=2", "run.name=diverged"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()
     message = next(line for line in last if line.startswith("elmforge train:"))
     assert "rank 0: NonFiniteTraining: training stopped at step 4" in message, message
-    assert "last good checkpoint is step_3" in message and "cluster.max_failures" in message
+    assert "last good checkpoint is step_3" in message and "not retried" in message
+    # Ray restarted the workers twice, and each restart failed at once: no step was trained again.
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "outputs/diverged/metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    assert not list((tmp_path / "outputs/diverged").glob(".gave_up*"))

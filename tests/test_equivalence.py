@@ -105,6 +105,15 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tiny_dataset
         run_ranks(2, train, cfg)
 
 
+def test_a_resumed_run_counts_the_non_finite_steps_before_the_stop(tiny_dataset, tmp_path):
+    overrides = ("train.checkpoint_every=1", "train.faults.nonfinite_at_steps=[3,4,5]", "train.max_skipped_in_row=3")
+    first = run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.faults.sigterm_at_step=4",
+                                        workers=1))[0]
+    assert first["preempted"] and first["skipped_steps"] == 2
+    with pytest.raises(RankFailed, match=r"training stopped at step 5: 3 steps in a row .* checkpoint is step_4"):
+        run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, workers=1))
+
+
 def _train_counting_graphs(cfg) -> dict:
     from torch._dynamo.utils import counters
 

@@ -172,12 +172,15 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     peak = device_peak_flops(env.device)  # per rank: MFU divides by world size x peak
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
     preemption = PreemptionWatch(run_dir, env.is_main)
-    losses, skipped_in_row, skipped_total, last_saved = [], 0, 0, resume
+    # Skipped-step counts travel in checkpoints: a resumed run stops where the uninterrupted one would.
+    skipped_in_row, skipped_total = (state or {}).get("skipped_in_row", 0), (state or {}).get("skipped_total", 0)
+    losses, last_saved = [], resume
     start, step, preempted = time.perf_counter(), start_step, False
 
     def checkpoint(at_step: int) -> Path:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
-                  "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp}
+                  "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
+                  "skipped_in_row": skipped_in_row, "skipped_total": skipped_total}
         return save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
 
     try:
