@@ -95,7 +95,7 @@ def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_d
     val = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
     return (
         f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
-        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | ETA {eta:.0f}s"
+        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | MFU {rec['mfu']:.1%} | ETA {eta:.0f}s"
     )
 
 
