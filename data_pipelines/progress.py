@@ -12,7 +12,7 @@ def format_count(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, every_s: float = 5.0, stream=sys.stdout):
+    def __init__(self, label: str, every_s: float = 5.0, stream=None):  # None: sys.stdout when printing
         self.label, self.every_s, self.stream = label, every_s, stream
         self.start = self._last = time.monotonic()
 
@@ -25,4 +25,4 @@ class Progress:
         parts = [f"{format_count(v)} {k} ({format_count(v / elapsed)}/s)" for k, v in counts.items()]
         if done_fraction:
             parts.append(f"ETA {elapsed * (1 - done_fraction) / done_fraction:.0f}s")
-        print(f"[{self.label}] " + ", ".join(parts), file=self.stream, flush=True)
+        print(f"[{self.label}] " + ", ".join(parts), file=self.stream or sys.stdout, flush=True)
