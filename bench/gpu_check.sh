@@ -11,7 +11,7 @@
 #   270m_compiled OpenELM-270M, the same, compiled
 #   270m_eager    OpenELM-270M, eager
 #   270m_ref      OpenELM-270M forward + backward against the plain reference (same weights, batch, bf16)
-#   1b_deepspeed  OpenELM-1.1B, eager, on the DeepSpeed ZeRO-0 engine with torch_adam (needs the wheels)
+#   1b_deepspeed  OpenELM-1.1B, eager, on the DeepSpeed ZeRO-0 engine (needs the wheels)
 #   1b_deepspeed_compiled  the same, compiled as train.compile=true compiles (needs the wheels)
 # The 1.1B sections run without activation checkpointing (MFU counts model FLOPs only, so
 # recomputing activations would cost a third more work uncounted), at the largest micro-batch

@@ -10,13 +10,12 @@ vocabulary), at --seq tokens per sample. Precision on a GPU: bf16 (the OpenELM r
 on CPU: fp32.
 
 Engines:
-- torch (default): fp32 master parameters, bf16 autocast, torch.optim.AdamW (fused=True
-  on CUDA), torch.nn.utils.clip_grad_norm_. --compile compiles the forward and the loss
-  together (torch.compile).
+- torch (default): fp32 master parameters, bf16 autocast, torch.optim.AdamW (fused=True),
+  torch.nn.utils.clip_grad_norm_. --compile compiles the forward and the loss together.
 - deepspeed: a ZeRO-0 DeepSpeed engine built from trainer.deepspeed_config (bf16 params,
-  fp32 master weights inside DeepSpeed) with torch's AdamW ("torch_adam": FusedAdam would
-  need a CUDA extension build), in a world of one (trainer.distributed; no Ray). --compile
-  compiles as train.compile=true does (engine.compile() and the loss).
+  fp32 master weights inside DeepSpeed, torch's fused AdamW), as elmforge train builds it, in
+  a world of one (trainer.distributed; no Ray). --compile compiles as train.compile=true does
+  (engine.compile() and the loss).
 
 Activation checkpointing follows the model config (on for 450M and up), unless
 --activation-checkpointing on|off says otherwise. If the micro-batch does not fit, it is
@@ -98,7 +97,7 @@ def free_memory(device: torch.device) -> None:
 
 
 class TorchEngine:
-    """fp32 master weights, autocast to bf16 (on a GPU), fused AdamW where CUDA has it."""
+    """fp32 master weights, autocast to bf16 (on a GPU), torch's fused AdamW."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, bf16: bool, compile_model: bool):
         from trainer.optim import param_groups
@@ -108,9 +107,8 @@ class TorchEngine:
         self.bf16 = bf16
         # Compiling the loss with the model fuses the (tokens x vocab) softmax work into a few kernels.
         self.loss = torch.compile(self._loss) if compile_model else self._loss
-        kwargs = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, TRAIN["weight_decay"]), lr=TRAIN["lr"], betas=TRAIN["betas"], eps=TRAIN["eps"], **kwargs
+            param_groups(model, TRAIN["weight_decay"]), lr=TRAIN["lr"], betas=TRAIN["betas"], eps=TRAIN["eps"], fused=True
         )
 
     def autocast(self):
@@ -145,7 +143,6 @@ class DeepSpeedEngine:
 
         train = {**TRAIN, "micro_batch_size": micro_batch, "grad_accum_steps": 1, "precision": "bf16" if bf16 else "fp32"}
         config = deepspeed_config(train, {"stage": 0}, env.world_size, device.type == "cuda")
-        config["optimizer"]["params"]["torch_adam"] = True
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, TRAIN["weight_decay"]), config=config
         )

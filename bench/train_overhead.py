@@ -84,7 +84,7 @@ def bare_main(spec_path: str) -> None:
     model = build_model(OpenELMConfig(**cfg["model"]), seed=t["seed"]).train()
     opt = torch.optim.AdamW(
         param_groups(model, t["weight_decay"]), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
-        weight_decay=t["weight_decay"],
+        weight_decay=t["weight_decay"], fused=True,  # as the trainer's (trainer/deepspeed_config.py)
     )
     sched = warmup_cosine_scheduler(opt, t)
     manifest = read_manifest(cfg["data"]["dir"])

@@ -57,9 +57,11 @@ def test_deepspeed_config_carries_the_recipe():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is True
     params = ds["optimizer"]["params"]
-    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["fused"] is True
     assert (params["betas"], params["eps"], params["weight_decay"]) == ([0.9, 0.95], 1e-8, 0.1)
-    assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=True)["optimizer"]["params"]["torch_adam"] is False
+    assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=True)["optimizer"]["params"]["fused"] is True
+    offloaded = deepspeed_config(TRAIN, {"stage": 2, "offload_optimizer": True}, 1, use_gpu=True)["optimizer"]["params"]
+    assert offloaded["torch_adam"] is False and "fused" not in offloaded  # DeepSpeed's CPU Adam
     assert math.isclose(ds["gradient_clipping"], 1.0)
     assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=False)["gradient_clipping"] == 0.0  # the loop clips
 

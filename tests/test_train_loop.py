@@ -75,6 +75,7 @@ def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):
     env = init_distributed(use_gpu=False)
     model = build_model(OpenELMConfig(**cfg["model"]), seed=0)
     engine, scheduler = build_engine(cfg, model, env)
+    assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"]
     groups = engine.optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(tuple(g["betas"]) == (0.9, 0.95) and g["eps"] == 1e-8 for g in groups)

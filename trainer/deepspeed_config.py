@@ -3,6 +3,9 @@
 
 def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) -> dict:
     micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
+    # torch's fused AdamW (CPU and CUDA): no extension to build, about 7x the speed of its default
+    # per-tensor loop on CPU. Optimizer state offloaded from a GPU keeps DeepSpeed's CPU Adam.
+    torch_adam = not (use_gpu and zero.get("offload_optimizer"))
     zero_section: dict = {"stage": zero["stage"]}
     if zero.get("offload_optimizer"):
         zero_section["offload_optimizer"] = {"device": "cpu"}
@@ -21,8 +24,8 @@ def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) ->
                 "betas": list(train["betas"]),
                 "eps": train["eps"],
                 "weight_decay": train["weight_decay"],
-                # FusedAdam needs CUDA; torch's AdamW is the CPU path.
-                "torch_adam": not use_gpu,
+                "torch_adam": torch_adam,
+                **({"fused": True} if torch_adam else {}),  # passed on to torch.optim.AdamW
             },
         },
         "zero_optimization": zero_section,
