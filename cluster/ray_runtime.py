@@ -7,10 +7,11 @@ client; an existing cluster brings its own resources.
 """
 
 import os
-import socket
 from typing import Optional
 
 import ray
+
+from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
 # Ray Train's print patch sends each line through logging too, printing it twice.
@@ -45,12 +46,6 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     return {**kwargs, "address": cluster["address"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def connect(cluster: dict) -> None:
     if ray.is_initialized():
         return
@@ -58,7 +53,7 @@ def connect(cluster: dict) -> None:
         context = ray.init(**init_kwargs(cluster))
     else:
         # The GCS port is chosen here, before the start, so the workers can be told the address.
-        port = free_port()
+        port = free_port("")
         previous = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:

@@ -8,15 +8,10 @@ in rank order; a rank that raises or dies fails the call, naming the rank.
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.distributed import free_port
 
 
 def _rank_main(fn, rank, world_size, port, args, results):
@@ -37,7 +32,7 @@ class RankFailed(RuntimeError):
 def run_ranks(world_size: int, fn, *args, timeout: float = 600) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -7,7 +7,6 @@ every process it spawned (and only those) without touching other Ray instances.
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,7 @@ from pathlib import Path
 
 import requests
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.distributed import free_port
 
 
 @dataclass
@@ -48,7 +43,7 @@ class RayHead:
 
 def start_head(log_path: Path, num_cpus: int = 4, timeout: float = 120) -> RayHead:
     token = secrets.token_hex(16)
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -58,11 +53,11 @@ def start_head(log_path: Path, num_cpus: int = 4, timeout: float = 120) -> RayHe
         "DS_ACCELERATOR": "cpu",
     }
     cmd = [
-        str(Path(bin_dir, "ray")), "start", "--head", "--block", f"--port={_free_port()}",
+        str(Path(bin_dir, "ray")), "start", "--head", "--block", f"--port={free_port()}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--num-cpus={num_cpus}", "--include-dashboard=true",
         # Every port its own, so other Ray instances on this machine (tests, users) cannot collide with it.
-        *(f"--{name}={_free_port()}" for name in (
+        *(f"--{name}={free_port()}" for name in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
         )),

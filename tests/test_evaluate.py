@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from data_pipelines.manifest import read_manifest
 from data_pipelines.tokenizer import load_tokenizer
 from test_model import small_config
 from test_train_loop import small_cfg
-from trainer.distributed import init_distributed
+from trainer.distributed import free_port, init_distributed
 from trainer.evaluate import (
     distributed_mean,
     evaluate_loss,
@@ -84,12 +83,6 @@ def test_distributed_mean_in_a_world_of_one():
     assert evaluate_loss(model, batches, "cpu", distributed=True) == evaluate_loss(model, batches, "cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -107,7 +100,7 @@ def _two_ranks(rank: int, port: int) -> None:
 
 def test_ranks_with_unequal_token_counts_give_the_exact_global_mean():
     # A failed assertion in a rank fails start_processes with that rank's traceback.
-    mp.start_processes(_two_ranks, args=(_free_port(),), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_ranks, args=(free_port(),), nprocs=2, start_method="spawn")
 
 
 # ---------------------------------------------------------------------------- validation batches

@@ -26,9 +26,10 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now ("" for every interface)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -39,7 +40,7 @@ def init_distributed(use_gpu: bool) -> DistEnv:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a single process with no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend="nccl" if use_gpu else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")

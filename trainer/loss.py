@@ -15,12 +15,12 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class _LMLoss(torch.autograd.Function):
+    # bf16 logits are never copied to fp32 whole: subtracting an fp32 column promotes the result.
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float):
-        x = _at_least_fp32(logits)
-        m = x.amax(dim=-1, keepdim=True)
-        lse = (torch.sub(x, m).exp_().sum(dim=-1, keepdim=True).log_() + m).squeeze(-1)
-        ce = (lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
+        m = _at_least_fp32(logits.amax(dim=-1, keepdim=True))
+        lse = (torch.sub(logits, m).exp_().sum(dim=-1, keepdim=True).log_() + m).squeeze(-1)
+        ce = (lse - _at_least_fp32(logits.gather(-1, targets.unsqueeze(-1))).squeeze(-1)).mean()
         z = lse.square().mean()
         ctx.save_for_backward(logits, targets, lse)
         ctx.z_loss_weight = z_loss_weight
@@ -33,7 +33,7 @@ class _LMLoss(torch.autograd.Function):
         # d(ce)/dx = (softmax - onehot) / n;  d(z)/dx = 2 lse softmax / n
         g_ce = (grad_total + grad_ce) / n
         scale = g_ce + (2 * ctx.z_loss_weight / n) * grad_total * lse
-        grad = torch.sub(_at_least_fp32(logits), lse.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
+        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
         grad.scatter_add_(-1, targets.unsqueeze(-1), (-g_ce).expand(n, 1))
         return grad.to(logits.dtype), None, None
 
