@@ -62,6 +62,23 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tiny_dat
     assert steps == list(range(1, 9))
 
 
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny_dataset, tmp_path):
+    overrides = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    full = losses(cfg_for(tiny_dataset, tmp_path / "full", *overrides, workers=1), 1)
+    run_dir = tmp_path / "crashed"
+    first = run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, "train.faults.sigterm_at_step=4",
+                                        workers=1))[0]
+    # What a crash while writing step_5 leaves behind: some of its files, no COMPLETE marker.
+    partial = run_dir / "checkpoints" / "step_5"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    second = run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, workers=1))[0]
+    assert second["resumed_from"] == "step_4"
+    assert first["losses"] + second["losses"] == full  # bitwise
+    # The newest 2 complete checkpoints are kept; the older one and the crashed save are gone.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step_4", "step_6"]
+
+
 def _weights_and_optimizer(step_dir):
     module = torch.load(next(step_dir.glob("*model_states.pt")), weights_only=False)["module"]
     optim = [torch.load(p, weights_only=False)["optimizer_state_dict"] for p in sorted(step_dir.glob("*optim_states.pt"))]

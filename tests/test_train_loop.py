@@ -12,7 +12,7 @@ from trainer.distributed import init_distributed
 from trainer.model import OpenELMConfig, build_model
 from trainer.summary import read_summary
 from trainer.train_loop import build_engine, train
-from wandb_offline import run_history, run_summary
+from wandb_offline import run_history, run_summary, run_system_metrics
 
 SMALL_MODEL = [
     "model.num_layers=2",
@@ -61,6 +61,8 @@ def test_train_writes_metrics_checkpoint_and_an_offline_wandb_run(tiny_dataset, 
     assert [h["_step"] for h in history] == list(range(1, 7))
     assert [h["loss"] for h in history] == pytest.approx([r["loss"] for r in records])
     assert [h["grad_norm"] for h in history] == pytest.approx([r["grad_norm"] for r in records])
+    system = run_system_metrics(result["wandb_dir"])  # W&B's system metrics are on
+    assert system and all("memory_percent" in sample for sample in system)
 
 
 def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):

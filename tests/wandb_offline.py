@@ -16,11 +16,21 @@ def run_summary(run_dir: str | Path) -> dict:
     return json.loads(_wandb("leet", "inspect", "--summary", "--json", str(run_dir)))
 
 
-def run_history(run_dir: str | Path) -> list[dict]:
-    """Every logged step as {key: value}, in order."""
+def _records(run_dir: str | Path, kind: str) -> list[dict]:
+    """The run's records of one type ("history", "stats", ...), each as {key: value}, in order."""
     rows = []
     for line in _wandb("leet", "inspect", "--json", str(run_dir)).splitlines():
         record = json.loads(line)
-        if record.get("type") == "history":
-            rows.append(record["history"]["item"])
+        if record.get("type") == kind:
+            rows.append(record[kind]["item"])
     return rows
+
+
+def run_history(run_dir: str | Path) -> list[dict]:
+    """Every logged step as {key: value}, in order."""
+    return _records(run_dir, "history")
+
+
+def run_system_metrics(run_dir: str | Path) -> list[dict]:
+    """W&B's own samples of the machine (CPU, memory, disk, GPU when there is one)."""
+    return _records(run_dir, "stats")
