@@ -131,6 +131,8 @@ def validate(cfg: dict) -> None:
     if t["init_from"]:
         need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}", "must be a Hugging Face directory with config.json")
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
+    need(not c["dashboard"] or c["address"] is None, "cluster.dashboard=true",
+         "starts a dashboard for an embedded Ray only (cluster.address null); a cluster's dashboard is its head's")
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
     need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
     need(0 <= d["val_fraction"] < 1, f"data.val_fraction={d['val_fraction']}", "must be in [0, 1)")

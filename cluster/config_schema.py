@@ -141,6 +141,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     num_cpus: Optional[int] = 4
+    dashboard: bool = False  # an embedded Ray's dashboard (a cluster has its own)
     max_failures: int = 0  # worker-group restarts Ray Train may make; each resumes from the newest checkpoint
 
 

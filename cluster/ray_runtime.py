@@ -1,9 +1,11 @@
 """Connect to Ray: an embedded instance on this machine, or an existing cluster.
 
 cluster.address null starts Ray here with cluster.num_cpus logical CPUs (more
-than the physical cores, so a 2-core laptop can schedule 2 workers); `auto`
-joins the cluster this machine belongs to and `ray://host:10001` connects as a
-client; an existing cluster brings its own resources.
+than the physical cores, so a 2-core laptop can schedule 2 workers) and, unless
+cluster.dashboard, no dashboard: its processes took a third of Ray's CPU time
+while training (bench/train_overhead.py), time the workers lose on a small
+machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
+connects as a client; an existing cluster brings its own resources.
 """
 
 import os
@@ -42,7 +44,8 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
         if embedded_gcs:
             env_vars["RAY_ADDRESS"] = embedded_gcs
         # "local": always a new instance here, never a cluster someone else started on this machine.
-        return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False}
+        return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
+                "include_dashboard": cluster["dashboard"]}
     return {**kwargs, "address": cluster["address"]}
 
 
@@ -65,3 +68,5 @@ def connect(cluster: dict) -> None:
                 os.environ["RAY_GCS_SERVER_PORT"] = previous
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
+    elif cluster["address"] is None:
+        print("[ray] embedded instance without a dashboard (cluster.dashboard=true starts one)", flush=True)

@@ -60,6 +60,7 @@ def test_every_model_composes(model):
         (["tokenizer=file", "tokenizer.path=/nonexistent/tokenizer.json"], "tokenizer.path=/nonexistent"),
         (["model.num_query_heads=[4,4,4,4]"], "none of them"),
         (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),
+        (["cluster.dashboard=true", "cluster.address=auto"], "cluster.dashboard=true: starts a dashboard for an embedded"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):

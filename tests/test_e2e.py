@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
+from cluster.submit import auth_token
 from trainer.summary import read_summary
 from wandb_offline import run_summary
 
@@ -29,7 +31,7 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     for key in ("shards", "checkpoint", "metrics", "W&B run"):
         assert key in proc.stdout, key
     # At start: where to watch the run.
-    assert "[ray] dashboard: http://" in out and "[wandb] offline run" in out and "wandb sync" in out
+    assert "[ray] embedded instance without a dashboard" in out and "[wandb] offline run" in out and "wandb sync" in out
 
     # Both ranks wrote their ZeRO-2 optimizer partition; rank 0 marked it complete.
     ckpt = run_dir / "checkpoints" / "step_12"
@@ -85,12 +87,18 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
     cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL_MODEL, f"storage_path={tmp_path}",
            f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=200",
            "train.warmup_steps=2", "train.micro_batch_size=4", "train.loader_workers=0", "train.log_every=1",
-           "run.name=preempted"]
+           "run.name=preempted", "cluster.dashboard=true"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    seen = []
+    seen, dashboard = [], None
     for line in proc.stdout:
         seen.append(line)
-        if "[train] step 3/200" in line:  # 200 steps: far more than the driver needs to pass the signal on
+        if line.startswith("[ray] dashboard: "):
+            dashboard = line.split(": ", 1)[1].strip()
+        if "[train] step 3/200" in line:
+            # Asked for, the embedded instance's dashboard serves while the run trains.
+            token = auth_token()  # the instance's own, as for any cluster Ray 2.60 starts
+            version = requests.get(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert version.status_code == 200 and "ray_version" in version.json(), version.text  # 200 steps: far more than the driver needs to pass the signal on
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=600)

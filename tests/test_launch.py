@@ -11,6 +11,8 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     cluster = compose_config([])["cluster"]
     kwargs = init_kwargs(cluster)
     assert kwargs["num_cpus"] == 4 and kwargs["address"] == "local"
+    assert kwargs["include_dashboard"] is False  # on request only: cluster.dashboard=true
+    assert init_kwargs(compose_config(["cluster.dashboard=true"])["cluster"])["include_dashboard"] is True
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
     assert torch_backend(cluster) == "gloo"
 
@@ -18,7 +20,7 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
 @pytest.mark.parametrize("address", ["auto", "ray://head.example:10001"])
 def test_an_existing_cluster_is_joined_as_is(address):
     kwargs = init_kwargs(compose_config([f"cluster.address={address}"])["cluster"])
-    assert kwargs["address"] == address and "num_cpus" not in kwargs
+    assert kwargs["address"] == address and "num_cpus" not in kwargs and "include_dashboard" not in kwargs
 
 
 def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
