@@ -30,9 +30,10 @@ Cases and goals:
 
 Timing is wall-clock by default. On a machine that other processes keep busy, use
 --threads 1 --clock cpu: steps and the matmul peak are then timed by this process's CPU
-time, which the others do not inflate. Large tensors freed by glibc go back to the OS and
-page-fault in again on the next step; MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> in
-the environment keeps them (the JSON records MALLOC_*, GLIBC_*, OMP_* and MKL_* variables).
+time, which the others do not inflate. Like `elmforge train`, the process keeps freed memory for
+reuse (trainer.host_memory.keep_freed_memory: large tensors are not page-faulted in again every
+step), for both paths; --no-keep-memory leaves glibc's defaults (the JSON records whether it
+applied, and the MALLOC_*, GLIBC_*, OMP_* and MKL_* variables).
 """
 
 import argparse
@@ -54,6 +55,7 @@ from shared import cpu_name, reference_kwargs  # noqa: E402
 
 from reference_openelm import reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402
+from trainer.host_memory import keep_freed_memory  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402
 from trainer.model import Linear, OpenELMConfig, build_model, linear  # noqa: E402
 
@@ -167,14 +169,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: time by this process's CPU time (with --threads 1, on a busy machine)")
+    parser.add_argument("--no-keep-memory", action="store_true",
+                        help="leave glibc's malloc defaults (freed large tensors go back to the OS every step)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    kept_memory = False if args.no_keep_memory else keep_freed_memory()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     cases = ["tiny"] if args.quick else list(CASES)
-    print(f"[bench] {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads", flush=True)
+    print(f"[bench] {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads, "
+          f"freed memory {'kept for reuse' if kept_memory else 'returned to the OS (glibc defaults)'}", flush=True)
     load_start = os.getloadavg()
     if load_start[0] > 0.5:
         print(f"[bench] note: load average {load_start[0]:.1f} before starting; other processes skew the timings",
@@ -228,6 +234,7 @@ def main() -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__},
             "clock": args.clock,
+            "keep_freed_memory": kept_memory,
             "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
             "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_", "OMP_", "MKL_"))},
             "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -25,7 +25,8 @@ runs workers at nice 15):
   OpenELMConfig and seed), torch.optim.AdamW over trainer.optim.param_groups with the run's lr,
   betas, eps and weight decay and its warmup-cosine LambdaLR, lm_loss with the run's z-loss,
   clip_grad_norm_(train.grad_clip), zero_grad(set_to_none), loss.item() per step; the same
-  micro-batch x grad_accum x seq_len, on batches of the prepared data read into memory first.
+  micro-batch x grad_accum x seq_len, on batches of the prepared data read into memory first;
+  freed memory kept for reuse as in the trainer (trainer.host_memory).
 - bare xN (N > 1): N bare processes at once, counted over the window all N were in steady state.
 - no-Ray: the same `elmforge train` overrides with cluster.launcher=local (torchrun for N > 1):
   DeepSpeed + loader + loop without Ray.
@@ -71,6 +72,9 @@ def bare_main(spec_path: str) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from trainer.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as train() does: the ratio is then the framework's cost, not the allocator's
     from data_pipelines.loader import TokenLoader
     from data_pipelines.manifest import read_manifest
     from trainer.loss import lm_loss

@@ -13,17 +13,20 @@ from typing import Optional
 
 import ray
 
+from trainer import host_memory
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
 # Ray Train's print patch sends each line through logging too, printing it twice.
 # Worker processes that import torch and deepspeed on a busy machine (or wait for
 # autoscaling) can take longer than Ray Train's default 60 s to start.
+# glibc malloc settings that keep freed memory for reuse (trainer.host_memory).
 WORKER_ENV = {
     "DS_ACCELERATOR": "cpu",
     "WANDB_SILENT": "true",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    **host_memory.ENV,
 }
 
 

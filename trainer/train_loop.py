@@ -24,6 +24,7 @@ from trainer.errors import TrainingError
 from trainer.evaluate import evaluate_loss, validation_batches
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.flops import device_peak_flops, flops_per_token, mfu, peak_memory_gb
+from trainer.host_memory import keep_freed_memory, release_freed_memory
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
@@ -107,6 +108,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the run; returns its summary. `report`, called on every rank after each
     validation with {step, loss, val_loss, ...}, lets a launcher forward results (Ray Train, Tune)."""
     t_cfg, run_dir = cfg["train"], cfg["run"]["dir"]
+    keep_freed_memory()  # each step reuses the last one's freed memory instead of faulting it in again
     ckpt_root = Path(run_dir, "checkpoints")
     env = init_distributed(cfg["cluster"]["use_gpu"])
     manifest = read_manifest(cfg["data"]["dir"])
@@ -131,6 +133,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         if state["model"] != asdict(model_cfg):
             raise ValueError(f"checkpoint {resume} was trained with another model config; use a new run.name")
         tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
+        release_freed_memory()  # what loading held: the steps' own peak is smaller
     loader = TokenLoader(
         manifest.root, "train", env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["seed"],
         num_workers=t_cfg["loader_workers"], tokenizer_fingerprint=tokenizer_fp,
@@ -163,6 +166,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
             manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["eval_batches"], tokenizer_fp
         )
         r = evaluate_loss(engine, batches, env.device, distributed=True)
+        release_freed_memory()
         return {"val_loss": r["ce_loss"], "val_perplexity": r["perplexity"]}
 
     if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
@@ -181,7 +185,9 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
                   "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
                   "skipped_in_row": skipped_in_row, "skipped_total": skipped_total}
-        return save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
+        path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
+        release_freed_memory()
+        return path
 
     try:
         for step in range(start_step + 1, t_cfg["max_steps"] + 1):
