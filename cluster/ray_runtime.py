@@ -20,13 +20,11 @@ from trainer.distributed import free_port
 # Ray Train's print patch sends each line through logging too, printing it twice.
 # Worker processes that import torch and deepspeed on a busy machine (or wait for
 # autoscaling) can take longer than Ray Train's default 60 s to start.
-# glibc malloc settings that keep freed memory for reuse (trainer.host_memory).
 WORKER_ENV = {
     "DS_ACCELERATOR": "cpu",
     "WANDB_SILENT": "true",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-    **host_memory.ENV,
 }
 
 
@@ -40,6 +38,7 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     worker group's CPUs whenever a controller is killed (every trial Tune stops early).
     """
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    env_vars.update(host_memory.worker_env())  # glibc keeps freed memory for the next step
     if cluster["use_gpu"]:
         env_vars["DS_ACCELERATOR"] = "cuda"
     kwargs = {"runtime_env": {"env_vars": env_vars}}

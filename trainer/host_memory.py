@@ -48,6 +48,11 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, _, value in _SETTINGS)
 
 
+def worker_env() -> dict:
+    """ENV for the processes Ray starts, unless this environment sets any of it (then it is the user's)."""
+    return {} if any(name in os.environ for name in ENV) else dict(ENV)
+
+
 def release_freed_memory() -> None:
     """Return the heap's free memory to the OS (glibc's malloc_trim; nothing elsewhere)."""
     libc = _glibc()
