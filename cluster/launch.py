@@ -15,6 +15,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedErr
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.ray_runtime import connect
+from trainer import host_memory
 from trainer.errors import TrainingError
 from trainer.preemption import request_stop
 from trainer.summary import read_summary
@@ -72,6 +73,8 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
         # A controller that cannot start its workers retries a few times, not forever.
         failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"], controller_failure_limit=3),
         callbacks=callbacks,
+        # glibc reads these at the worker's start; the loop's thread has its own heap by train().
+        worker_runtime_env={"env_vars": host_memory.worker_env()},
     )
 
 

@@ -8,12 +8,12 @@ machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
 connects as a client; an existing cluster brings its own resources.
 """
 
+import logging
 import os
 from typing import Optional
 
 import ray
 
-from trainer import host_memory
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
@@ -38,17 +38,26 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     worker group's CPUs whenever a controller is killed (every trial Tune stops early).
     """
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
-    env_vars.update(host_memory.worker_env())  # glibc keeps freed memory for the next step
     if cluster["use_gpu"]:
         env_vars["DS_ACCELERATOR"] = "cuda"
     kwargs = {"runtime_env": {"env_vars": env_vars}}
     if cluster["address"] is None:
         if embedded_gcs:
             env_vars["RAY_ADDRESS"] = embedded_gcs
+        if not cluster["dashboard"]:
+            kwargs["runtime_env"]["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
                 "include_dashboard": cluster["dashboard"]}
     return {**kwargs, "address": cluster["address"]}
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Run in each worker of an embedded Ray without a dashboard. Ray Train's placement-group cleaner
+    asks the State API (which the dashboard serves) every second whether the run's controller still
+    lives, and warns each time it cannot. Its job, freeing a dead controller's CPUs, matters in a
+    Ray that outlives the run (a sweep starts the dashboard); an embedded one ends with the run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def connect(cluster: dict) -> None:

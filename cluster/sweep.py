@@ -86,7 +86,9 @@ def run_sweep(cfg: dict) -> list[dict]:
     s = cfg["sweep"]
     if not cfg["train"]["eval_every"]:
         raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
-    connect(cfg["cluster"])
+    # Ray Train frees the CPUs of a trial Tune stops early once its placement-group cleaner sees the
+    # trial's controller gone, which it asks the State API, which the dashboard serves.
+    connect({**cfg["cluster"], "dashboard": True})
     out = sweep_dir(cfg)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg), {"cpu": s["trial_cpus"]})
     experiment = out / "tune"

@@ -31,7 +31,8 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     for key in ("shards", "checkpoint", "metrics", "W&B run"):
         assert key in proc.stdout, key
     # At start: where to watch the run.
-    assert "[ray] embedded instance without a dashboard" in out and "[wandb] offline run" in out and "wandb sync" in out
+    assert "[ray] embedded instance without a dashboard" in out and "[wandb] offline run" in out
+    assert "PlacementGroupCleaner" not in out  # its State API warnings, one a second without a dashboard and "wandb sync" in out
 
     # Both ranks wrote their ZeRO-2 optimizer partition; rank 0 marked it complete.
     ckpt = run_dir / "checkpoints" / "step_12"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import compose_config
-from cluster.ray_runtime import init_kwargs
+from cluster.launch import run_config
 from trainer.host_memory import ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,19 +80,52 @@ def test_training_steps_reuse_freed_memory_and_release_hands_it_back():
     assert kept["rss_mb_released"] < kept["rss_mb"] - 50, kept
 
 
+def worker_env_vars() -> dict:
+    cfg = compose_config(["run.name=m", "storage_path=/tmp/elmforge-host-memory"])
+    return run_config(cfg).worker_runtime_env["env_vars"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_the_ray_worker_environment_keeps_memory_on_another_thread():
     plain = probe(call=False, thread=True, env={})
     assert plain["faults"] > LOGITS_PAGES, plain
-    env = init_kwargs(compose_config([])["cluster"])["runtime_env"]["env_vars"]
-    kept = probe(call=True, thread=True, env={k: env[k] for k in ENV})
+    kept = probe(call=True, thread=True, env=worker_env_vars())
     assert kept["applied"] is False  # glibc took them from the environment; the call leaves them be
     assert kept["faults"] < LOGITS_PAGES // 10, kept
 
 
 def test_a_users_own_malloc_environment_wins(monkeypatch):
-    env = init_kwargs(compose_config([])["cluster"])["runtime_env"]["env_vars"]
-    assert {k: env[k] for k in ENV} == ENV
+    assert worker_env_vars() == ENV
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the workers inherit it; none of ours is added
-    assert not set(ENV) & set(init_kwargs(compose_config([])["cluster"])["runtime_env"]["env_vars"])
+    assert worker_env_vars() == {}
     assert probe(call=True, thread=False, env={"MALLOC_ARENA_MAX": "4"})["applied"] is False
+
+
+@pytest.mark.integration
+def test_ray_train_workers_start_with_the_settings_and_nothing_else_does(tmp_path):
+    """Only the training workers: Ray Data's tokenizer actors run many allocating threads, which one
+    arena would serialise."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from cluster.launch import scaling_config
+    from cluster.ray_runtime import connect
+
+    def read_env(config):
+        Path(config["out"], f"rank{ray.train.get_context().get_world_rank()}.json").write_text(
+            json.dumps({k: os.environ.get(k) for k in ENV}))
+
+    @ray.remote
+    def other_task():
+        return {k: os.environ.get(k) for k in ENV}
+
+    cfg = compose_config([f"storage_path={tmp_path}", "run.name=env", "cluster.num_workers=2"])
+    connect(cfg["cluster"])
+    try:
+        TorchTrainer(read_env, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling_config(cfg["cluster"]),
+                     run_config=run_config(cfg)).fit()
+        assert ray.get(other_task.remote()) == {k: None for k in ENV}
+    finally:
+        ray.shutdown()
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ENV

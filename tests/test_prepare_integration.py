@@ -20,9 +20,10 @@ pytestmark = pytest.mark.integration
 def ray_local():
     import ray
 
+    from cluster.config import compose_config
     from cluster.ray_runtime import connect
 
-    connect({"address": None, "num_cpus": 4, "use_gpu": False})
+    connect(compose_config([])["cluster"])  # embedded, 4 logical CPUs
     yield
     ray.shutdown()
 

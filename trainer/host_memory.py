@@ -10,10 +10,11 @@ The heap then keeps the peak of whatever ran, so after a checkpoint save or load
 (peaks of their own) release_freed_memory() hands the free part back, and the next step faults
 in once what it needs.
 
-Two routes to the same settings: glibc reads ENV when a process starts (how Ray workers get them:
-cluster.ray_runtime puts ENV in their environment, because Ray Train runs the loop on a thread that
-has its own heap by then); keep_freed_memory() sets them in a running process (the Ray-free paths,
-where the loop runs on the main thread).
+Two routes to the same settings: glibc reads ENV when a process starts (how Ray Train's workers
+get them, from cluster.launch, because Ray Train runs the loop on a thread that has its own heap by
+then; Ray's other processes keep glibc's defaults: one arena would serialise the tokenizer actors'
+threads); keep_freed_memory() sets them in a running process (the Ray-free paths, where the loop
+runs on the main thread).
 """
 
 import ctypes
