@@ -18,6 +18,7 @@ runs on the main thread).
 """
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -30,6 +31,11 @@ _SETTINGS = (
 ENV = {name: str(value) for _, name, value in _SETTINGS}
 
 
+def _set_by_user() -> bool:
+    return any(name in os.environ for name in ENV)
+
+
+@functools.cache
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None
@@ -44,14 +50,14 @@ def keep_freed_memory() -> bool:
     start, and a user's own choice stands.
     """
     libc = _glibc()
-    if libc is None or any(name in os.environ for name in ENV):
+    if libc is None or _set_by_user():
         return False
     return all(libc.mallopt(param, value) == 1 for param, _, value in _SETTINGS)
 
 
 def worker_env() -> dict:
     """ENV for the processes Ray starts, unless this environment sets any of it (then it is the user's)."""
-    return {} if any(name in os.environ for name in ENV) else dict(ENV)
+    return {} if _set_by_user() else dict(ENV)
 
 
 def release_freed_memory() -> None:
