@@ -16,12 +16,13 @@ from trainer.host_memory import ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Page faults of the last of a few training steps of a model whose logits and their gradient (512
-# tokens x 32,000, 65 MB each) are past glibc's mmap threshold, on the main thread or on a new one
-# (as under Ray Train), with or without keep_freed_memory(); then the process's resident size
-# before and after release_freed_memory().
+# Page faults of a typical training step (the median of steps 3-12: while the heap settles, over
+# the first twenty-odd steps, an occasional step still grows it by a block) of a model whose
+# logits and their gradient (512 tokens x 32,000, 65 MB each) are past glibc's mmap threshold, on
+# the main thread or on a new one (as under Ray Train), with or without keep_freed_memory(); then
+# the process's resident size before and after release_freed_memory().
 PROBE = """
-import json, resource, sys, threading
+import json, resource, statistics, sys, threading
 import torch
 sys.path.insert(0, {root!r})
 from trainer.host_memory import keep_freed_memory, release_freed_memory
@@ -40,12 +41,14 @@ def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
 def train(out):
-    for _ in range(4):
+    faults = []
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         optimizer.zero_grad(set_to_none=True)
         lm_loss(model(tokens[:, :-1]), tokens[:, 1:], 1e-4)[0].backward()
         optimizer.step()
-        out["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    out["faults"] = statistics.median(faults[2:])
     out["rss_mb"] = rss_mb()
     release_freed_memory()
     out["rss_mb_released"] = rss_mb()
