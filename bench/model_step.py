@@ -18,7 +18,7 @@ What it measures, fp32, on the same weights, the same batch and the same thread 
    already counts the backward) * tokens / step time, as a fraction of the matmul peak.
 4. The linear products' own ceiling ("linears only"): every weight of the model (the tied
    output head included) as a product of the case's batch, forward and both backward
-   products through trainer.model.linear on random inputs, each shape timed alone (best of
+   products through trainer.onednn_linear.linear on random inputs, each shape timed alone (best of
    3) and summed over the layers. The model's FLOPs over that sum, as a fraction of the peak,
    is what the step would achieve if nothing but these products took time.
 
@@ -57,7 +57,8 @@ from reference_openelm import reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402
 from trainer.host_memory import keep_freed_memory  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402
-from trainer.model import Linear, OpenELMConfig, build_model, linear  # noqa: E402
+from trainer.model import Linear, OpenELMConfig, build_model  # noqa: E402
+from trainer.onednn_linear import linear  # noqa: E402
 
 Z_LOSS = 1e-4
 CASES = {  # name: (model config file, vocab override, batch, seq, goal)

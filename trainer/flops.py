@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from trainer.model import ONEDNN_CPU_MATMUL, OpenELMConfig, onednn_mm_nt
+from trainer.model import OpenELMConfig
+from trainer.onednn_linear import ONEDNN_CPU_MATMUL, onednn_mm_nt
 
 
 def non_embedding_params(cfg: OpenELMConfig) -> int:
@@ -90,7 +91,7 @@ def cpu_matmul_peak(
     """Best FLOP/s of a square matmul (n x n @ n x n) over n in `sizes`, on CPU.
 
     Runs with `threads` torch threads (default: the current setting). Both of the fp32 matmuls the
-    model may use are timed, torch.mm (MKL) and oneDNN's (trainer.model.onednn_mm_nt), and the
+    model may use are timed, torch.mm (MKL) and oneDNN's (trainer.onednn_linear.onednn_mm_nt), and the
     better counts: a peak the model's own matmuls could beat would not be a peak. Each size and
     kernel gets one warm-up product, then timed repetitions until its share of `seconds` is spent
     (at least one, at most ten); the fastest repetition counts. `clock` times them

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.layer_scaling import LayerPlan, explicit_layer_plan, scaled_layer_plan
+from trainer.onednn_linear import linear, tied_head, tied_lookup
 
 
 @dataclass
@@ -54,63 +55,6 @@ class OpenELMConfig:
             tuple(self.ffn_multipliers),
             self.ffn_dim_divisor,
         )
-
-
-# fp32 matmuls on CPU go to oneDNN rather than torch's default BLAS (MKL) when both exist. MKL takes
-# its AVX2 code path on AMD processors: on an AMD EPYC (Zen 5) it reached ~105 GFLOP/s per core where
-# oneDNN's AVX-512 kernels reached ~230, on the same fp32 inputs (bench/model_step.py). Products
-# smaller than ONEDNN_MIN_MACS multiply-adds stay on MKL, which starts faster.
-ONEDNN_CPU_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_MIN_MACS = 1 << 22
-
-
-def onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T (a: (..., k), b: (n, k)) by oneDNN's fp32 matmul."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T with its two backward products on oneDNN as well (see ONEDNN_CPU_MATMUL)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return onednn_mm_nt(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = onednn_mm_nt(grad, weight.t())
-        if ctx.needs_input_grad[1]:
-            # grad_w = grad^T @ x contracts over tokens, and oneDNN copies its first operand into a
-            # contiguous one: either grad^T (out x tokens), or x^T (in x tokens) and then the
-            # transposed result (out x in). Take whichever copies less.
-            g, x = grad.flatten(0, -2), x.flatten(0, -2)
-            (tokens, n_out), n_in = g.shape, x.shape[1]
-            if n_in * (tokens + n_out) < n_out * tokens:
-                grad_w = onednn_mm_nt(x.t(), g.t()).t().contiguous()
-            else:
-                grad_w = onednn_mm_nt(g.t(), x.t())
-        return grad_x, grad_w
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T: F.linear, except fp32 on CPU (no autocast), where large products use oneDNN.
-
-    Not under torch.compile, whose CPU backend picks its own matmul (and cannot lower this op).
-    """
-    if (
-        ONEDNN_CPU_MATMUL
-        and not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-    ):
-        return _OneDNNLinear.apply(x, weight)
-    return F.linear(x, weight)
 
 
 class Linear(nn.Linear):
@@ -226,10 +170,28 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, whose weight is also the output head (OpenELM ties them): `forward`
+    looks tokens up, `head` projects onto the vocabulary. In eager fp32 on CPU the two share one
+    weight gradient instead of summing two (trainer.onednn_linear)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__(vocab_size, dim)
+        self._hand_over = None  # from this forward's lookup to its head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, self._hand_over = tied_lookup(tokens, self.weight)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        hand_over, self._hand_over = self._hand_over, None
+        return tied_head(x, self.weight, hand_over)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: OpenELMConfig, plan: LayerPlan):
         super().__init__()
-        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.token_embeddings = TiedEmbedding(cfg.vocab_size, cfg.model_dim)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, q, kv, f) for q, kv, f in zip(plan.num_query_heads, plan.num_kv_heads, plan.ffn_dims)
         )
@@ -272,7 +234,7 @@ class OpenELM(nn.Module):
             else:
                 x = layer(x, cos, sin)
         x = self.transformer.norm(x)
-        return linear(x, self.transformer.token_embeddings.weight)  # tied output head
+        return self.transformer.token_embeddings.head(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
