@@ -239,6 +239,9 @@ def _probe_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from cluster.launch import use_allotted_threads
+
+    use_allotted_threads()  # as the training worker does first
     rank = ray.train.get_context().get_world_rank()
     info = {
         "rank": rank, "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),

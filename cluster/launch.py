@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import ray.train
+import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -21,7 +22,17 @@ from trainer.preemption import request_stop
 from trainer.summary import read_summary
 
 
+def use_allotted_threads() -> None:
+    """torch reads OMP_NUM_THREADS once, when first imported. Ray sets it in a worker (to the CPUs the
+    worker was given, unless the user set it) only as the worker's task starts, so a worker process
+    that had imported torch before (a setup hook, a runtime_env plugin) would run every core."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def _worker(config: dict) -> None:
+    use_allotted_threads()
     ctx = ray.train.get_context()
     os.environ.update(
         RANK=str(ctx.get_world_rank()),

@@ -8,12 +8,12 @@ machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
 connects as a client; an existing cluster brings its own resources.
 """
 
-import logging
 import os
 from typing import Optional
 
 import ray
 
+from cluster import ray_worker_setup
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
@@ -26,6 +26,9 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
+
+
+SETUP_HOOK = f"{ray_worker_setup.__name__}.{ray_worker_setup.quiet_placement_group_cleaner.__name__}"
 
 
 def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
@@ -45,19 +48,11 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
         if embedded_gcs:
             env_vars["RAY_ADDRESS"] = embedded_gcs
         if not cluster["dashboard"]:
-            kwargs["runtime_env"]["worker_process_setup_hook"] = f"{__name__}.{quiet_placement_group_cleaner.__name__}"
+            kwargs["runtime_env"]["worker_process_setup_hook"] = SETUP_HOOK
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
                 "include_dashboard": cluster["dashboard"]}
     return {**kwargs, "address": cluster["address"]}
-
-
-def quiet_placement_group_cleaner() -> None:
-    """Run in each worker of an embedded Ray without a dashboard. Ray Train's placement-group cleaner
-    asks the State API (which the dashboard serves) every second whether the run's controller still
-    lives, and warns each time it cannot. Its job, freeing a dead controller's CPUs, matters in a
-    Ray that outlives the run (a sweep starts the dashboard); an embedded one ends with the run."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def connect(cluster: dict) -> None:

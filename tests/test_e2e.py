@@ -22,6 +22,7 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "2 ranks, ZeRO-2, fp32, 12 steps" in out
+    assert "; 1 CPU thread per rank" in out  # cluster.cpus_per_worker=1, not every core of the machine
 
     run_dir = tmp_path / "outputs" / "e2e"
     summary = read_summary(run_dir)

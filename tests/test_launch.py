@@ -12,7 +12,7 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     kwargs = init_kwargs(cluster)
     assert kwargs["num_cpus"] == 4 and kwargs["address"] == "local"
     assert kwargs["include_dashboard"] is False  # on request only: cluster.dashboard=true
-    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_runtime.quiet_placement_group_cleaner"
+    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_placement_group_cleaner"
     with_dashboard = init_kwargs(compose_config(["cluster.dashboard=true"])["cluster"])
     assert with_dashboard["include_dashboard"] is True and "worker_process_setup_hook" not in with_dashboard["runtime_env"]
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"

@@ -153,10 +153,11 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
         where = f"resuming from {resume.name}" if resume else "from scratch"
+        threads = torch.get_num_threads()
         print(
             f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} ranks, "
             f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
-            f"{t_cfg['max_steps']} steps, {where}",
+            f"{t_cfg['max_steps']} steps, {where}; {threads} CPU thread{'s' * (threads > 1)} per rank",
             flush=True,
         )
 

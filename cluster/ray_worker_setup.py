@@ -1,0 +1,15 @@
+"""Runs first in every worker process of an embedded Ray without a dashboard (its setup hook).
+
+Imports nothing heavy: torch read here would fix each worker's thread count before Ray sets
+OMP_NUM_THREADS for it, and Ray Data's actors would pay for torch and DeepSpeed they never use.
+"""
+
+import logging
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray Train's placement-group cleaner asks the State API (which the dashboard serves) every
+    second whether the run's controller still lives, and warns each time it cannot. Its job, freeing
+    a dead controller's CPUs, matters in a Ray that outlives the run (a sweep starts the dashboard);
+    an embedded one ends with the run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
