@@ -48,7 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from shared import reference_kwargs  # noqa: E402
+from reference_openelm import reference_kwargs  # noqa: E402
 
 from trainer.flops import cpu_matmul_peak, flops_per_token, gpu_peak_flops, mfu  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402

@@ -51,7 +51,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from shared import cpu_name, reference_kwargs  # noqa: E402
+from shared import cpu_name  # noqa: E402
+from reference_openelm import reference_kwargs  # noqa: E402
 
 from reference_openelm import reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402

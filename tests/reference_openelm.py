@@ -156,6 +156,20 @@ def random_state_dict(vocab_size, model_dim, head_dim, num_query_heads, num_kv_h
     return sd
 
 
+def reference_kwargs(model) -> dict:
+    """Keyword arguments of `reference_logits` for elmforge's OpenELM `model` (its config and layer plan)."""
+    cfg, plan = model.cfg, model.plan
+    return dict(
+        model_dim=cfg.model_dim,
+        head_dim=cfg.head_dim,
+        num_query_heads=list(plan.num_query_heads),
+        num_kv_heads=list(plan.num_kv_heads),
+        ffn_dims=list(plan.ffn_dims),
+        rope_theta=cfg.rope_theta,
+        norm_eps=cfg.norm_eps,
+    )
+
+
 # --------------------------------------------------------------------------
 # Self-check
 # --------------------------------------------------------------------------

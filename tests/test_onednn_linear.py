@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_openelm import reference_logits, reference_loss
+from reference_openelm import reference_kwargs, reference_logits, reference_loss
 from trainer.loss import lm_loss
 from trainer.model import OpenELMConfig, build_model
 from trainer.onednn_linear import ONEDNN_CPU_MATMUL, ONEDNN_GRAD_INPUT_BLOCK, linear
@@ -34,17 +34,10 @@ def test_linear_matches_f_linear_forward_and_backward(n_in, n_out):
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
 
 
-def _model_and_reference():
-    cfg = OpenELMConfig(num_layers=2, model_dim=128, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=32, vocab_size=2000)
+def model_and_reference_grads(cfg: OpenELMConfig):
+    """Our model (seed 0) and a function giving the float64 reference's gradients on the same weights."""
     model = build_model(cfg, seed=0).train()
-    plan = model.plan
-    kwargs = dict(
-        model_dim=cfg.model_dim,
-        head_dim=cfg.head_dim,
-        num_query_heads=list(plan.num_query_heads),
-        num_kv_heads=list(plan.num_kv_heads),
-        ffn_dims=list(plan.ffn_dims),
-    )
+    kwargs = reference_kwargs(model)
     ref_weights = {k: v.detach().double().requires_grad_() for k, v in model.state_dict().items()}
 
     def reference_grads(tokens):
@@ -53,6 +46,11 @@ def _model_and_reference():
         return {k: w.grad for k, w in ref_weights.items()}
 
     return model, reference_grads
+
+
+def _model_and_reference():
+    cfg = OpenELMConfig(num_layers=2, model_dim=128, head_dim=32, num_gqa_groups=2, ffn_dim_divisor=32, vocab_size=2000)
+    return model_and_reference_grads(cfg)
 
 
 def _assert_embedding_grad(model, expected: dict) -> None:

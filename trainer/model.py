@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.cpu_attention import short_attention_applies, short_causal_attention
 from trainer.layer_scaling import LayerPlan, explicit_layer_plan, scaled_layer_plan
 from trainer.onednn_linear import linear, tied_head, tied_lookup
 
@@ -105,7 +106,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (cos, signed sin), each (seq_len, head_dim), for rotate-half RoPE with inv_freq = theta^(-2i/hd).
+    """fp32 (cos, signed sin), each (seq_len, 1, head_dim) to broadcast over heads, for rotate-half
+    RoPE with inv_freq = theta^(-2i/hd).
 
     rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin), so the sign lives in the table. Built once
     per forward and shared by the layers; computed, not stored, so it stays fp32 when the module is cast
@@ -114,11 +116,12 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     sin = angles.sin()
-    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
+    cos, signed_sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
+    return cos.unsqueeze(1), signed_sin.unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x (..., S, head_dim), in fp32: x * cos + rotate_half(x) * sin."""
+    """Rotate-half RoPE on x (B, S, heads, head_dim), in fp32: x * cos + rotate_half(x) * sin."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.addcmul(xf * cos, torch.cat([x2, x1], dim=-1), signed_sin).type_as(x)
@@ -134,14 +137,21 @@ class Attention(nn.Module):
         self.out_proj = Linear(q_heads * cfg.head_dim, cfg.model_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Sequence-major (B, S, heads, head_dim) throughout, as the projections lay it out.
         b, s, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, s, self.q_heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
+        qkv = self.qkv_proj(x).view(b, s, self.q_heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        # enable_gqa repeats each KV head for g consecutive query heads (repeat_interleave order).
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
-        return self.out_proj(y.transpose(1, 2).reshape(b, s, self.q_heads * self.head_dim))
+        if short_attention_applies(q, self.kv_heads):
+            y = short_causal_attention(q, k, v)
+        else:
+            # enable_gqa repeats each KV head for g consecutive query heads (repeat_interleave order).
+            gqa = self.q_heads != self.kv_heads
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
+            ).transpose(1, 2)
+        return self.out_proj(y.reshape(b, s, self.q_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
