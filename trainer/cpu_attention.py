@@ -30,7 +30,7 @@ def short_attention_applies(q: torch.Tensor, kv_heads: int) -> bool:
     """Where `short_causal_attention` runs: eager fp32 on CPU, sequences of up to SHORT_SEQ_MAX
     tokens, and a KV head's score product large enough for oneDNN (the tiny test model's, 128
     tokens x head_dim 32, runs faster through flash attention)."""
-    b, s, hq, d = q.shape
+    _, s, hq, d = q.shape
     group_scores_macs = s * (hq // kv_heads) * s * d
     return ONEDNN_CPU_MATMUL and cpu_fp32_eager(q) and s <= SHORT_SEQ_MAX and group_scores_macs >= ONEDNN_MIN_MACS
 
