@@ -52,9 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from shared import cpu_name  # noqa: E402
-from reference_openelm import reference_kwargs  # noqa: E402
 
-from reference_openelm import reference_logits, reference_loss  # noqa: E402
+from reference_openelm import reference_kwargs, reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402
 from trainer.host_memory import keep_freed_memory  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from trainer.onednn_linear import ONEDNN_CPU_MATMUL, ONEDNN_MIN_MACS, cpu_fp32_eager, onednn_mm_nt
+from trainer.onednn_linear import cpu_fp32_eager, onednn_fits, onednn_mm_nt
 
 # Longer sequences go to flash attention, whose tiles skip the masked half and keep no
 # probabilities: per layer on one thread this path was 1.75x as fast at 256 tokens, 1.16x at 512
@@ -32,7 +32,7 @@ def short_attention_applies(q: torch.Tensor, kv_heads: int) -> bool:
     tokens x head_dim 32, runs faster through flash attention)."""
     _, s, hq, d = q.shape
     group_scores_macs = s * (hq // kv_heads) * s * d
-    return ONEDNN_CPU_MATMUL and cpu_fp32_eager(q) and s <= SHORT_SEQ_MAX and group_scores_macs >= ONEDNN_MIN_MACS
+    return s <= SHORT_SEQ_MAX and cpu_fp32_eager(q) and onednn_fits(group_scores_macs)
 
 
 def _softmax_scores_into(out: torch.Tensor, q_rows: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor):

@@ -74,13 +74,14 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _onednn_fits(tokens: int, weight: torch.Tensor) -> bool:
-    return ONEDNN_CPU_MATMUL and tokens * weight.numel() >= ONEDNN_MIN_MACS
+def onednn_fits(macs: int) -> bool:
+    """Whether a product of this many multiply-adds goes to oneDNN (where it exists)."""
+    return ONEDNN_CPU_MATMUL and macs >= ONEDNN_MIN_MACS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T: F.linear, except fp32 on CPU in eager mode, where large products use oneDNN."""
-    if cpu_fp32_eager(x, weight) and _onednn_fits(x.numel() // x.shape[-1], weight):
+    if cpu_fp32_eager(x, weight) and onednn_fits(x.numel() // x.shape[-1] * weight.numel()):
         return _OneDNNLinear.apply(x, weight)
     return F.linear(x, weight)
 
@@ -137,7 +138,7 @@ class _TiedHead(torch.autograd.Function):
 def tied_lookup(tokens: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, GradHandOver | None]:
     """weight[tokens], and the hand-over to give `tied_head` in the same forward (None: plain path)."""
     training = torch.is_grad_enabled() and weight.requires_grad
-    if training and cpu_fp32_eager(weight) and _onednn_fits(tokens.numel(), weight):
+    if training and cpu_fp32_eager(weight) and onednn_fits(tokens.numel() * weight.numel()):
         hand_over = GradHandOver()
         return _TiedLookup.apply(tokens, weight, hand_over), hand_over
     return F.embedding(tokens, weight), None
