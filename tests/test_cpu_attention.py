@@ -56,7 +56,7 @@ def test_applies_to_short_fp32_cpu_sequences_with_large_enough_products():
         assert not short_attention_applies(q(256), kv_heads=4)
 
 
-def _graph_names(tensor: torch.Tensor) -> set[str]:
+def graph_names(tensor: torch.Tensor) -> set[str]:
     names, todo, seen = set(), [tensor.grad_fn], set()
     while todo:
         node = todo.pop()
@@ -74,7 +74,7 @@ def test_model_takes_it_and_matches_the_reference_gradients():
     model, reference_grads = model_and_reference_grads(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, SHORT_SEQ_MAX + 1), generator=torch.Generator().manual_seed(1))
     loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:], 1e-4)
-    assert "_ShortCausalAttentionBackward" in _graph_names(loss)
+    assert "_ShortCausalAttentionBackward" in graph_names(loss)
     loss.backward()
     expected = reference_grads(tokens)
     for name, p in model.named_parameters():

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.cpu_attention import short_attention_applies, short_causal_attention
+from trainer.cpu_elementwise import rms_norm, rope, swiglu
 from trainer.layer_scaling import LayerPlan, explicit_layer_plan, scaled_layer_plan
-from trainer.onednn_linear import linear, tied_head, tied_lookup
+from trainer.onednn_linear import cpu_fp32_eager, linear, tied_head, tied_lookup
 
 
 @dataclass
@@ -68,27 +69,6 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """fp32 RMSNorm with its gradient written out. On CPU, F.rms_norm is a decomposition that
-    autograd differentiates op by op, about twice the passes over x that this makes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        normed, rstd, weight = ctx.saved_tensors
-        grad_normed = grad * weight
-        # d normed / d x = rstd * (I - normed normed^T / n)
-        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
-        grad_w = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
-
-
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (bf16 statistics are too coarse), learnable scale, no bias."""
 
@@ -98,8 +78,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if cpu_fp32_eager(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, round to x's dtype, then scale (as the Hugging Face release does).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return normed * self.weight
@@ -122,6 +102,8 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x (B, S, heads, head_dim), in fp32: x * cos + rotate_half(x) * sin."""
+    if cpu_fp32_eager(x):
+        return rope(x, cos, signed_sin)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.addcmul(xf * cos, torch.cat([x2, x1], dim=-1), signed_sin).type_as(x)
@@ -163,7 +145,10 @@ class FeedForward(nn.Module):
         self.proj_2 = Linear(ffn_dim, model_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.proj_1(x).chunk(2, dim=-1)
+        h = self.proj_1(x)
+        if cpu_fp32_eager(h):
+            return self.proj_2(swiglu(h))
+        gate, value = h.chunk(2, dim=-1)
         return self.proj_2(F.silu(gate) * value)
 
 
