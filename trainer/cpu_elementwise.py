@@ -1,10 +1,10 @@
 """RMSNorm, SwiGLU and RoPE with their gradients written out, for eager fp32 on CPU.
 
-Autograd differentiates these op by op: each intermediate is a full pass over memory, SwiGLU's
-two gradient halves and RoPE's rotated halves are concatenated, and saved intermediates cost
-memory. Written out, each takes a few passes and saves only its inputs. On a two-thread CPU,
-where the linear products run near the matmul peak, such passes are most of what is left of a
-step (bench/model_step.py). GPUs and torch.compile use the plain expressions in trainer/model.py.
+Autograd differentiates these op by op: every intermediate is another full pass over memory, and
+SwiGLU's two gradient halves and RoPE's rotated halves are concatenated. Written out, each takes
+fewer passes and writes its halves in place. On a two-thread CPU, where the linear products run
+near the matmul peak, such passes are much of what is left of a step (bench/model_step.py,
+docs/benchmarks.md: 1.3-1.7% of an OpenELM-270M step). GPUs and torch.compile use the plain expressions in trainer/model.py.
 """
 
 import torch
@@ -80,8 +80,9 @@ class _RoPE(torch.autograd.Function):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """x * cos plus x's swapped halves times the sine: the sine half of the output's position
-    (forward) or, for the gradient (the rotation's transpose), of the input's."""
+    """The rotation, x * cos + swap_halves(x) * signed_sin, or with transpose=True its transpose,
+    which the backward applies to the gradient: there each swapped half is multiplied by the sine
+    of the half it comes from rather than of the half it lands in."""
     half = x.shape[-1] // 2
     lo, hi = slice(None, half), slice(half, None)
     out = x * cos
