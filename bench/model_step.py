@@ -166,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny case only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per path (default 7 tiny, 3 270m)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per path (default 7 tiny, 5 270m)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: time by this process's CPU time (with --threads 1, on a busy machine)")
@@ -195,7 +195,7 @@ def main() -> None:
     print(f"[bench] fp32 matmul peak: {peak_start / 1e9:.1f} GFLOP/s", flush=True)
     results = []
     for name in cases:
-        repeats = args.repeats or (7 if name == "tiny" else 3)
+        repeats = args.repeats or (7 if name == "tiny" else 5)
         print(f"[bench] {name}: {args.warmup} warm-up + {repeats} timed steps per path ...", flush=True)
         results.append(run_case(name, repeats, max(1, args.warmup), clock))
     peak_end = cpu_matmul_peak(clock=clock)
