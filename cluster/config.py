@@ -55,7 +55,7 @@ def derive_run_name(cfg: dict) -> str:
     relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
     # Settings that change how a run is observed, kept or executed, not what it computes, stay out of the name.
     bookkeeping = ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
-                   "eval_batches", "max_skipped_in_row", "compile")
+                   "eval_batches", "max_skipped_in_row", "compile", "gc_every")
     relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in bookkeeping}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
@@ -116,7 +116,8 @@ def validate(cfg: dict) -> None:
     need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
     need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
     need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")
-    need(t["loader_workers"] >= 0, f"train.loader_workers={t['loader_workers']}", "must be 0 or more")
+    for key in ("loader_workers", "gc_every"):
+        need(t[key] >= 0, f"train.{key}={t[key]}", "must be 0 or more")
     z = cfg["deepspeed"]
     need(z["stage"] in (0, 1, 2, 3), f"deepspeed.stage={z['stage']}", "must be 0, 1, 2 or 3")
     need(not z["offload_optimizer"] or z["stage"] >= 1, "deepspeed.offload_optimizer", "needs deepspeed.stage 1, 2 or 3")

@@ -117,6 +117,7 @@ class TrainConfig:
     max_skipped_in_row: int = 3  # non-finite steps in a row before training stops
     init_from: Optional[str] = None  # a Hugging Face OpenELM directory to start from
     compile: bool = False  # torch.compile the model and the loss
+    gc_every: int = 50  # Python garbage collection every N steps on every rank at once; 0: Python's automatic one
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 

@@ -53,6 +53,7 @@ def test_every_model_composes(model):
         (["model=openelm_9b"], "openelm_270m"),
         (["model.num_layer=3"], "model.num_layer"),
         (["train.max_steps=0"], "train.max_steps=0: must be at least 1"),
+        (["train.gc_every=-1"], "train.gc_every=-1: must be 0 or more"),
         (["cluster.num_workers=0"], "cluster.num_workers=0"),
         (["deepspeed.stage=5"], "deepspeed.stage=5"),
         (["data.seq_len=5000"], "model.max_context_length"),

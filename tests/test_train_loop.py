@@ -118,3 +118,22 @@ def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dat
     train(cfg, report=again.append)
     assert [r["step"] for r in first] == [3, 6]
     assert again == [{"step": 6, "loss": first[-1]["loss"], "val_loss": first[-1]["val_loss"]}]
+
+
+def test_python_collects_garbage_only_at_every_nth_step_while_training(tiny_dataset, tmp_path):
+    import gc
+
+    during = []  # the collections made while automatic collection was off: the loop's own
+
+    def record(phase, info):
+        if phase == "start" and not gc.isenabled():
+            during.append(info["generation"])
+
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.max_steps=5", "train.gc_every=2")
+    gc.callbacks.append(record)
+    try:
+        train(cfg)
+    finally:
+        gc.callbacks.remove(record)
+    assert during == [2, 2]  # full collections after steps 2 and 4
+    assert gc.isenabled() and gc.get_freeze_count() == 0

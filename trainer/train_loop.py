@@ -30,6 +30,7 @@ from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
+from trainer.step_gc import StepCollector
 from trainer.summary import read_summary, write_summary
 
 
@@ -190,6 +191,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         release_freed_memory()
         return path
 
+    collector = StepCollector(t_cfg["gc_every"])
+    collector.start()
     try:
         for step in range(start_step + 1, t_cfg["max_steps"] + 1):
             maybe_kill(t_cfg["faults"], step, env.rank, run_dir)
@@ -253,8 +256,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 if env.is_main:
                     print(f"[train] SIGTERM: saved {last_saved} and stopping at step {step}", flush=True)
                 break
+            collector.after_step(step)
         metrics.summary({"final_loss": losses[-1]} if losses else {})
     finally:
+        collector.stop()
         preemption.close()
         metrics.close()
 
