@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -172,3 +174,27 @@ def test_bf16_logits_get_bf16_gradients_from_an_fp32_loss():
     reference_loss(expected, targets, 1e-4).backward()
     assert logits.grad.dtype == torch.bfloat16
     torch.testing.assert_close(logits.grad.float(), expected.grad, atol=1e-3, rtol=1e-2)
+
+
+def test_fp32_loss_keeps_the_softmax_numerator_not_the_logits():
+    inputs, weight = torch.randn(4, 6), torch.randn(6, 30, requires_grad=True)
+    targets = torch.randint(0, 30, (4,))
+    logits = inputs @ weight
+    logits_alive = weakref.ref(logits)
+    total, _ = lm_loss(logits, targets, 1e-4)
+    del logits
+    assert logits_alive() is None  # the graph holds exp(logits - max), as large, in their place
+    total.backward()
+    ours, weight.grad = weight.grad, None
+    reference_loss(inputs @ weight, targets, 1e-4).backward()
+    torch.testing.assert_close(ours, weight.grad)
+
+
+def test_loss_backward_twice_through_a_retained_graph_gives_the_same_gradient():
+    logits = torch.randn(3, 20, requires_grad=True)
+    targets = torch.randint(0, 20, (3,))
+    total, ce = lm_loss(logits, targets, 0.5)
+    (total + ce).backward(retain_graph=True)
+    first, logits.grad = logits.grad, None
+    (total + ce).backward()
+    torch.testing.assert_close(logits.grad, first, atol=0, rtol=0)
