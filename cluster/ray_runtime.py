@@ -9,6 +9,7 @@ connects as a client; an existing cluster brings its own resources.
 """
 
 import os
+import sys
 from typing import Optional
 
 import ray
@@ -58,6 +59,10 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
 def connect(cluster: dict) -> None:
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():
+        # Ray colours the prefix of every worker line it forwards; in a file (`make run > log`, a
+        # Ray job's or a Slurm job's output) the codes are noise. A user's RAY_COLOR_PREFIX stands.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if cluster["address"] is not None:
         context = ray.init(**init_kwargs(cluster))
     else:

@@ -34,6 +34,8 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     # At start: where to watch the run.
     assert "[ray] embedded instance without a dashboard" in out and "[wandb] offline run" in out and "wandb sync" in out
     assert "PlacementGroupCleaner" not in out  # its State API warnings, one a second without a dashboard
+    # Worker lines come through the driver with Ray's prefix, and without colour codes in a pipe.
+    assert "(RayTrainWorker pid=" in out and "\x1b[" not in out
 
     # Both ranks wrote their ZeRO-2 optimizer partition; rank 0 marked it complete.
     ckpt = run_dir / "checkpoints" / "step_12"
