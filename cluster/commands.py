@@ -103,7 +103,7 @@ def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
 
 def cmd_export(cfg: dict, args) -> None:
     from data_pipelines.manifest import read_manifest
-    from trainer.evaluate import read_client_state
+    from trainer.checkpoint import read_client_state
     from trainer.hf import export_checkpoints
     from trainer.model import OpenELMConfig
 
@@ -124,7 +124,8 @@ def _device(cfg: dict) -> torch.device:
 
 
 def cmd_eval(cfg: dict, args) -> None:
-    from trainer.evaluate import evaluate_loss, load_for_eval, read_client_state, text_batches, validation_batches
+    from trainer.checkpoint import read_client_state
+    from trainer.evaluate import evaluate_loss, load_for_eval, text_batches, validation_batches
 
     model, tokenizer = load_for_eval(args.path)
     if args.text:

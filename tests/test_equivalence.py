@@ -62,6 +62,21 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tiny_dat
     assert steps == list(range(1, 9))
 
 
+def test_resuming_with_another_world_size_or_model_is_refused_before_anything_loads(tiny_dataset, tmp_path):
+    overrides = ("deepspeed=zero2", "train.max_steps=2")
+    run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides))
+    checkpoint = tmp_path / "checkpoints" / "step_2"
+    files = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    # DeepSpeed's own refusals (ZeRO partitions for another world size, a state dict of another
+    # shape) are tracebacks; these name the checkpoint and what to do instead.
+    with pytest.raises(RankFailed, match=r"step_2 was saved by 2 ranks, this run has 1: .*cluster.num_workers"):
+        run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", workers=1))
+    with pytest.raises(RankFailed, match="step_2 was trained with another model config; use a new run.name"):
+        run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == files  # nothing lost
+    assert run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=3"))[0]["resumed_from"] == "step_2"
+
+
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny_dataset, tmp_path):
     overrides = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2")
     full = losses(cfg_for(tiny_dataset, tmp_path / "full", *overrides, workers=1), 1)

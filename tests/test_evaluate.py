@@ -15,12 +15,12 @@ from data_pipelines.manifest import read_manifest
 from data_pipelines.tokenizer import load_tokenizer
 from test_model import small_config
 from test_train_loop import small_cfg
+from trainer.checkpoint import read_client_state
 from trainer.distributed import free_port, init_distributed
 from trainer.evaluate import (
     distributed_mean,
     evaluate_loss,
     load_for_eval,
-    read_client_state,
     text_batches,
     validation_batches,
 )

@@ -65,10 +65,18 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     args = [*common, "train.max_steps=2", "train.warmup_steps=1", "logger=none"]
     assert main(["train", *args, "run.name=scratch"]) == 0
     assert main(["train", *args, "run.name=from_hf", f"train.init_from={root / 'hf_init'}"]) == 0
+    assert f"steps, from {root / 'hf_init'};" in capsys.readouterr().out  # the start line says so
     scratch = read_summary(root / "outputs/scratch")["losses"]
+    assert read_summary(root / "outputs/from_hf")["init_from"] == str(root / "hf_init")
     from_hf = read_summary(root / "outputs/from_hf")["losses"]
     trained = read_summary(root / "outputs/base")["losses"]
     assert from_hf[0] < scratch[0] - 0.3 and from_hf[0] < trained[0] - 0.3
+
+    # A model= other than the directory's architecture is refused, not silently replaced by it.
+    assert main(["train", *args, "run.name=mismatch", f"train.init_from={root / 'hf_init'}", "model.num_layers=3"]) == 1
+    err = capsys.readouterr().err
+    assert "describes another model than model=openelm_tiny: layers 2 (model=openelm_tiny: 3)" in err
+    assert not (root / "outputs/mismatch/checkpoints").exists()
 
 
 def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, capsys):

@@ -8,6 +8,7 @@ newest complete one. Only the newest K complete checkpoints are kept.
 """
 
 import json
+import pickle
 import random
 import shutil
 import time
@@ -97,3 +98,29 @@ def load_checkpoint(engine, path: Path) -> dict:
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     return client_state
+
+
+def _model_states_file(checkpoint_dir: Path) -> Path:
+    """Rank 0's model-states file, which carries our client state: ZeRO 0-2 and ZeRO-3 name it differently."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
+
+
+def read_client_state(checkpoint_dir: str | Path) -> dict:
+    """What train() saved with a checkpoint (step, loader, rng, config, ...), plus DeepSpeed's own
+    bookkeeping keys beside them, as DeepSpeed's load_checkpoint returns it; not the weights."""
+    path = _model_states_file(Path(checkpoint_dir))
+    try:
+        # DeepSpeed stores the client state at the top level of the model-states file, beside its own
+        # keys: tensors and plain containers only, so no pickled code needs to run. Only the ZeRO
+        # optimizer files hold pickled DeepSpeed objects (hf.py leaves those to DeepSpeed's loader).
+        # mmap: the weights in the file are not read.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: holds objects other than tensors and plain data; not loading it ({e})") from None
+    missing = [k for k in ("step", "config") if k not in state]
+    if missing:
+        raise ValueError(f"{path}: no {missing} in the client state (not an elmforge checkpoint?)")
+    return {k: v for k, v in state.items() if k != "module"}

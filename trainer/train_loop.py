@@ -9,7 +9,7 @@ run.name, a restarted worker group and a preempted job all continue exactly.
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,14 @@ import torch
 
 from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_client_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
 from trainer.errors import TrainingError
@@ -35,13 +42,34 @@ from trainer.summary import read_summary, write_summary
 
 
 def model_config(cfg: dict) -> OpenELMConfig:
-    """The architecture: from train.init_from's config.json when starting from a HF checkpoint."""
-    if cfg["train"]["init_from"]:
-        from trainer.hf import config_from_hf
+    """The model: `model=`, laid out layer by layer as train.init_from's config.json when starting
+    from a Hugging Face checkpoint (which must hold the same architecture)."""
+    composed = OpenELMConfig(**cfg["model"])
+    if not cfg["train"]["init_from"]:
+        return composed
+    from trainer.hf import config_from_hf
 
-        path = Path(cfg["train"]["init_from"], "config.json")
-        return config_from_hf(json.loads(path.read_text()), source=str(path))
-    return OpenELMConfig(**cfg["model"])
+    path = Path(cfg["train"]["init_from"], "config.json")
+    hf = config_from_hf(json.loads(path.read_text()), source=str(path))
+    differences = [
+        f"{key} {theirs} (model={composed.name}: {ours})"
+        for key, theirs, ours in (
+            ("model_dim", hf.model_dim, composed.model_dim),
+            ("head_dim", hf.head_dim, composed.head_dim),
+            ("vocab_size", hf.vocab_size, composed.vocab_size),
+            ("layers", hf.num_layers, composed.num_layers),
+        )
+        if theirs != ours
+    ]
+    if not differences and hf.layer_plan() != composed.layer_plan():
+        differences.append(f"per-layer heads or FFN widths (model={composed.name} scales its layers otherwise)")
+    if differences:
+        raise ValueError(
+            f"train.init_from: {path} describes another model than model={composed.name}: "
+            f"{'; '.join(differences)}. Pick the model= that matches it"
+        )
+    # The checkpoint's exact layer lists; the run's own name and activation checkpointing.
+    return replace(hf, name=composed.name, activation_checkpointing=composed.activation_checkpointing)
 
 
 def _check_data(model_cfg: OpenELMConfig, manifest) -> None:
@@ -105,6 +133,19 @@ class NonFiniteTraining(TrainingError):
     pass
 
 
+def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, world_size: int) -> None:
+    """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
+    if state["model"] != asdict(model_cfg):
+        raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
+    saved = state["loader"]["world_size"]
+    if saved != world_size:
+        raise ValueError(
+            f"checkpoint {checkpoint} was saved by {saved} ranks, this run has {world_size}: resuming with another "
+            "world size is not supported; use the same cluster.num_workers, or a new run.name (with "
+            "train.init_from=<its `elmforge export` directory> to start from its weights)"
+        )
+
+
 def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the run; returns its summary. `report`, called on every rank after each
     validation with {step, loss, val_loss, ...}, lets a launcher forward results (Ray Train, Tune)."""
@@ -119,6 +160,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     model = build_model(model_cfg, seed=t_cfg["seed"]).to(env.device)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        _check_resumable(read_client_state(resume), resume, model_cfg, env.world_size)
     if t_cfg["init_from"] and resume is None:
         from trainer.hf import load_hf_checkpoint
 
@@ -131,8 +174,6 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
     if resume is not None:
         state = load_checkpoint(engine, resume)
-        if state["model"] != asdict(model_cfg):
-            raise ValueError(f"checkpoint {resume} was trained with another model config; use a new run.name")
         tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
         release_freed_memory()  # what loading held: the steps' own peak is smaller
     loader = TokenLoader(
@@ -153,10 +194,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         return summary
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
-        where = f"resuming from {resume.name}" if resume else "from scratch"
+        where = f"resuming from {resume.name}" if resume else f"from {t_cfg['init_from'] or 'scratch'}"
         threads = torch.get_num_threads()
         print(
-            f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} ranks, "
+            f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} rank{'s' * (env.world_size > 1)}, "
             f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
             f"{t_cfg['max_steps']} steps, {where}; {threads} CPU thread{'s' * (threads > 1)} per rank",
             flush=True,
@@ -267,6 +308,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "run_name": cfg["run"]["name"],
         "steps": step,
         "resumed_from": resume.name if resume else None,
+        "init_from": t_cfg["init_from"] if resume is None else None,
         "preempted": preempted,
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
