@@ -42,21 +42,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("job_id", nargs="?", help="the job id submit printed")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
-    export = sub.choices["export"]
+    export = sub.choices["export"]  # counts and sizes below are checked here, named by their flags
     export.add_argument("--checkpoint", nargs="+", help="checkpoint directories (default: the run's newest)")
-    export.add_argument("--average", type=int, default=1, help="average the run's last K checkpoints (OpenELM: 5)")
+    export.add_argument("--average", type=_positive(int), default=1, help="average the run's last K checkpoints (OpenELM: 5)")
     export.add_argument("--out", help="output directory (default: run.dir/hf)")
     ev = sub.choices["eval"]
-    ev.add_argument("--text", help="a .txt/.jsonl file or glob to score instead of the val split")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-batches", type=int)
-    ev.add_argument("--seq-len", type=int, help="with --text (default: data.seq_len)")
+    ev.add_argument("--text", nargs="+", help=".txt/.jsonl files or globs to score instead of the val split")
+    ev.add_argument("--batch-size", type=_positive(int), default=8)
+    ev.add_argument("--max-batches", type=_positive(int))
+    ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: data.seq_len)")
     gen = sub.choices["generate"]
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    gen.add_argument("--temperature", type=_positive(float), help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-k", type=_positive(int), help="sample among the k most likely tokens")
+    gen.add_argument("--greedy", action="store_true", help="always the most likely token")
     gen.add_argument("--seed", type=int)
     rep = sub.choices["report"]
     rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs one or two levels down (a sweep dir)")
@@ -64,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["submit"].add_argument("--wait", action="store_true", help="follow the job; exit non-zero if it fails")
     sub.choices["jobs"].add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
     return parser
+
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above zero."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error
+    return parse
 
 
 def _implicit_overrides(args) -> list[str]:
@@ -99,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     strays = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "text", None):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
+        strays += [t for t in args.text if "=" in t]
+        args.text = [t for t in args.text if "=" not in t] or parser.error("--text: no file given")
     if strays:
         args.overrides += strays
+    if getattr(args, "greedy", False) and (args.temperature is not None or args.top_k is not None):
+        parser.error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
     if args.verb == "report":
         return _run("report", _report, args)
     if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given

@@ -132,7 +132,7 @@ def cmd_eval(cfg: dict, args) -> None:
         if tokenizer is None:
             raise ValueError(f"{args.path}: no tokenizer beside the model or in its training data; cannot read --text")
         seq_len = args.seq_len or cfg["data"]["seq_len"]
-        batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), args.text
+        batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), " ".join(args.text)
     else:
         data_dir = cfg["data"]["dir"]
         is_checkpoint = not Path(args.path, "config.json").is_file()
@@ -155,7 +155,7 @@ def cmd_generate(cfg: dict, args) -> None:
         raise ValueError(f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset)")
     text = complete(
         model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
+        temperature=args.temperature or 1.0, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
     )
     print(args.prompt + text)
 

@@ -86,3 +86,33 @@ def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, caps
     assert "already finished at step 6" in capsys.readouterr().out
     assert read_summary(root / "outputs/base")["final_loss"] is not None  # the summary stands
     assert len(open(root / "outputs/base/metrics.jsonl").readlines()) == 6
+
+
+def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, capsys, tmp_path):
+    root, common = workspace
+    assert main(["export", *common, "run.name=base", f"--out={root / 'hf_flags'}"]) == 0
+    hf = str(root / "hf_flags")
+    docs = make_documents(40, seed=3)
+    files = [write_jsonl(tmp_path / f"{name}.jsonl", part) for name, part in (("a", docs[:20]), ("b", docs[20:]))]
+    capsys.readouterr()
+
+    def tokens(*text_files) -> int:
+        # Overrides may follow the files: they are taken back from --text.
+        assert main(["eval", hf, "--text", *map(str, text_files), *common, "--seq-len=16"]) == 0
+        line = capsys.readouterr().out
+        assert all(str(f) in line for f in text_files), line
+        return int(line.rsplit("| ", 1)[1].split(" tokens")[0].replace(",", ""))
+
+    both, first, second = tokens(*files), tokens(files[0]), tokens(files[1])
+    assert first < both and second < both and both >= first + second - 2 * 17  # a dropped tail per run at most
+
+    for argv, message in [
+        (["generate", hf, "--prompt", "x", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+        (["generate", hf, "--prompt", "x", "--top-k", "-1"], "argument --top-k: must be > 0, got -1"),
+        (["generate", hf, "--prompt", "x", "--greedy", "--temperature", "0.7"], "--greedy always takes the most likely"),
+        (["export", "run.name=base", "--average", "0"], "argument --average: must be > 0, got 0"),
+        (["eval", hf, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *common])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv

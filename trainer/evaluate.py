@@ -124,14 +124,16 @@ def validation_batches(
 
 
 def text_batches(
-    path_or_glob: str, tokenizer: TextTokenizer, seq_len: int, batch_size: int, text_field: str = "text"
+    paths: str | list[str], tokenizer: TextTokenizer, seq_len: int, batch_size: int, text_field: str = "text"
 ) -> Iterator[torch.Tensor]:
-    """Documents of .txt/.jsonl/... files packed like training data (BOS doc EOS) into (B, seq_len+1) batches.
+    """Documents of .txt/.jsonl/... files (paths or globs) packed like training data (BOS doc EOS)
+    into (B, seq_len+1) batches.
 
     The tail that does not fill a sample is dropped; the last batch may be smaller. A bad record
     (say, a JSON line without `text_field`) is an error naming it: an eval figure must cover its input.
     """
-    units = read_units({"path": path_or_glob}, 0)  # now, so a missing file fails before iteration
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    units = [unit for path in paths for unit in read_units({"path": path}, 0)]  # now: a missing file fails here
     bos, eos = tokenizer.special_ids()
     packer = Packer(seq_len, bos, eos, token_dtype(tokenizer.vocab_size))
 
@@ -151,7 +153,7 @@ def text_batches(
         packer.finish()
         if produced == 0:
             raise ValueError(
-                f"{path_or_glob}: only {packer.dropped_tail_tokens} tokens (with BOS/EOS), "
+                f"{' '.join(paths)}: only {packer.dropped_tail_tokens} tokens (with BOS/EOS), "
                 f"too few for one sample of seq_len + 1 = {seq_len + 1}"
             )
 

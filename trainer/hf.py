@@ -189,10 +189,7 @@ def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) 
         raise FileNotFoundError(f"{source}: no tokenizer.json or tokenizer.model to export")
     out = Path(out)
     sentencepiece = source.suffix == ".model"
-    if sentencepiece:  # LlamaTokenizer puts BOS first by default
-        shutil.copyfile(source, out / "tokenizer.model")
-    else:
-        _save_with_bos_first(source, out / "tokenizer.json")
+    shutil.copyfile(source, out / ("tokenizer.model" if sentencepiece else "tokenizer.json"))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     tokenizer_class = "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast"
     tokenizer_config = {"tokenizer_class": tokenizer_class, "model_max_length": max_length, **special}
@@ -254,17 +251,3 @@ def export_checkpoints(
     model = build_model(model_cfg)
     load_weights(model, state, ", ".join(map(str, checkpoint_dirs)))
     return save_hf_checkpoint(model, out_dir, tokenizer_dir)
-
-
-def _save_with_bos_first(source: Path, out: Path) -> None:
-    """tokenizer.json that puts <s> before the text it encodes, as training framed every document and
-    as `elmforge generate` encodes a prompt, so transformers' tokenizer gives the model the same ids."""
-    from tokenizers import Tokenizer, processors
-
-    tokenizer = Tokenizer.from_file(str(source))
-    bos = tokenizer.token_to_id(BOS)
-    if bos is not None and tokenizer.encode("a").ids[:1] != [bos]:
-        template = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
-        existing = tokenizer.post_processor
-        tokenizer.post_processor = template if existing is None else processors.Sequence([existing, template])
-    tokenizer.save(str(out))

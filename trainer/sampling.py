@@ -43,11 +43,11 @@ def generate(
     The model sees at most its max_context_length latest tokens. seed=None draws a fresh seed.
     """
     if not prompt_ids:
-        raise ValueError("generate: the prompt is empty; give at least one token (BOS)")
+        raise ValueError("the prompt is empty; give at least one token (BOS)")
     if not greedy and temperature <= 0:
-        raise ValueError(f"generate: temperature must be > 0 (got {temperature}); use greedy=True for argmax")
+        raise ValueError(f"temperature must be > 0 (got {temperature}); for the most likely token use greedy=True")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"generate: top_k must be >= 1 (got {top_k})")
+        raise ValueError(f"top_k must be >= 1 (got {top_k})")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is None:
