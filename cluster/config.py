@@ -93,7 +93,7 @@ def finalise(cfg: dict) -> dict:
     if cfg["run"]["dir"] is None:
         cfg["run"]["dir"] = os.path.join(cfg["storage_path"], "outputs", cfg["run"]["name"])
     cfg["run"]["dir"] = os.path.abspath(cfg["run"]["dir"])
-    for section, key in (("tokenizer", "path"), ("train", "init_from")):
+    for section, key in (("tokenizer", "path"), ("train", "init_from"), ("submit", "working_dir")):
         if cfg[section][key]:
             cfg[section][key] = os.path.abspath(os.path.expanduser(cfg[section][key]))
     return cfg

@@ -25,6 +25,7 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert cfg["storage_path"] == str(tmp_path / "store")
     assert cfg["data"]["dir"] == str(tmp_path / "store/data/sample")
     assert cfg["run"]["dir"] == os.path.join(tmp_path, "store/outputs", cfg["run"]["name"])
+    assert cfg["submit"]["working_dir"] == str(tmp_path)  # "." where the command ran
 
 
 def test_run_name_is_stable_and_follows_what_changes_the_result():

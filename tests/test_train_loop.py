@@ -120,6 +120,16 @@ def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dat
     assert again == [{"step": 6, "loss": first[-1]["loss"], "val_loss": first[-1]["val_loss"]}]
 
 
+def test_every_validation_shows_in_a_progress_line(tiny_dataset, tmp_path, capsys):
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.log_every=5", "train.eval_every=3",
+                    "train.eval_batches=1")
+    train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step ")]
+    # Steps 3 and 6 validate, 5 is a log step, 6 the last.
+    assert [line.split()[2] for line in lines] == ["3/6", "5/6", "6/6"]
+    assert ["val_loss" in line for line in lines] == [True, False, True]
+
+
 def test_python_collects_garbage_only_at_every_nth_step_while_training(tiny_dataset, tmp_path):
     import gc
 

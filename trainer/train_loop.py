@@ -36,7 +36,7 @@ from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
-from trainer.preemption import PreemptionWatch
+from trainer.preemption import STOP_FILE, PreemptionWatch
 from trainer.step_gc import StepCollector
 from trainer.summary import read_summary, write_summary
 
@@ -285,7 +285,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                     f"training stopped at step {step}: {skipped_in_row} steps in a row had a non-finite loss or "
                     f"gradient norm; the last good checkpoint is {good} in {ckpt_root}"
                 )
-            if env.is_main and (step % t_cfg["log_every"] == 0 or step == t_cfg["max_steps"]):
+            if env.is_main and (step % t_cfg["log_every"] == 0 or step == t_cfg["max_steps"] or "val_loss" in record):
                 elapsed = time.perf_counter() - start
                 print(_progress_line(step, t_cfg["max_steps"], record, elapsed, step - start_step), flush=True)
             maybe_sigterm(t_cfg["faults"], step, run_dir, env.rank)
@@ -295,7 +295,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 last_saved = checkpoint(step)
             if preempted:
                 if env.is_main:
-                    print(f"[train] SIGTERM: saved {last_saved} and stopping at step {step}", flush=True)
+                    print(f"[train] stop requested (SIGTERM or {STOP_FILE} file): saved {last_saved}, stopping at step {step}", flush=True)
                 break
             collector.after_step(step)
         metrics.summary({"final_loss": losses[-1]} if losses else {})
