@@ -85,7 +85,10 @@ def _print_summary(cfg: dict, summary: dict) -> None:
     if summary.get("wandb_dir"):
         print(f"  W&B run      {summary['wandb_dir']}")
         if cfg["logger"]["mode"] == "offline":
-            print(f"  upload with  wandb sync {summary['wandb_dir']}")
+            from trainer.metrics import offline_runs
+
+            # A resumed run has one directory per invocation; W&B syncs one run's files in start order.
+            print(f"  upload with  wandb sync {' '.join(map(str, offline_runs(summary['wandb_dir'])))}")
 
 
 def _checkpoints_to_export(cfg: dict, args) -> list[Path]:

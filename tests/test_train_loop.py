@@ -65,6 +65,19 @@ def test_train_writes_metrics_checkpoint_and_an_offline_wandb_run(tiny_dataset, 
     assert system and all("memory_percent" in sample for sample in system)
 
 
+def test_a_resumed_offline_run_prints_one_sync_command_for_all_its_wandb_directories(tiny_dataset, tmp_path, capsys):
+    from cluster.commands import _print_summary
+
+    first = train(small_cfg(tiny_dataset, tmp_path, "run.name=twice", "train.max_steps=2", "train.warmup_steps=1"))
+    cfg = small_cfg(tiny_dataset, tmp_path, "run.name=twice", "train.max_steps=4", "train.warmup_steps=1")
+    second = train(cfg)
+    assert second["resumed_from"] == "step_2" and second["wandb_dir"] != first["wandb_dir"]
+    capsys.readouterr()
+    _print_summary(cfg, second)
+    assert f"upload with  wandb sync {first['wandb_dir']} {second['wandb_dir']}\n" in capsys.readouterr().out
+    assert [h["_step"] for h in run_history(first["wandb_dir"]) + run_history(second["wandb_dir"])] == [1, 2, 3, 4]
+
+
 def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):
     cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.max_steps=2", "train.warmup_steps=1")
     result = train(cfg)

@@ -73,3 +73,11 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def offline_runs(wandb_dir: str | Path) -> list[Path]:
+    """Every offline W&B directory of the run that wrote `wandb_dir`, oldest first: W&B cannot resume
+    an offline run, so each invocation of a resumed run writes its own, under the same run id."""
+    wandb_dir = Path(wandb_dir)
+    run_id = wandb_dir.name.split("-", 3)[-1]  # offline-run-<date>_<time>-<run id>
+    return sorted(wandb_dir.parent.glob(f"offline-run-*-{run_id}"))
