@@ -241,7 +241,8 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,  # mostly I/O; different resources also keep Ray from fusing it into the actors
-        concurrency=-(-workers // ACTORS_PER_READER),  # reading is a few % of the work; each reader is a process
+        # Reading is a few % of the work; each reader is a process.
+        compute=ray.data.TaskPoolStrategy(size=-(-workers // ACTORS_PER_READER)),
     )
     ds = ds.map_batches(
         DocumentProcessor,
