@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
             continue
         if verb in ("eval", "generate"):
             p.add_argument("path", help="a Hugging Face directory or run.dir/checkpoints/step_N")
+            p.add_argument("--tokenizer", help="tokenizer.json or a SentencePiece .model (default: beside the "
+                                               "model, or the run's dataset)")
         if verb == "jobs":
             p.add_argument("action", choices=["list", "status", "logs", "stop"])
             p.add_argument("job_id", nargs="?", help="the job id submit printed")
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batches", type=_positive(int))
     ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: data.seq_len)")
     gen = sub.choices["generate"]
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", help="the text to continue (required)")
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64)
     gen.add_argument("--temperature", type=_positive(float), help="sampling temperature (default 1.0)")
     gen.add_argument("--top-k", type=_positive(int), help="sample among the k most likely tokens")
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         args.text = [t for t in args.text if "=" not in t] or parser.error("--text: no file given")
     if strays:
         args.overrides += strays
+    if args.verb == "generate" and args.prompt is None and args.cfg is None:
+        parser.error("the following arguments are required: --prompt")
     if getattr(args, "greedy", False) and (args.temperature is not None or args.top_k is not None):
         parser.error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
     if args.verb == "report":

@@ -126,14 +126,26 @@ def _device(cfg: dict) -> torch.device:
     return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
 
 
+def _model_and_tokenizer(args):
+    """The model at args.path, and --tokenizer if given, else the tokenizer found with it (or None)."""
+    from data_pipelines.tokenizer import load_tokenizer
+    from trainer.evaluate import load_for_eval
+
+    model, found = load_for_eval(args.path)
+    return model, load_tokenizer(args.tokenizer) if args.tokenizer else found
+
+
 def cmd_eval(cfg: dict, args) -> None:
     from trainer.checkpoint import read_client_state
-    from trainer.evaluate import evaluate_loss, load_for_eval, text_batches, validation_batches
+    from trainer.evaluate import evaluate_loss, text_batches, validation_batches
 
-    model, tokenizer = load_for_eval(args.path)
+    model, tokenizer = _model_and_tokenizer(args)
     if args.text:
         if tokenizer is None:
-            raise ValueError(f"{args.path}: no tokenizer beside the model or in its training data; cannot read --text")
+            raise ValueError(
+                f"{args.path}: no tokenizer beside the model or in its training data; cannot read --text "
+                "(name one with --tokenizer)"
+            )
         seq_len = args.seq_len or cfg["data"]["seq_len"]
         batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), " ".join(args.text)
     else:
@@ -150,12 +162,13 @@ def cmd_eval(cfg: dict, args) -> None:
 
 
 def cmd_generate(cfg: dict, args) -> None:
-    from trainer.evaluate import load_for_eval
     from trainer.sampling import complete
 
-    model, tokenizer = load_for_eval(args.path)
+    model, tokenizer = _model_and_tokenizer(args)
     if tokenizer is None:
-        raise ValueError(f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset)")
+        raise ValueError(
+            f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset); name one with --tokenizer"
+        )
     text = complete(
         model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature or 1.0, top_k=args.top_k, greedy=args.greedy, seed=args.seed,

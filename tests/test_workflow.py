@@ -116,3 +116,24 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *common])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, capsys):
+    import shutil
+
+    root, common = workspace
+    assert main(["export", *common, "run.name=base", f"--out={root / 'hf_tok'}"]) == 0
+    bare = root / "hf_no_tokenizer"  # as Apple's release: config.json and weights only
+    shutil.copytree(root / "hf_tok", bare)
+    (bare / "tokenizer.json").unlink()
+    capsys.readouterr()
+    args = ["--prompt", "The database", "--greedy", "--max-new-tokens", "6"]
+    assert main(["generate", str(bare), *args, *common]) == 1
+    assert "name one with --tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(root / "hf_tok"), *args, *common]) == 0
+    with_own = capsys.readouterr().out
+    assert main(["generate", str(bare), *args, "--tokenizer", str(root / "hf_tok/tokenizer.json"), *common]) == 0
+    assert capsys.readouterr().out == with_own
+    # --cfg job needs no prompt.
+    assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
+    assert "run:" in capsys.readouterr().out
