@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("job_id", nargs="?", help="the job id submit printed")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
-    export = sub.choices["export"]  # counts and sizes below are checked here, named by their flags
+    export = sub.choices["export"]
     export.add_argument("--checkpoint", nargs="+", help="checkpoint directories (default: the run's newest)")
     export.add_argument("--average", type=_positive(int), default=1, help="average the run's last K checkpoints (OpenELM: 5)")
     export.add_argument("--out", help="output directory (default: run.dir/hf)")
