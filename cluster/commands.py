@@ -196,19 +196,24 @@ def cmd_jobs(cfg: dict, args) -> None:
     if args.action != "list" and not args.job_id:
         raise SubmitError(f"elmforge jobs {args.action} needs a job id (see `elmforge jobs list`)")
     jobs = client(cfg["submit"])
-    if args.action == "list":
-        for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
-            print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
-    elif args.action == "status":
-        info = jobs.get_job_info(args.job_id)
-        print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")
-    elif args.action == "logs":
-        if args.follow:
-            follow(cfg["submit"], args.job_id)
-        else:
-            print(jobs.get_job_logs(args.job_id), end="")
-    elif args.action == "stop":
-        print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
+    try:
+        if args.action == "list":
+            for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
+                print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+        elif args.action == "status":
+            info = jobs.get_job_info(args.job_id)
+            print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")
+        elif args.action == "logs":
+            if args.follow:
+                follow(cfg["submit"], args.job_id)
+            else:
+                print(jobs.get_job_logs(args.job_id), end="")
+        elif args.action == "stop":
+            print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
+    except RuntimeError as e:  # the Jobs API's answer for an unknown id: 404 "Job ... does not exist"
+        if "does not exist" not in str(e):
+            raise
+        raise SubmitError(f"{args.job_id}: no such job on this cluster (see `elmforge jobs list`)") from None
 
 
 def cmd_sweep(cfg: dict, args) -> None:

@@ -55,6 +55,9 @@ def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_pat
     assert "[train] step 3/3" in logs
     assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
     assert job_id in capsys.readouterr().out
+    for action in ("status", "logs", "stop"):  # an unknown id: one line, not the client's traceback
+        assert main(["jobs", action, "nosuchjob", f"submit.address={as_user.address}"]) == 1
+        assert "nosuchjob: no such job on this cluster (see `elmforge jobs list`)" in capsys.readouterr().err
 
     # The W&B key of the submitting user is in no job record and no log.
     client = submit.client({"address": as_user.address})
