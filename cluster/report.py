@@ -276,7 +276,7 @@ def _html(runs: list[Run], rows: list[dict], charts: dict[str, Path], inputs: li
             ("tokens_per_s_median", _fmt(r["tokens_per_s_median"], ",.0f")),
         ]
         if show_mfu:
-            cells.append(("mfu_median", _fmt(r["mfu_median"], ".4g")))
+            cells.append(("mfu_median", _fmt(r["mfu_median"], ".1%")))  # as the progress line prints it
         cells += [("status", html.escape(r["status"])), ("dir", f"<code>{html.escape(r['dir'])}</code>")]
         tds = "".join(f'<td class="{c}">{v}</td>' for c, v in cells)
         body.append(f'<tr data-run="{html.escape(r["name"], quote=True)}">{tds}</tr>')

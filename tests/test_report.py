@@ -154,7 +154,7 @@ def test_report_of_a_sweep_and_a_run(sweep_and_run, tmp_path):
     tps = sorted(r["tokens_per_s"] for r in all_records["lonely_run"])  # 8 steps: the mean of the middle two
     assert page.rows["lonely_run"]["tokens_per_s_median"] == f"{(tps[3] + tps[4]) / 2:,.0f}"
     mfu = sorted(r["mfu"] for r in all_records["trial_lr1e-3"])  # 30 steps
-    assert page.rows["trial_lr1e-3"]["mfu_median"] == f"{(mfu[14] + mfu[15]) / 2:.4g}"
+    assert page.rows["trial_lr1e-3"]["mfu_median"] == f"{(mfu[14] + mfu[15]) / 2:.1%}"
     assert page.rows["lonely_run"]["mfu_median"] == "\u2013"
 
 
