@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     export = sub.choices["export"]
     export.add_argument("--checkpoint", nargs="+", help="checkpoint directories (default: the run's newest)")
-    export.add_argument("--average", type=_positive(int), default=1, help="average the run's last K checkpoints (OpenELM: 5)")
+    export.add_argument("--average", type=_positive(int), default=1,
+                        help="average the run's last K checkpoints (OpenELM: 5)")
     export.add_argument("--out", help="output directory (default: run.dir/hf)")
     ev = sub.choices["eval"]
     ev.add_argument("--text", nargs="+", help=".txt/.jsonl files or globs to score instead of the val split")

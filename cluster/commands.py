@@ -167,7 +167,8 @@ def cmd_generate(cfg: dict, args) -> None:
     model, tokenizer = _model_and_tokenizer(args)
     if tokenizer is None:
         raise ValueError(
-            f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset); name one with --tokenizer"
+            f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset); "
+            "name one with --tokenizer"
         )
     text = complete(
         model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -74,7 +74,8 @@ def test_resuming_with_another_world_size_or_model_is_refused_before_anything_lo
     with pytest.raises(RankFailed, match="step_2 was trained with another model config; use a new run.name"):
         run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == files  # nothing lost
-    assert run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=3"))[0]["resumed_from"] == "step_2"
+    resumed = run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=3"))[0]
+    assert resumed["resumed_from"] == "step_2"
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny_dataset, tmp_path):

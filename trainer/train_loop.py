@@ -197,7 +197,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         where = f"resuming from {resume.name}" if resume else f"from {t_cfg['init_from'] or 'scratch'}"
         threads = torch.get_num_threads()
         print(
-            f"[train] {cfg['run']['name']}: {num_params:,} parameters, {env.world_size} rank{'s' * (env.world_size > 1)}, "
+            f"[train] {cfg['run']['name']}: {num_params:,} parameters, "
+            f"{env.world_size} rank{'s' * (env.world_size > 1)}, "
             f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
             f"{t_cfg['max_steps']} steps, {where}; {threads} CPU thread{'s' * (threads > 1)} per rank",
             flush=True,
@@ -295,7 +296,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 last_saved = checkpoint(step)
             if preempted:
                 if env.is_main:
-                    print(f"[train] stop requested (SIGTERM or {STOP_FILE} file): saved {last_saved}, stopping at step {step}", flush=True)
+                    print(f"[train] stop requested (SIGTERM or {STOP_FILE} file): saved {last_saved}, "
+                          f"stopping at step {step}", flush=True)
                 break
             collector.after_step(step)
         metrics.summary({"final_loss": losses[-1]} if losses else {})
