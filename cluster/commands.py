@@ -73,7 +73,9 @@ def cmd_train(cfg: dict, args) -> None:
 
 
 def _print_summary(cfg: dict, summary: dict) -> None:
-    state = "stopped on request (re-run the same command to resume)" if summary["preempted"] else "finished"
+    state = "finished"
+    if summary["stopped_by"]:
+        state = f"stopped on request ({summary['stopped_by']}; re-run the same command to resume)"
     print(f"\n[elmforge] training {state}")
     if summary["final_loss"] is not None:
         print(f"  final loss   {summary['final_loss']:.4f}")

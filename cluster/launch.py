@@ -105,7 +105,7 @@ def _forward_sigterm(run_dir: str) -> None:
 
     def handle(signum, frame):
         print("[elmforge] SIGTERM: asking the workers to checkpoint and stop", flush=True)
-        request_stop(run_dir)
+        request_stop(run_dir, "SIGTERM to the driver")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handle)

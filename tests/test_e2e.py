@@ -108,10 +108,11 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
     rest, _ = proc.communicate(timeout=600)
     out = "".join(seen) + rest
     assert proc.returncode == 0, out[-3000:]
-    assert "stop requested (SIGTERM or STOP file)" in out and "stopped on request" in out
+    assert "stop requested (SIGTERM to the driver)" in out and "stopped on request (SIGTERM to the driver" in out
     run_dir = tmp_path / "outputs" / "preempted"
     first = read_summary(run_dir)
-    assert first["preempted"] and 3 <= first["steps"] < 200 and first["checkpoint"].endswith(f"step_{first['steps']}")
+    assert first["stopped_by"] == "SIGTERM to the driver" and 3 <= first["steps"] < 200
+    assert first["checkpoint"].endswith(f"step_{first['steps']}")
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -54,7 +54,7 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tiny_dat
 
     run_dir = tmp_path / "preempted"
     first = run_ranks(2, train, cfg_for(tiny_dataset, run_dir, *overrides, "train.faults.sigterm_at_step=5"))[0]
-    assert first["preempted"] and first["steps"] == 5 and first["checkpoint"].endswith("step_5")
+    assert first["stopped_by"] == "SIGTERM" and first["steps"] == 5 and first["checkpoint"].endswith("step_5")
     second = run_ranks(2, train, cfg_for(tiny_dataset, run_dir, *overrides))[0]
     assert second["resumed_from"] == "step_5"
     assert first["losses"] + second["losses"] == full  # bitwise
@@ -142,7 +142,7 @@ def test_a_resumed_run_counts_the_non_finite_steps_before_the_stop(tiny_dataset,
     overrides = ("train.checkpoint_every=1", "train.faults.nonfinite_at_steps=[3,4,5]", "train.max_skipped_in_row=3")
     first = run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.faults.sigterm_at_step=4",
                                         workers=1))[0]
-    assert first["preempted"] and first["skipped_steps"] == 2
+    assert first["stopped_by"] == "SIGTERM" and first["skipped_steps"] == 2
     with pytest.raises(RankFailed, match=r"training stopped at step 5: 3 steps in a row .* checkpoint is step_4"):
         run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, workers=1))
 

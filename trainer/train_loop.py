@@ -36,7 +36,7 @@ from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
-from trainer.preemption import STOP_FILE, PreemptionWatch
+from trainer.preemption import PreemptionWatch
 from trainer.step_gc import StepCollector
 from trainer.summary import read_summary, write_summary
 
@@ -223,7 +223,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     # Skipped-step counts travel in checkpoints: a resumed run stops where the uninterrupted one would.
     skipped_in_row, skipped_total = (state or {}).get("skipped_in_row", 0), (state or {}).get("skipped_total", 0)
     losses, last_saved = [], resume
-    start, step, preempted = time.perf_counter(), start_step, False
+    start, step, stopped_by = time.perf_counter(), start_step, None
 
     def checkpoint(at_step: int) -> Path:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
@@ -290,14 +290,14 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 elapsed = time.perf_counter() - start
                 print(_progress_line(step, t_cfg["max_steps"], record, elapsed, step - start_step), flush=True)
             maybe_sigterm(t_cfg["faults"], step, run_dir, env.rank)
-            preempted = preemption.any_rank_requested(env.device)
+            stopped_by = preemption.any_rank_requested(env.device)
             every = t_cfg["checkpoint_every"]
-            if preempted or step == t_cfg["max_steps"] or (every and step % every == 0):
+            if stopped_by or step == t_cfg["max_steps"] or (every and step % every == 0):
                 last_saved = checkpoint(step)
-            if preempted:
+            if stopped_by:
                 if env.is_main:
-                    print(f"[train] stop requested (SIGTERM or {STOP_FILE} file): saved {last_saved}, "
-                          f"stopping at step {step}", flush=True)
+                    print(f"[train] stop requested ({stopped_by}): saved {last_saved}, stopping at step {step}",
+                          flush=True)
                 break
             collector.after_step(step)
         metrics.summary({"final_loss": losses[-1]} if losses else {})
@@ -311,7 +311,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "steps": step,
         "resumed_from": resume.name if resume else None,
         "init_from": t_cfg["init_from"] if resume is None else None,
-        "preempted": preempted,
+        "stopped_by": stopped_by,
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
         "final_val_loss": record.get("val_loss") if losses else None,
