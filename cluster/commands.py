@@ -128,25 +128,31 @@ def _device(cfg: dict) -> torch.device:
     return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
 
 
-def _model_and_tokenizer(args):
-    """The model at args.path, and --tokenizer if given, else the tokenizer found with it (or None)."""
+def _model_and_tokenizer(cfg: dict, args):
+    """The model at args.path and its tokenizer, or None: --tokenizer if given, else the one found with the
+    model (beside it, or the run's dataset), else that of a dataset named with data.dir=."""
     from data_pipelines.tokenizer import load_tokenizer
-    from trainer.evaluate import load_for_eval
+    from trainer.evaluate import dataset_tokenizer, load_for_eval
 
     model, found = load_for_eval(args.path)
-    return model, load_tokenizer(args.tokenizer) if args.tokenizer else found
+    if args.tokenizer:
+        return model, load_tokenizer(args.tokenizer)
+    # Only a data.dir the user named: the default one belongs to the demo's data, not to this model.
+    if found is None and any(o.startswith("data.dir=") for o in args.overrides):
+        found = dataset_tokenizer(cfg["data"]["dir"])
+    return model, found
 
 
 def cmd_eval(cfg: dict, args) -> None:
     from trainer.checkpoint import read_client_state
     from trainer.evaluate import evaluate_loss, text_batches, validation_batches
 
-    model, tokenizer = _model_and_tokenizer(args)
+    model, tokenizer = _model_and_tokenizer(cfg, args)
     if args.text:
         if tokenizer is None:
             raise ValueError(
-                f"{args.path}: no tokenizer beside the model or in its training data; cannot read --text "
-                "(name one with --tokenizer)"
+                f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
+                "cannot read --text (name one with --tokenizer, or a prepared dataset with data.dir=)"
             )
         seq_len = args.seq_len or cfg["data"]["seq_len"]
         batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), " ".join(args.text)
@@ -166,11 +172,11 @@ def cmd_eval(cfg: dict, args) -> None:
 def cmd_generate(cfg: dict, args) -> None:
     from trainer.sampling import complete
 
-    model, tokenizer = _model_and_tokenizer(args)
+    model, tokenizer = _model_and_tokenizer(cfg, args)
     if tokenizer is None:
         raise ValueError(
-            f"{args.path}: no tokenizer found (tokenizer.json beside it, or the run's dataset); "
-            "name one with --tokenizer"
+            f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
+            "name one with --tokenizer, or a prepared dataset with data.dir="
         )
     text = complete(
         model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

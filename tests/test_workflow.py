@@ -134,6 +134,10 @@ def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, 
     with_own = capsys.readouterr().out
     assert main(["generate", str(bare), *args, "--tokenizer", str(root / "hf_tok/tokenizer.json"), *common]) == 0
     assert capsys.readouterr().out == with_own
+    # A prepared dataset named with data.dir= lends its tokenizer (the one the model was trained with here).
+    data_dir = read_summary(root / "outputs/base")["data_dir"]
+    assert main(["generate", str(bare), *args, *common, f"data.dir={data_dir}"]) == 0
+    assert capsys.readouterr().out == with_own
     # --cfg job needs no prompt.
     assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
     assert "run:" in capsys.readouterr().out

@@ -163,7 +163,7 @@ def text_batches(
 # ---------------------------------------------------------------------------- models
 
 
-def _dataset_tokenizer(data_dir: Optional[str]) -> Optional[TextTokenizer]:
+def dataset_tokenizer(data_dir: Optional[str]) -> Optional[TextTokenizer]:
     """The training data's tokenizer, if that dataset is still where the run left it."""
     if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
         return None
@@ -193,7 +193,7 @@ def load_for_eval(
         model = build_model(model_cfg or OpenELMConfig(**client["model"]))  # the architecture train() built
         load_weights(model, consolidated_state_dict(path), str(path))
         cfg = client["config"]
-        return model.eval(), _dataset_tokenizer(cfg.get("data", {}).get("dir"))
+        return model.eval(), dataset_tokenizer(cfg.get("data", {}).get("dir"))
     raise FileNotFoundError(
         f"{path}: neither a Hugging Face directory ({CONFIG_FILE} + model.safetensors) "
         "nor a DeepSpeed checkpoint directory (run.dir/checkpoints/step_N)"
