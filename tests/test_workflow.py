@@ -40,6 +40,7 @@ def test_export_average_eval_and_generate(workspace, capsys):
     assert main(["export", *common, "run.name=base", "--average", "2", f"--out={root / 'hf'}"]) == 0
     out = capsys.readouterr().out
     assert "average of step_4, step_6" in out and (root / "hf/config.json").is_file()
+    assert all(line.startswith(("[export]", "  ")) for line in out.splitlines() if line), out  # no DeepSpeed chatter
     assert (root / "hf/tokenizer.json").is_file()
 
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_last'}"]) == 0

@@ -7,9 +7,13 @@ checkpoints (any ZeRO stage) are consolidated to full fp32 weights and, like the
 release, the last few can be averaged before export.
 """
 
+import contextlib
+import io
 import json
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -208,9 +212,13 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     if any(checkpoint_dir.glob("*_optim_states.pt")):
         # ZeRO 1-3 keep the fp32 master weights in the (sharded) optimizer states; DeepSpeed's own tool
         # merges them. Those files hold pickled DeepSpeed objects: it loads them with weights_only=False.
+        if "deepspeed" not in sys.modules:  # merging needs no accelerator; unset, DeepSpeed probes and warns
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        # Its progress prints and bar say nothing our own lines do not; errors still raise.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
     else:
         state = _stage0_state_dict(checkpoint_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in state.items()}
