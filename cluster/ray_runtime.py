@@ -8,6 +8,7 @@ machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
 connects as a client; an existing cluster brings its own resources.
 """
 
+import logging
 import os
 import sys
 from typing import Optional
@@ -63,21 +64,28 @@ def connect(cluster: dict) -> None:
         # Ray colours the prefix of every worker line it forwards; in a file (`make run > log`, a
         # Ray job's or a Slurm job's output) the codes are noise. A user's RAY_COLOR_PREFIX stands.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if cluster["address"] is not None:
-        context = ray.init(**init_kwargs(cluster))
-    else:
-        # The GCS port is chosen here, before the start, so the workers can be told the address.
-        port = free_port("")
-        previous = os.environ.get("RAY_GCS_SERVER_PORT")
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        try:
-            context = ray.init(**init_kwargs(cluster, f"{ray.util.get_node_ip_address()}:{port}"))
-        finally:
-            if previous is None:
-                del os.environ["RAY_GCS_SERVER_PORT"]
-            else:
-                os.environ["RAY_GCS_SERVER_PORT"] = previous
+    context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
     elif cluster["address"] is None:
         print("[ray] embedded instance without a dashboard (cluster.dashboard=true starts one)", flush=True)
+
+
+def _start_embedded(cluster: dict):
+    # The GCS port is chosen here, before the start, so the workers can be told the address.
+    port = free_port("")
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    # Ray announces that the instance it starts uses token authentication (its default, kept):
+    # news for whoever runs a cluster, noise for a run that owns its instance.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        return ray.init(**init_kwargs(cluster, f"{ray.util.get_node_ip_address()}:{port}"))
+    finally:
+        notice.setLevel(level)
+        if previous is None:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous

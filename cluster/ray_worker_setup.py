@@ -9,7 +9,14 @@ import logging
 
 def quiet_placement_group_cleaner() -> None:
     """Ray Train's placement-group cleaner asks the State API (which the dashboard serves) every
-    second whether the run's controller still lives, and warns each time it cannot. Its job, freeing
-    a dead controller's CPUs, matters in a Ray that outlives the run (a sweep starts the dashboard);
-    an embedded one ends with the run."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    second whether the run's controller still lives, and warns each time it cannot; finding no
+    answer it may exit before the controller registers the workers' placement group, which then
+    warns in eight lines. Its job, freeing a dead controller's CPUs, matters in a Ray that outlives
+    the run (a sweep starts the dashboard); an embedded one ends with the run."""
+    for module in ("execution.controller.placement_group_cleaner", "callbacks.placement_group_callback"):
+        # A filter, not a level: Ray Train's logging set-up (dictConfig) resets the levels of ray.train's loggers.
+        logging.getLogger(f"ray.train.v2._internal.{module}").addFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
