@@ -1,24 +1,29 @@
 """Send elmforge jobs to a Ray cluster through the Ray Jobs API, and manage them.
 
-The job carries the working directory (minus data, outputs and environments)
-and the user's overrides; it composes its config on the cluster, joins that
-cluster (cluster.address=auto) and needs no CPU of its own (the entrypoint
-only drives the workers). Secrets never travel with the job: runtime_env is
-stored by the cluster and shown by its dashboard, so the W&B key must come
-from the cluster's own environment or secret store.
+The job carries the working directory (minus data, outputs, environments and
+the job's own storage where it lies inside) and the user's overrides; it
+composes its config on the cluster, joins that cluster (cluster.address=auto)
+and needs no CPU of its own (the entrypoint only drives the workers). Secrets
+never travel with the job: runtime_env is stored by the cluster and shown by
+its dashboard, so the W&B key must come from the cluster's own environment or
+secret store.
 
 Token authentication (Ray 2.60 turns it on for clusters it starts): the token
-comes from RAY_AUTH_TOKEN or ~/.ray/auth_token and is sent as a bearer header.
+comes from RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or
+~/.ray/auth_token, and is sent as a bearer header.
 """
 
 import os
+import re
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
-from typing import Optional
+from pathlib import Path, PurePath
+from secrets import token_hex
+from typing import Iterable, Optional
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+UNSUCCESSFUL = ("FAILED", "STOPPED")  # `submit --wait` and `jobs status` exit 1 on these
 AGENT_WAIT_S = 60
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 TOKEN_HELP = (
@@ -43,10 +48,18 @@ def resolve_address(submit_cfg: dict) -> str:
 def auth_token() -> Optional[str]:
     """The cluster token: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or TOKEN_FILE)
-    if not token and path.is_file():
-        token = path.read_text().strip()
-    return token or None
+    if token:
+        return token
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:  # a file the user named must hold the token: falling back would hide the mistake
+        path = Path(named).expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+        if not token:
+            problem = "is empty" if path.is_file() else "does not exist"
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={named}: {problem}; point it at the cluster's token file, "
+                              "or unset it to use RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        return token
+    return (TOKEN_FILE.read_text().strip() if TOKEN_FILE.is_file() else "") or None
 
 
 def client(submit_cfg: dict):
@@ -61,21 +74,59 @@ def client(submit_cfg: dict):
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # the SDK raises bare RuntimeError/ConnectionError with the HTTP status inside
-        raise SubmitError(_explain(e, address, token)) from None
+        raise SubmitError(explain(e, address)) from None
 
 
-def _explain(e: Exception, address: str, token: Optional[str]) -> str:
+def http_failure(e: Exception) -> Optional[tuple[int, str]]:
+    """(status, the server's message) of the SDK's error for an HTTP answer other than 2xx, else None."""
+    found = re.match(r"Request failed with status code (\d+): (.*)", str(e), re.DOTALL)
+    if not found:
+        return None
+    # The body is often a server-side traceback (the agent's own, nested): its last line says what went wrong.
+    lines = [line.strip() for line in found[2].splitlines() if line.strip(" .")]
+    message = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else "no message"
+    return int(found[1]), message
+
+
+def explain(e: Exception, address: str) -> str:
+    """One line for an error of the Jobs API client: no token, wrong token, a refusal, or no answer at all."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(e, AuthenticationError):  # the SDK's own for a 401 or 403
+        if e.message.startswith("Authentication required"):
+            return f"{address} requires an authentication token and none was sent: {TOKEN_HELP}"
+        source = " (from RAY_AUTH_TOKEN)" if os.environ.get("RAY_AUTH_TOKEN") else ""
+        return f"{address} refused the authentication token{source}: {TOKEN_HELP}"
+    failure = http_failure(e)
+    if failure:
+        return f"the Ray Jobs API at {address} rejected the request (HTTP {failure[0]}): {failure[1]}"
     text = str(e)
-    if "401" in text or "Authentication required" in text:
-        return f"{address} requires an authentication token and none was sent: {TOKEN_HELP}"
-    if "403" in text or "Forbidden" in text or "Invalid authentication token" in text:
-        return f"{address} refused the authentication token{' (from RAY_AUTH_TOKEN)' if os.environ.get('RAY_AUTH_TOKEN') else ''}: {TOKEN_HELP}"
     return f"cannot reach the Ray Jobs API at {address}: {text.splitlines()[0] if text else type(e).__name__}"
 
 
-def runtime_env(submit_cfg: dict) -> dict:
-    """The working directory, without what must not be uploaded. No env_vars: they are stored and shown."""
-    return {"working_dir": os.path.abspath(submit_cfg["working_dir"]), "excludes": list(submit_cfg["excludes"])}
+def job_paths(cfg: dict) -> list[str]:
+    """Where the job reads and writes: none of it may travel with the working directory."""
+    return [cfg["storage_path"], cfg["run"]["dir"], cfg["data"]["dir"]]
+
+
+def runtime_env(submit_cfg: dict, paths: Iterable[str] = ()) -> dict:
+    """The working directory, without what must not be uploaded (`excludes`, and those of `paths` inside it).
+
+    No env_vars: they are stored and shown.
+    """
+    working_dir = os.path.abspath(submit_cfg["working_dir"])
+    inside = [pattern for pattern in (_anchored(p, working_dir) for p in paths) if pattern]
+    return {"working_dir": working_dir, "excludes": [*submit_cfg["excludes"], *dict.fromkeys(inside)]}
+
+
+def _anchored(path: str, working_dir: str) -> Optional[str]:
+    """`path` as an exclude pattern (gitignore syntax) anchored at `working_dir`; None unless strictly inside it."""
+    # As given first (Ray walks the tree without resolving links), then resolved (one of them reached by a link).
+    for p, root in ((path, working_dir), (os.path.realpath(path), os.path.realpath(working_dir))):
+        p, root = PurePath(os.path.abspath(p)), PurePath(root)
+        if p != root and p.is_relative_to(root):
+            return "/" + re.sub(r"([][!*#?\\])", r"\\\1", p.relative_to(root).as_posix())
+    return None
 
 
 def entrypoint(overrides: list[str]) -> str:
@@ -85,18 +136,23 @@ def entrypoint(overrides: list[str]) -> str:
     return shlex.join(["python", "-m", "cluster.cli", "train", *overrides, *extra])
 
 
+def new_job_id(run_name: str) -> str:
+    """Readable and in submission order; the random suffix tells apart jobs submitted in the same second."""
+    return f"elmforge-{run_name}-{datetime.now():%Y%m%d-%H%M%S}-{token_hex(2)}"
+
+
 def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     """Submit the training job; returns (job id, dashboard URL of the job)."""
     submit_cfg = cfg["submit"]
     jobs = client(submit_cfg)
-    job_id = f"elmforge-{cfg['run']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    job_id = new_job_id(cfg["run"]["name"])
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
             jobs.submit_job(
                 entrypoint=entrypoint(overrides),
                 submission_id=job_id,
-                runtime_env=runtime_env(submit_cfg),
+                runtime_env=runtime_env(submit_cfg, job_paths(cfg)),
                 entrypoint_num_cpus=submit_cfg["entrypoint_num_cpus"],
                 metadata={"run_name": cfg["run"]["name"]},
             )
@@ -106,7 +162,7 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
             if "No available agent" in str(e) and time.monotonic() < deadline:
                 time.sleep(2)
                 continue
-            raise SubmitError(_explain(e, resolve_address(submit_cfg), auth_token())) from None
+            raise SubmitError(explain(e, resolve_address(submit_cfg))) from None
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
 
 

@@ -1,7 +1,10 @@
 """Submission to a real Ray head on 127.0.0.1 with token authentication."""
 
 import json
+import re
 import time
+import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from test_train_loop import SMALL_MODEL
 pytestmark = pytest.mark.integration
 PLANTED = "planted-wandb-key-5f0c1d2e3a4b"
 REPO = Path(__file__).resolve().parent.parent
+FAILS_FAST = ["data.sources=[{name:none,path:/nonexistent/*.jsonl}]", "data.workers=0"]  # in the job's prepare
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +98,54 @@ def test_a_running_job_is_followed_then_stopped(as_user, tmp_path, capsys):
 
 
 def test_a_failing_job_makes_wait_exit_non_zero(as_user, tmp_path, capsys):
-    overrides = [f"storage_path={tmp_path}", "data.sources=[{name:none,path:/nonexistent/*.jsonl}]",
-                 "data.workers=0", f"submit.address={as_user.address}"]
+    overrides = [f"storage_path={tmp_path}", *FAILS_FAST, f"submit.address={as_user.address}"]
     assert main(["submit", *overrides, "--wait"]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path):
+class _SameSecond(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 3, 1, 12, 0, 0)
+
+
+def test_twin_submissions_in_one_second_get_their_own_ids_and_leave_storage_in_the_working_dir_behind(
+        as_user, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"  # the working directory that travels, with the job's storage inside it
+    storage = work / "st?re"  # a glob character: its exclude pattern must not match the "store" beside it
+    (storage / "outputs").mkdir(parents=True)
+    (storage / "outputs/big.bin").write_bytes(bytes(1 << 20))
+    (work / "store").mkdir()
+    (work / "store/notes.txt").write_text("travels")
+    monkeypatch.setattr(submit, "datetime", _SameSecond)
+    address = f"submit.address={as_user.address}"
+    args = ["submit", f"storage_path={storage}", f"submit.working_dir={work}", "run.name=twin", *FAILS_FAST, address]
+    ids = []
+    for _ in range(2):
+        assert main(args) == 0, capsys.readouterr().err
+        ids.append(capsys.readouterr().out.split("[submit] job ")[1].split()[0])
+    jobs = submit.client({"address": as_user.address})
+    for job_id in ids:
+        jobs.stop_job(job_id)  # only their records are needed
+    assert ids[0] != ids[1] and all(i.startswith("elmforge-twin-20260301-120000-") for i in ids)
+
+    # The package Ray builds from the runtime_env the cluster stored for the job leaves the storage behind.
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = jobs.get_job_info(ids[0]).runtime_env["excludes"]
+    create_package(str(work), tmp_path / "package.zip", include_gitignore=True, excludes=excludes)
+    names = zipfile.ZipFile(tmp_path / "package.zip").namelist()
+    assert "store/notes.txt" in names and not [n for n in names if "big.bin" in n], names
+
+    # A refusal by the Jobs API is reported as one, with the server's reason.
+    monkeypatch.setattr(submit, "token_hex", lambda n: ids[0].rsplit("-", 1)[1])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"rejected the request (HTTP 500): Job with submission_id {ids[0]} already exists" in err
+    assert "cannot reach" not in err
+
+
+def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path, capsys):
     assert requests.get(f"{head.address}/api/jobs/", timeout=5).status_code == 401
     monkeypatch.setattr(submit, "TOKEN_FILE", tmp_path / "no_token_file")
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -113,6 +158,14 @@ def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setattr(submit, "TOKEN_FILE", tmp_path / "token")
     submit.client({"address": head.address})  # the token file works too
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    submit.client({"address": head.address})  # and so does one named by RAY_AUTH_TOKEN_PATH
+    # A file named by RAY_AUTH_TOKEN_PATH that is missing is an error, not a silent fall back to ~/.ray/auth_token.
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(submit.SubmitError, match=re.escape(f"RAY_AUTH_TOKEN_PATH={tmp_path}/missing: does not exist")):
+        submit.client({"address": head.address})
+    assert main(["jobs", "list", f"submit.address={head.address}"]) == 1
+    assert head.token not in capsys.readouterr().err
 
 
 def test_submit_refuses_a_relative_storage_path(as_user, capsys):
