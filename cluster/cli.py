@@ -23,6 +23,7 @@ VERBS = {
     "jobs": "list submitted jobs, or show the status or logs of one, or stop it",
     "report": "charts and one self-contained HTML page comparing runs, or a sweep's trials",
 }
+JOB_ACTIONS = ["list", "status", "logs", "stop"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--tokenizer", help="tokenizer.json or a SentencePiece .model (default: beside the "
                                                "model, or the run's dataset)")
         if verb == "jobs":
-            p.add_argument("action", choices=["list", "status", "logs", "stop"])
+            # Optional here so that main names a missing action (argparse would call the overrides required too).
+            p.add_argument("action", nargs="?", choices=JOB_ACTIONS)
             p.add_argument("job_id", nargs="?", help="the job id submit printed")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
@@ -65,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs one or two levels down (a sweep dir)")
     rep.add_argument("--out", default="report", help="output directory (default: ./report)")
     sub.choices["submit"].add_argument("--wait", action="store_true", help="follow the job; exit non-zero if it fails")
-    sub.choices["jobs"].add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
+    jobs = sub.choices["jobs"]
+    jobs.add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
+    jobs.usage = "%(prog)s {" + ",".join(JOB_ACTIONS) + "} [job_id] [key=value ...] [--follow] [--cfg job]"
+    parser.verb_parsers = sub.choices  # for errors that show a verb's own usage
     return parser
 
 
@@ -99,13 +104,13 @@ def _report(args) -> None:
 
 def _run(verb: str, fn, *fn_args) -> int:
     try:
-        fn(*fn_args)
+        status = fn(*fn_args)
     except (ValueError, FileNotFoundError, TrainingError) as e:  # one clear message, no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise
         print(f"elmforge {verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
-    return 0
+    return status or 0  # a verb may return its own exit status (`jobs status` of a failed job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
     if args.verb == "report":
         return _run("report", _report, args)
+    if args.verb == "jobs" and args.action is None:
+        parser.verb_parsers["jobs"].error(f"an action is required: {', '.join(JOB_ACTIONS)}")
     if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given
         args.overrides.insert(0, args.job_id)
         args.job_id = None

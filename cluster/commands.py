@@ -186,7 +186,7 @@ def cmd_generate(cfg: dict, args) -> None:
 
 
 def cmd_submit(cfg: dict, args) -> None:
-    from cluster.submit import SubmitError, follow, submit_job
+    from cluster.submit import UNSUCCESSFUL, SubmitError, follow, submit_job
 
     if not any(o.startswith("storage_path=") and os.path.isabs(o.split("=", 1)[1]) for o in args.overrides):
         raise SubmitError("submit needs storage_path=<absolute path on the cluster's shared storage>")
@@ -195,12 +195,13 @@ def cmd_submit(cfg: dict, args) -> None:
     if args.wait:
         status = follow(cfg["submit"], job_id)
         print(f"[submit] job {job_id}: {status}")
-        if status != "SUCCEEDED":
+        if status in UNSUCCESSFUL:
             raise SubmitError(f"job {job_id} ended {status}")
 
 
-def cmd_jobs(cfg: dict, args) -> None:
-    from cluster.submit import SubmitError, client, follow
+def cmd_jobs(cfg: dict, args) -> int:
+    """The exit status: `jobs status` of a job that failed or was stopped is 1, as with `submit --wait`."""
+    from cluster.submit import UNSUCCESSFUL, SubmitError, client, explain, follow, http_failure, resolve_address
 
     if args.action != "list" and not args.job_id:
         raise SubmitError(f"elmforge jobs {args.action} needs a job id (see `elmforge jobs list`)")
@@ -212,6 +213,7 @@ def cmd_jobs(cfg: dict, args) -> None:
         elif args.action == "status":
             info = jobs.get_job_info(args.job_id)
             print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")
+            return 1 if info.status.value in UNSUCCESSFUL else 0
         elif args.action == "logs":
             if args.follow:
                 follow(cfg["submit"], args.job_id)
@@ -219,10 +221,12 @@ def cmd_jobs(cfg: dict, args) -> None:
                 print(jobs.get_job_logs(args.job_id), end="")
         elif args.action == "stop":
             print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
-    except RuntimeError as e:  # the Jobs API's answer for an unknown id: 404 "Job ... does not exist"
-        if "does not exist" not in str(e):
-            raise
-        raise SubmitError(f"{args.job_id}: no such job on this cluster (see `elmforge jobs list`)") from None
+    except (RuntimeError, OSError) as e:  # the SDK's errors carry the HTTP answer in their text
+        failure = http_failure(e)
+        if failure and failure[0] == 404:  # the Jobs API's answer for an unknown id
+            raise SubmitError(f"{args.job_id}: no such job on this cluster (see `elmforge jobs list`)") from None
+        raise SubmitError(explain(e, resolve_address(cfg["submit"]))) from None
+    return 0
 
 
 def cmd_sweep(cfg: dict, args) -> None:

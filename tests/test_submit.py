@@ -93,14 +93,17 @@ def test_a_running_job_is_followed_then_stopped(as_user, tmp_path, capsys):
     assert main(["jobs", "logs", job_id, "--follow", address]) == 0  # returns once the job has ended
     followed = capsys.readouterr().out
     assert "[train] step 1/100000" in followed and "[train] step 2/100000" in followed
-    assert main(["jobs", "status", job_id, address]) == 0
+    assert main(["jobs", "status", job_id, address]) == 1  # as `submit --wait` of a stopped job
     assert f"{job_id}: STOPPED" in capsys.readouterr().out
 
 
-def test_a_failing_job_makes_wait_exit_non_zero(as_user, tmp_path, capsys):
-    overrides = [f"storage_path={tmp_path}", *FAILS_FAST, f"submit.address={as_user.address}"]
+def test_a_failing_job_makes_wait_and_status_exit_non_zero(as_user, tmp_path, capsys):
+    address = f"submit.address={as_user.address}"
+    overrides = [f"storage_path={tmp_path}", *FAILS_FAST, address]
     assert main(["submit", *overrides, "--wait"]) == 1
-    assert "FAILED" in capsys.readouterr().out
+    job_id = capsys.readouterr().out.split("[submit] job ")[1].split()[0]
+    assert main(["jobs", "status", job_id, address]) == 1  # scripts can tell a failed job by the exit status
+    assert f"{job_id}: FAILED" in capsys.readouterr().out
 
 
 class _SameSecond(datetime):
@@ -171,3 +174,11 @@ def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path, cap
 def test_submit_refuses_a_relative_storage_path(as_user, capsys):
     assert main(["submit", f"submit.address={as_user.address}"]) == 1
     assert "storage_path=<absolute path" in capsys.readouterr().err
+
+
+def test_jobs_without_an_action_names_the_actions_and_shows_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["jobs"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "an action is required: list, status, logs, stop" in err
+    assert "usage: elmforge jobs {list,status,logs,stop} [job_id]" in err and "overrides" not in err
