@@ -1,7 +1,8 @@
 """`elmforge report`: plots and one self-contained HTML page comparing runs (or a sweep's trials).
 
-Input: run dirs (holding metrics.jsonl, and summary.json once finished) or directories that
-contain run dirs one or two levels down (a sweep dir, `${storage_path}/outputs`).
+Input: run dirs (holding metrics.jsonl, summary.json once the run ended, and scheduler_stop.json
+when a sweep's scheduler stopped it early) or directories that contain run dirs one or two levels
+down (a sweep dir, `${storage_path}/outputs`).
 Output, in out_dir: one PNG per metric vs step, every run overlaid in its own colour (the same
 colour in every chart), and report.html with the PNGs embedded as base64 data URIs and a table
 of runs. Nothing is fetched from the network; the page opens from disk or an email attachment.
@@ -24,12 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
+# Written by `elmforge sweep` into a trial's run dir when ASHA stops the trial early:
+# {"scheduler": "ASHA", "step": <the step it decided at>, "metric": "val_loss", "value": <its value then>}
+SCHEDULER_STOP_NAME = "scheduler_stop.json"
 HTML_NAME = "report.html"
 PLOT_SIZE_IN, PLOT_DPI = (9.0, 5.0), 100
 PLOT_SIZE_PX = (int(PLOT_SIZE_IN[0] * PLOT_DPI), int(PLOT_SIZE_IN[1] * PLOT_DPI))  # (width, height) of every PNG
@@ -54,6 +54,7 @@ class Run:
     dir: Path
     records: list[dict]  # one per step, sorted by step
     summary: dict | None = None
+    scheduler_stop: dict | None = None  # see stopped_by_scheduler
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # field -> (steps, finite values)
 
 
@@ -121,26 +122,40 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def _read_summary(run_dir: Path) -> dict | None:
-    path = run_dir / SUMMARY_NAME
+def read_json(path: Path) -> dict | None:
+    """A JSON object file (summary.json, scheduler_stop.json); None when there is none."""
     if not path.is_file():
         return None
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(summary, dict):
+    if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return summary
+    return data
+
+
+def _stopped_on_request(summary: dict) -> bool:
+    return bool(summary.get("stopped_by") or summary.get("preempted"))  # "preempted": older summaries
+
+
+def stopped_by_scheduler(run_dir: Path, summary: dict | None) -> dict | None:
+    """The sweep scheduler's stop record of a run it stopped early; None when it has none, or when the run
+    finished its last step before the stop request reached it (the request is asynchronous)."""
+    record = read_json(run_dir / SCHEDULER_STOP_NAME)
+    if record is None or (summary is not None and not _stopped_on_request(summary)):
+        return None
+    return record
 
 
 def load_runs(paths: list[str]) -> list[Run]:
     runs = []
     for d in find_run_dirs(paths):
-        summary = _read_summary(d)
+        summary = read_json(d / SUMMARY_NAME)
         records = read_metrics(d / METRICS_NAME)
         name = (summary or {}).get("run_name") or d.name
-        runs.append(Run(name=str(name), dir=d, records=records, summary=summary, series=_series(records)))
+        runs.append(Run(name=str(name), dir=d, records=records, summary=summary,
+                        scheduler_stop=stopped_by_scheduler(d, summary), series=_series(records)))
     _unique_names(runs)
     return runs
 
@@ -181,10 +196,6 @@ def run_row(run: Run) -> dict:
         best_val, best_val_step = val[i], val_steps[i]
     else:
         best_val, best_val_step = None, None
-    if run.summary is None:
-        status = "running or stopped (no summary.json)"
-    else:
-        status = "preempted" if s.get("preempted") else "finished"
     return {
         "name": run.name,
         "dir": str(run.dir),
@@ -194,8 +205,20 @@ def run_row(run: Run) -> dict:
         "best_val_step": best_val_step,
         "tokens_per_s_median": statistics.median(tps) if tps else None,
         "mfu_median": statistics.median(mfu) if mfu else None,
-        "status": status,
+        "status": run_status(run),
     }
+
+
+def run_status(run: Run) -> str:
+    """finished, stopped (<why>), stopped early by the sweep's scheduler, or no summary.json yet."""
+    if run.scheduler_stop is not None:
+        stop = run.scheduler_stop
+        return f"stopped early by {stop['scheduler']} at step {stop['step']} ({stop['metric']} {stop['value']:.4f})"
+    if run.summary is None:
+        return "running or stopped (no summary.json)"
+    if run.summary.get("stopped_by"):
+        return f"stopped ({run.summary['stopped_by']})"
+    return "stopped" if run.summary.get("preempted") else "finished"
 
 
 # ---------------------------------------------------------------- charts
@@ -219,6 +242,11 @@ def _chart_fields(runs: list[Run]) -> list[str]:
 
 
 def _plot(runs: list[Run], colors: list, key: str, path: Path) -> None:
+    # Imported here: `elmforge sweep` reads run dirs through this module and draws nothing.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

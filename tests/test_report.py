@@ -44,7 +44,7 @@ def write_run(run_dir: Path, steps: int, *, seed: float, val_every: int | None =
     if summary:
         losses = [r["loss"] for r in records]
         (run_dir / "summary.json").write_text(json.dumps({
-            "run_name": run_dir.name, "steps": steps, "preempted": False, "final_loss": losses[-1],
+            "run_name": run_dir.name, "steps": steps, "stopped_by": None, "final_loss": losses[-1],
             "final_val_loss": records[-1].get("val_loss"), "losses": losses,
         }))
     return records
@@ -166,6 +166,28 @@ def test_summary_json_wins_over_metrics(tmp_path):
     row = parse_page(build_report([str(tmp_path / "r")], str(tmp_path / "out"))["html"]).rows["named-in-summary"]
     assert row["final_loss"] == "1.2345" and row["steps"] == "99"
     assert records[-1]["loss"] != 1.2345
+
+
+@pytest.mark.parametrize("summary, scheduler_stop, status", [
+    ({"stopped_by": None}, None, "finished"),
+    ({"stopped_by": "SIGTERM"}, None, "stopped (SIGTERM)"),
+    ({"stopped_by": "STOP file"}, None, "stopped (STOP file)"),
+    ({"preempted": True}, None, "stopped"),  # an older summary.json
+    ({"preempted": False}, None, "finished"),
+    (None, None, "running or stopped (no summary.json)"),
+    ({"stopped_by": "STOP file"}, 4, "stopped early by ASHA at step 4 (val_loss 6.2500)"),
+    (None, 4, "stopped early by ASHA at step 4 (val_loss 6.2500)"),  # still saving its last checkpoint
+    ({"stopped_by": None}, 4, "finished"),  # it ran its last step before the stop request reached it
+])
+def test_status_says_how_the_run_ended(tmp_path, summary, scheduler_stop, status):
+    write_run(tmp_path / "trial", 6, seed=0.1, val_every=2)
+    if summary is not None:
+        (tmp_path / "trial" / "summary.json").write_text(json.dumps({"steps": 6, **summary}))
+    if scheduler_stop is not None:
+        record = {"scheduler": "ASHA", "step": scheduler_stop, "metric": "val_loss", "value": 6.25}
+        (tmp_path / "trial" / "scheduler_stop.json").write_text(json.dumps(record))
+    row = parse_page(build_report([str(tmp_path / "trial")], str(tmp_path / "out"))["html"]).rows["trial"]
+    assert row["status"] == status
 
 
 def test_runs_found_two_levels_down_deduplicated_and_same_names_told_apart(tmp_path):
