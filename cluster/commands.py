@@ -200,7 +200,8 @@ def cmd_submit(cfg: dict, args) -> None:
 
 
 def cmd_jobs(cfg: dict, args) -> int:
-    """The exit status: `jobs status` of a job that failed or was stopped is 1, as with `submit --wait`."""
+    """The exit status: `jobs status` or `logs --follow` of a job that failed or was stopped is 1, as with
+    `submit --wait`."""
     from cluster.submit import UNSUCCESSFUL, SubmitError, client, explain, follow, http_failure, resolve_address
 
     if args.action != "list" and not args.job_id:
@@ -216,7 +217,7 @@ def cmd_jobs(cfg: dict, args) -> int:
             return 1 if info.status.value in UNSUCCESSFUL else 0
         elif args.action == "logs":
             if args.follow:
-                follow(cfg["submit"], args.job_id)
+                return 1 if follow(cfg["submit"], args.job_id) in UNSUCCESSFUL else 0
             else:
                 print(jobs.get_job_logs(args.job_id), end="")
         elif args.action == "stop":

@@ -145,6 +145,7 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     """Submit the training job; returns (job id, dashboard URL of the job)."""
     submit_cfg = cfg["submit"]
     jobs = client(submit_cfg)
+    _refuse_a_second_writer(jobs, cfg["run"]["name"], resolve_address(submit_cfg))
     job_id = new_job_id(cfg["run"]["name"])
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
@@ -164,6 +165,22 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
                 continue
             raise SubmitError(explain(e, resolve_address(submit_cfg))) from None
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
+
+
+def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:
+    """One job per run: two would write the same run.dir (checkpoints, metrics) and corrupt each other's."""
+    try:
+        found = jobs.list_jobs()
+    except Exception as e:
+        raise SubmitError(explain(e, address)) from None
+    for job in found:
+        status = str(job.status.value)
+        if (job.metadata or {}).get("run_name") == run_name and status not in TERMINAL:
+            raise SubmitError(
+                f"run.name={run_name} is being trained by job {job.submission_id} ({status}): a second job would "
+                f"write the same run.dir; wait for it, stop it (elmforge jobs stop {job.submission_id}), "
+                "or choose another run.name"
+            )
 
 
 def follow(submit_cfg: dict, job_id: str, out=None, poll_s: float = 1.0) -> str:

@@ -88,9 +88,12 @@ def test_a_running_job_is_followed_then_stopped(as_user, tmp_path, capsys):
         status = jobs.get_job_status(job_id).value
         assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, jobs.get_job_logs(job_id)[-3000:]
         time.sleep(1)
+    # A second job for the same run would write the same run.dir: refused while the first runs.
+    assert main(["submit", *overrides]) == 1
+    assert f"run.name=long is being trained by job {job_id} (RUNNING)" in capsys.readouterr().err
     assert main(["jobs", "stop", job_id, address]) == 0
     assert f"{job_id}: stop requested" in capsys.readouterr().out
-    assert main(["jobs", "logs", job_id, "--follow", address]) == 0  # returns once the job has ended
+    assert main(["jobs", "logs", job_id, "--follow", address]) == 1  # returns once the job has ended: STOPPED
     followed = capsys.readouterr().out
     assert "[train] step 1/100000" in followed and "[train] step 2/100000" in followed
     assert main(["jobs", "status", job_id, address]) == 1  # as `submit --wait` of a stopped job
@@ -124,12 +127,13 @@ def test_twin_submissions_in_one_second_get_their_own_ids_and_leave_storage_in_t
     address = f"submit.address={as_user.address}"
     args = ["submit", f"storage_path={storage}", f"submit.working_dir={work}", "run.name=twin", *FAILS_FAST, address]
     ids = []
+    jobs = submit.client({"address": as_user.address})
     for _ in range(2):
         assert main(args) == 0, capsys.readouterr().err
         ids.append(capsys.readouterr().out.split("[submit] job ")[1].split()[0])
-    jobs = submit.client({"address": as_user.address})
-    for job_id in ids:
-        jobs.stop_job(job_id)  # only their records are needed
+        jobs.stop_job(ids[-1])  # only its record is needed; the next one for this run waits for its end
+        while jobs.get_job_status(ids[-1]).value not in submit.TERMINAL:
+            time.sleep(0.2)
     assert ids[0] != ids[1] and all(i.startswith("elmforge-twin-20260301-120000-") for i in ids)
 
     # The package Ray builds from the runtime_env the cluster stored for the job leaves the storage behind.
