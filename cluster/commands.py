@@ -188,7 +188,8 @@ def cmd_generate(cfg: dict, args) -> None:
 def cmd_submit(cfg: dict, args) -> None:
     from cluster.submit import UNSUCCESSFUL, SubmitError, follow, submit_job
 
-    if not any(o.startswith("storage_path=") and os.path.isabs(o.split("=", 1)[1]) for o in args.overrides):
+    given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith("storage_path=")]  # quoted too
+    if not any(os.path.isabs(path) for path in given):
         raise SubmitError("submit needs storage_path=<absolute path on the cluster's shared storage>")
     job_id, url = submit_job(cfg, args.overrides)
     print(f"[submit] job {job_id}\n  dashboard    {url}\n  logs         elmforge jobs logs {job_id} --follow")

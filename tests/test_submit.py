@@ -125,7 +125,8 @@ def test_twin_submissions_in_one_second_get_their_own_ids_and_leave_storage_in_t
     (work / "store/notes.txt").write_text("travels")
     monkeypatch.setattr(submit, "datetime", _SameSecond)
     address = f"submit.address={as_user.address}"
-    args = ["submit", f"storage_path={storage}", f"submit.working_dir={work}", "run.name=twin", *FAILS_FAST, address]
+    args = ["submit", f"storage_path='{storage}'", f"submit.working_dir={work}", "run.name=twin", *FAILS_FAST,
+            address]  # storage_path quoted, as Hydra allows
     ids = []
     jobs = submit.client({"address": as_user.address})
     for _ in range(2):
