@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,9 +30,17 @@ class ConfigError(ValueError):
 
 
 def compose_raw(overrides: list[str]):
+    # `sweep.space=<dict>` replaces the sweep file's space: Hydra would merge it into the file's (and refuse
+    # keys the file lacks), so it is set after composing. cluster/sweep.py checks the keys in it.
+    space = [o for o in overrides if o.startswith("sweep.space=")]
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+            raw = compose(config_name="config", overrides=[o for o in overrides if o not in space])
+        if space and raw.sweep is None:
+            raise ConfigError(f"{space[-1]}: choose the sweep it changes, e.g. sweep=lr_tiny")
+        if space:
+            raw.sweep.space = OverridesParser.create().parse_overrides(space[-1:])[0].value()
+        return raw
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e)) from None
 
@@ -158,8 +167,10 @@ def validate(cfg: dict) -> None:
     )
     if cfg["tokenizer"]["kind"] != "bpe":
         path = cfg["tokenizer"]["path"]
-        want = "tokenizer.json" if cfg["tokenizer"]["kind"] == "file" else "SentencePiece .model file"
-        need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}", f"must name an existing {want}")
+        want = ("a Hugging Face tokenizer.json" if cfg["tokenizer"]["kind"] == "file"
+                else "a SentencePiece .model file, such as LLaMA's tokenizer.model (the recipes' tokenizer)")
+        need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}",
+             f"{'not found' if path else 'not set'}: give tokenizer.path=<path to {want}>")
     try:
         OpenELMConfig(**m).layer_plan()
     except (ValueError, TypeError) as e:
