@@ -190,6 +190,7 @@ def _write_shards(documents, data_cfg, tokenizer, out, dtype, expected_tokens) -
 def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
     """Build (or reuse) the dataset at data_cfg['dir']; returns its directory."""
     out = Path(data_cfg["dir"])
+    check_replaceable(out)
     fp = dataset_fingerprint(data_cfg, tokenizer_cfg)
     if not force and (out / MANIFEST_NAME).is_file():
         if read_manifest(out).data.get("source", {}).get("fingerprint") == fp:
@@ -297,6 +298,7 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     sources = data_cfg["sources"]
     shares = normalised_weights([s.get("weight", 1.0) for s in sources])
     target = data_cfg.get("target_tokens")
+    check_replaceable(Path(data_cfg["dir"]))
     lines = [f"[prepare] plan for dataset {data_cfg['name']!r} -> {data_cfg['dir']}"]
     lines.append(f"  target tokens: {format_count(target) if target else 'all documents of every source'}")
     for i, spec in enumerate(sources):
@@ -319,6 +321,17 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
         current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
         lines.append(f"  existing dataset: {'up to date' if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else 'out of date: would rebuild'}")
     return "\n".join(lines)
+
+
+def check_replaceable(out: Path) -> None:
+    """A build replaces data.dir as a whole: refuse when it holds something other than a dataset."""
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise ValueError(
+            f"data.dir {out} exists and is not a prepared dataset (no {MANIFEST_NAME}); prepare would replace it "
+            "with the dataset and delete what it holds: choose another data.dir (or data.name), or empty it"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"data.dir {out} is a file, not a directory: choose another data.dir (or data.name)")
 
 
 def _remove_stale_builds(out: Path) -> None:

@@ -134,6 +134,17 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path):
     assert f"{tmp_path / 'c.jsonl'}:8: missing_text_field" in examples
 
 
+def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"mine exists and is not a prepared dataset"):
+        prepare(data_cfg(corpus, tmp_path / "mine"), TOKENIZER_CFG)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
+    assert (prepare(data_cfg(corpus, tmp_path / "empty"), TOKENIZER_CFG) / "manifest.json").is_file()
+
+
 def test_missing_source_names_the_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         prepare(data_cfg(tmp_path / "nothing-here*.jsonl", tmp_path / "ds"), TOKENIZER_CFG)
