@@ -30,7 +30,7 @@ from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
-from data_pipelines.sources import ReadUnit, expand_files, fingerprint_sources, read_unit, read_units, source_name
+from data_pipelines.sources import ReadUnit, check_files, fingerprint_sources, read_unit, read_units, source_name
 from data_pipelines.tokenize_stage import tokenized_batches
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
@@ -39,6 +39,15 @@ MAX_EXAMPLES = 5  # skipped-record origins kept per source for the report
 FINGERPRINT_KEYS = (
     "sources", "seq_len", "val_fraction", "samples_per_shard", "shard_bytes", "target_tokens", "filters", "on_bad_record"
 )
+# The likely fix when a source keeps no document, by the reason most of them were dropped.
+NOTHING_KEPT_HINTS = {
+    "missing_text_field": "set its text_field to the field that holds the text",
+    "invalid_json": "its files are not JSON lines",
+    "empty": "its documents are empty after cleaning",
+    "too_few_characters": "lower data.filters.min_chars",
+    "too_few_tokens": "lower data.filters.min_tokens",
+    "duplicate": "each of its documents repeats one kept before it; data.filters.dedup=false keeps them",
+}
 
 
 @dataclass
@@ -160,6 +169,22 @@ def _cache_source(index, spec, tokenizer, data_cfg, cache_dir, dtype, budget, se
     return writer.close(), stats
 
 
+def _check_kept(stats: SourceStats, index: int) -> None:
+    """A source that yields nothing is a mistake (a wrong text_field, empty files, too strict filters)."""
+    if stats.documents_kept:
+        return
+    if not stats.documents_read:
+        raise ValueError(
+            f"data source {stats.name!r} holds no document; give it data, or remove it or give it "
+            f"weight 0 (data.sources.{index}.weight=0)"
+        )
+    reason = max(stats.dropped, key=stats.dropped.get)
+    raise ValueError(
+        f"data source {stats.name!r} kept none of its {stats.documents_read} documents "
+        f"(dropped: {stats.dropped}): {NOTHING_KEPT_HINTS.get(reason, reason)}"
+    )
+
+
 def _write_shards(documents, data_cfg, tokenizer, out, dtype, expected_tokens) -> tuple[dict, dict]:
     """Stage 3: pack mixed documents per split and write the shards."""
     bos, eos = tokenizer.special_ids()
@@ -224,6 +249,9 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     names = [source_name(s, i) for i, s in enumerate(sources)]
     shares = normalised_weights([s.get("weight", 1.0) for s in sources])
     target = data_cfg.get("target_tokens")
+    for i, spec in enumerate(sources):
+        if not spec.get("hf"):
+            check_files(spec, i)
     tokenizer = build_tokenizer(data_cfg, tokenizer_cfg)
     tokenizer.save(tmp)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -237,6 +265,7 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
             continue
         budget = shares[i] * target if target and not spec.get("repeat") else None
         cache, stats = _cache_source(i, spec, tokenizer, data_cfg, tmp / "cache" / str(i), dtype, budget, seen)
+        _check_kept(stats, i)
         if budget is not None and stats.tokens_kept < budget:  # known now, before tokenizing the other sources
             raise SourceExhausted(
                 f"data source {names[i]!r} holds {stats.tokens_kept:,} tokens after filtering, short of its share "
@@ -245,8 +274,6 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
             )
         caches.append(cache)
         source_stats.append(stats)
-    if sum(s.documents_kept for s in source_stats) == 0:
-        raise ValueError(f"the data sources {names} hold no document that passes cleaning and filters")
 
     documents, mix_stats = mix(caches, [s.get("weight", 1.0) for s in sources], names, [bool(s.get("repeat")) for s in sources], target)
     expected = target or sum(s.tokens_kept for s in source_stats)
@@ -306,7 +333,7 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
             files = f", files {spec['hf_data_files']}" if spec.get("hf_data_files") else ""
             where = f"Hugging Face {spec['hf']} (config {spec.get('hf_config')}, split {spec.get('hf_split', 'train')}{files}), streamed"
         else:
-            files = expand_files(spec["path"])
+            files = check_files(spec, i)
             where = f"{len(files)} file(s), {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB"
         want = f", {format_count(shares[i] * target)} tokens" if target else ""
         repeat = ", may repeat" if spec.get("repeat") else ""

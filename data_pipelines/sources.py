@@ -19,6 +19,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,6 +29,7 @@ PACKAGE_SCHEME = "package://"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 COMPRESSIONS = (".gz", ".zst")
+PROBE_RECORDS = 100  # records of each JSON-lines file looked at for the text field before any work
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Record:
     origin: str  # "file:line" or "hf-id[shard k]#n", for reports
     replaced: int = 0  # characters replaced because the bytes were not UTF-8
     bad: str = ""
+    detail: str = ""  # what exactly is wrong with a bad record, for messages
 
 
 @dataclass(frozen=True)
@@ -147,14 +150,23 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 except json.JSONDecodeError as e:
                     if line_no == 1:  # not JSON at all: the wrong file, not a bad record
                         raise ValueError(f"{origin}: not JSON lines ({e.msg})") from None
-                    yield Record(None, origin, bad="invalid_json")
+                    yield Record(None, origin, bad="invalid_json", detail=e.msg)
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    yield Record(None, origin, bad="missing_text_field")
+                    yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field))
                     continue
                 yield Record(record[text_field], origin, replaced)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
+
+
+def _no_text(record, text_field: str) -> str:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if text_field in record:
+        return f"{text_field!r} is {type(record[text_field]).__name__}, not a string"
+    fields = sorted(record)
+    return f"no field {text_field!r}; its fields: {', '.join(fields[:20])}{' ...' if len(fields) > 20 else ''}"
 
 
 def _read_txt(path: str, compression: str) -> Iterator[Record]:
@@ -167,7 +179,8 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
     yield Record(text, f"{path}:1", replaced)
 
 
-def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
+def _parquet_file(path: str, text_field: str):
+    """The open file, once its footer shows the text column."""
     import pyarrow.parquet as pq
 
     try:
@@ -175,7 +188,15 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
     except Exception as e:  # pyarrow raises ArrowInvalid for non-parquet bytes
         raise _bad_file(path, "parquet", e) from None
     if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names})")
+        raise ValueError(
+            f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names}); "
+            "set the source's text_field to the column that holds the text"
+        )
+    return pf
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
+    pf = _parquet_file(path, text_field)
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
@@ -206,6 +227,42 @@ def read_unit(unit: ReadUnit, text_field: str = "text") -> Iterator[Record]:
         yield from _read_txt(unit.path, compression)
     else:
         yield from _read_lines(unit.path, compression, text_field)
+
+
+def check_files(spec: dict, index: int) -> list[str]:
+    """A local source's files, each checked cheaply before any work, so that a wrong file or text_field
+    is found before hours of tokenizing: a supported type, readable compression, and the text field
+    present (the parquet column; in JSON lines, a string in one of the first PROBE_RECORDS records)."""
+    files = expand_files(spec["path"])
+    text_field = spec.get("text_field", "text")
+    for path in files:
+        fmt, compression = _format_of(path)
+        if fmt == "parquet":
+            _parquet_file(path, text_field)
+        elif fmt == "txt":
+            _probe_compression(path, compression)
+        else:
+            _probe_json_lines(path, compression, text_field, f"data.sources.{index}.text_field")
+    return files
+
+
+def _probe_json_lines(path: str, compression: str, text_field: str, key: str) -> None:
+    records = list(islice(_read_lines(path, compression, text_field), PROBE_RECORDS))
+    if records and not any(r.text is not None for r in records):
+        first = next((r for r in records if r.bad == "missing_text_field"), None)
+        if first is not None:
+            raise ValueError(
+                f"{path}: none of the first {len(records)} records has a string {text_field!r} "
+                f"(line {first.origin[len(path) + 1:]}: {first.detail}); set {key} to the field that holds the text"
+            )
+
+
+def _probe_compression(path: str, compression: str) -> None:
+    try:
+        with _open_binary(path, compression) as f:
+            f.read(1)
+    except BAD_FILE_ERRORS as e:
+        raise _bad_file(path, compression.lstrip("."), e) from None
 
 
 def fingerprint_sources(sources: list[dict]) -> str:

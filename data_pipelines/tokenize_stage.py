@@ -46,7 +46,10 @@ def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_ba
 
     for record in read_unit(units[unit_index], text_field):
         if record.bad and on_bad_record == "error":
-            raise ValueError(f"{record.origin}: bad record ({record.bad}); set data.on_bad_record=skip to skip such records")
+            detail = f": {record.detail}" if record.detail else ""
+            raise ValueError(
+                f"{record.origin}: bad record ({record.bad}{detail}); set data.on_bad_record=skip to skip such records"
+            )
         columns["text"].append(record.text or "")
         columns["bad"].append(record.bad)
         columns["origin"].append(record.origin)

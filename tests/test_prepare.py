@@ -101,9 +101,9 @@ def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: bad record \(invalid_json\)"),
-        ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: bad record \(missing_text_field\)"),
-        ('{"text": "   "}\n', "no document that passes"),
+        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: bad record \(invalid_json: Expecting property name"),
+        ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: bad record \(missing_text_field: no field 'text'"),
+        ('{"text": "   "}\n', r"kept none of its 1 documents \(dropped: {'empty': 1}\): its documents are empty"),
         ("not json at all\n", r"c\.jsonl:1: not JSON lines"),
     ],
 )
@@ -143,6 +143,25 @@ def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
     assert (prepare(data_cfg(corpus, tmp_path / "empty"), TOKENIZER_CFG) / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "second, filters, message",
+    [
+        ("", {}, r"data source 'quiet' holds no document; give it data, or remove it or give it weight 0 "
+         r"\(data.sources.1.weight=0\)"),
+        ('{"text": "short"}\n{"text": "tiny"}\n', {"min_chars": 10},
+         r"data source 'quiet' kept none of its 2 documents \(dropped: {'too_few_characters': 2}\): "
+         r"lower data.filters.min_chars"),
+    ],
+)
+def test_a_source_that_keeps_no_document_is_an_error(tmp_path, second, filters, message):
+    good = write_jsonl(tmp_path / "good.jsonl", make_documents(30, min_words=20))
+    (tmp_path / "quiet.jsonl").write_text(second)
+    cfg = data_cfg(good, tmp_path / "ds", filters={"min_chars": 0, "min_tokens": 0, "dedup": True, **filters})
+    cfg["sources"].append({"name": "quiet", "path": str(tmp_path / "quiet.jsonl")})
+    with pytest.raises(ValueError, match=message):
+        prepare(cfg, TOKENIZER_CFG)
 
 
 def test_missing_source_names_the_pattern(tmp_path):

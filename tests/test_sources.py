@@ -10,8 +10,8 @@ import zstandard
 
 from corpus import TOKENIZER_CFG, data_cfg, make_documents
 from data_pipelines.manifest import read_manifest
-from data_pipelines.prepare import prepare
-from data_pipelines.sources import read_unit, read_units
+from data_pipelines.prepare import describe_plan, prepare
+from data_pipelines.sources import check_files, read_unit, read_units
 
 DOCS = make_documents(12, seed=3)
 
@@ -99,3 +99,27 @@ def test_hugging_face_datasets_stream_local_files_by_shard(tmp_path, monkeypatch
     cfg["sources"] = [{**spec, "name": "hub"}]
     stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
     assert stats["documents_read"] == len(DOCS) and stats["sources"][0]["name"] == "hub"
+
+
+def test_a_wrong_text_field_is_found_before_any_work(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(DOCS)))
+    with pytest.raises(ValueError, match=(
+        r"a\.jsonl\.gz: none of the first 12 records has a string 'body' \(line 1: no field 'body'; its fields: "
+        r"meta, text\); set data.sources.1.text_field to the field"
+    )):
+        check_files({"path": str(tmp_path / "*.jsonl.gz"), "text_field": "body"}, 1)
+    # A few bad records among good ones are left to on_bad_record.
+    (tmp_path / "b.jsonl").write_bytes(jsonl_bytes(["x"], field="body") + jsonl_bytes(DOCS))
+    assert check_files({"path": str(tmp_path / "b.jsonl")}, 0) == [str(tmp_path / "b.jsonl")]
+
+
+def test_every_file_of_a_glob_is_checked_before_any_work(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS))
+    (tmp_path / "b.txt.gz").write_bytes(b"plain, not gzip")
+    with pytest.raises(ValueError, match=r"b\.txt\.gz: not a valid gz file"):
+        check_files({"path": str(tmp_path / "*")}, 0)
+    (tmp_path / "b.txt.gz").unlink()
+    (tmp_path / "c.csv").write_text("text\nhello\n")
+    cfg = data_cfg(tmp_path / "*", tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"c\.csv: unsupported file type"):
+        describe_plan(cfg, TOKENIZER_CFG)  # the dry run finds it too
