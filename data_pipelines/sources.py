@@ -268,16 +268,32 @@ def _probe_compression(path: str, compression: str) -> None:
 def fingerprint_sources(sources: list[dict]) -> str:
     """SHA-256 over the sources' specs and every local input file's name and bytes.
 
-    A Hugging Face source is identified by id/config/split (its content is the
-    hub's to version); local files change the fingerprint whenever a byte does.
+    A Hugging Face dataset on the hub is identified by id/config/split (its content
+    is the hub's to version); local files, a local dataset directory's included,
+    change the fingerprint whenever a byte does.
     """
     digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode())
     for spec in sources:
-        if spec.get("hf"):
-            continue
-        for path in expand_files(spec["path"]):
-            digest.update(os.path.basename(path).encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+        if not spec.get("hf"):
+            for path in expand_files(spec["path"]):
+                _hash_file(digest, os.path.basename(path), path)
+        elif os.path.isdir(spec["hf"]):
+            for path in _dataset_files(spec["hf"]):
+                _hash_file(digest, os.path.relpath(path, spec["hf"]), path)
     return digest.hexdigest()
+
+
+def _dataset_files(root: str) -> list[str]:
+    """Every file of a local dataset directory, sorted; hidden ones (.git, .cache) are not data."""
+    found = []
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(parent, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _hash_file(digest, name: str, path: str) -> None:
+    digest.update(name.encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)

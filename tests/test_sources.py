@@ -123,3 +123,16 @@ def test_every_file_of_a_glob_is_checked_before_any_work(tmp_path):
     cfg = data_cfg(tmp_path / "*", tmp_path / "ds")
     with pytest.raises(ValueError, match=r"c\.csv: unsupported file type"):
         describe_plan(cfg, TOKENIZER_CFG)  # the dry run finds it too
+
+
+def test_a_local_dataset_directory_counts_by_its_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "my_dataset" / "data" / "train-00000.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(jsonl_bytes(DOCS))
+    cfg = data_cfg(tmp_path / "unused", tmp_path / "ds")
+    cfg["sources"] = [{"hf": str(tmp_path / "my_dataset")}]
+    before = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["source"]["fingerprint"]
+    data.write_bytes(jsonl_bytes(DOCS[:6]))  # edited in place: the dataset must be rebuilt
+    after = read_manifest(prepare(cfg, TOKENIZER_CFG)).data
+    assert after["source"]["fingerprint"] != before and after["stats"]["documents_read"] == 6
