@@ -78,9 +78,31 @@ def _hf_dataset(hf: dict):
     """The streaming `datasets.IterableDataset` of a source (reads nothing yet)."""
     import datasets
 
+    if _saved_to_disk(hf["id"]):
+        return _from_disk(hf)
     return datasets.load_dataset(
         hf["id"], name=hf.get("config"), split=hf.get("split", "train"), data_files=hf.get("data_files"), streaming=True
     )
+
+
+def _saved_to_disk(path: str) -> bool:
+    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk (load_dataset refuses those)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _from_disk(hf: dict):
+    """A save_to_disk directory as an IterableDataset with one shard per Arrow file."""
+    import datasets
+
+    if hf.get("config") or hf.get("data_files"):
+        raise ValueError(f"{hf['id']} was written by save_to_disk: hf_config and hf_data_files do not apply to it")
+    ds = datasets.load_from_disk(hf["id"])
+    if isinstance(ds, datasets.DatasetDict):
+        split = hf.get("split", "train")
+        if split not in ds:
+            raise ValueError(f"{hf['id']} has no split {split!r} (has {sorted(ds)}); set the source's hf_split")
+        ds = ds[split]
+    return ds.to_iterable_dataset(num_shards=max(1, min(len(ds.cache_files), len(ds))))
 
 
 def read_units(spec: dict, index: int) -> list[ReadUnit]:

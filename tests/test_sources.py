@@ -136,3 +136,17 @@ def test_a_local_dataset_directory_counts_by_its_bytes(tmp_path, monkeypatch):
     data.write_bytes(jsonl_bytes(DOCS[:6]))  # edited in place: the dataset must be rebuilt
     after = read_manifest(prepare(cfg, TOKENIZER_CFG)).data
     assert after["source"]["fingerprint"] != before and after["stats"]["documents_read"] == 6
+
+
+def test_a_dataset_saved_to_disk_is_read_by_split(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": DOCS[:7]})
+    test = datasets.Dataset.from_dict({"text": DOCS[7:]})
+    train.save_to_disk(str(tmp_path / "one"), num_shards=2)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "both"))
+    units = read_units({"hf": str(tmp_path / "one")}, 0)
+    assert len(units) == 2 and texts({"hf": str(tmp_path / "one")}) == DOCS[:7]
+    assert texts({"hf": str(tmp_path / "both"), "hf_split": "test"}) == DOCS[7:]
+    with pytest.raises(ValueError, match=r"both has no split 'validation' \(has \['test', 'train'\]\)"):
+        texts({"hf": str(tmp_path / "both"), "hf_split": "validation"})
