@@ -76,16 +76,29 @@ def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
     return digest.hexdigest()
 
 
+def _corpus_texts(sources: list[dict]) -> Iterator[tuple[str, Optional[float]]]:
+    """(cleaned non-empty text, fraction of the local input bytes read so far) of every source in turn."""
+    units = [u for i, spec in enumerate(sources) for u in read_units(spec, i)]
+    total, before = sum(u.size for u in units), 0
+    for unit in units:
+        for record in read_unit(unit, sources[unit.source].get("text_field", "text")):
+            if record.text and record.text.strip():
+                yield clean_text(record.text), (before + record.pos) / total if total else None
+        before += unit.size
+
+
 def _training_texts(data_cfg: dict, limit: Optional[int]) -> Iterator[str]:
+    """The BPE's training texts, with a progress line: reading a large corpus takes a while."""
+    progress = Progress("prepare tokenizer")
     n = 0
-    for i, spec in enumerate(data_cfg["sources"]):
-        for unit in read_units(spec, i):
-            for record in read_unit(unit, spec.get("text_field", "text")):
-                if record.text and record.text.strip():
-                    yield clean_text(record.text)
-                    n += 1
-                    if limit and n >= limit:
-                        return
+    for n, (text, fraction) in enumerate(_corpus_texts(data_cfg["sources"]), 1):
+        yield text
+        if limit:
+            fraction = max(fraction or 0, n / limit)
+        progress.update({"docs": n}, done_fraction=fraction)
+        if limit and n >= limit:
+            break
+    progress.update({"docs": n}, force=True)
 
 
 def build_tokenizer(data_cfg: dict, tokenizer_cfg: dict) -> TextTokenizer:
@@ -154,8 +167,8 @@ def _cache_source(index, spec, tokenizer, data_cfg, cache_dir, dtype, budget, se
             if budget is not None and stats.tokens_kept - (n + FRAMING) >= budget:
                 done = True
                 break
-        unit = int(np.asarray(batch.column("unit"))[-1]) if batch.num_rows else 0
-        fraction = sizes[unit] / sizes[-1] if sizes[-1] else None
+        unit, pos = (int(batch.column(c)[-1].as_py()) for c in ("unit", "pos")) if batch.num_rows else (0, 0)
+        fraction = (sizes[unit] + pos) / sizes[-1] if sizes[-1] else None
         if budget:
             fraction = max(fraction or 0, stats.tokens_kept / budget)
         progress.update({"docs": stats.documents_read, "tokens": stats.tokens_kept}, done_fraction=fraction)

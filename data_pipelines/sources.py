@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -41,6 +42,7 @@ class Record:
     replaced: int = 0  # characters replaced because the bytes were not UTF-8
     bad: str = ""
     detail: str = ""  # what exactly is wrong with a bad record, for messages
+    pos: int = 0  # bytes of the file read up to this record, for progress
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,19 @@ def _format_of(path: str) -> tuple[str, str]:
     raise ValueError(f"{path}: unsupported file type (expected .jsonl, .json, .txt [.gz/.zst] or .parquet)")
 
 
-def _open_binary(path: str, compression: str) -> io.BufferedIOBase:
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".zst":
-        # Buffered so lines can be iterated (the raw zstd reader has no readline).
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+@contextmanager
+def _open_binary(path: str, compression: str) -> Iterator[tuple[io.BufferedIOBase, io.BufferedReader]]:
+    """(decompressed stream, the file itself, whose tell() says how far into it reading got)."""
+    with open(path, "rb") as file:
+        if compression == ".gz":
+            stream = gzip.GzipFile(fileobj=file, mode="rb")
+        elif compression == ".zst":
+            # Buffered so lines can be iterated (the raw zstd reader has no readline).
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(file, closefd=False))
+        else:
+            stream = file
+        with stream:
+            yield stream, file
 
 
 def _decode(raw: bytes) -> tuple[str, int]:
@@ -161,23 +169,23 @@ def _bad_file(path: str, what: str, e: Exception) -> ValueError:
 
 def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record]:
     try:
-        with _open_binary(path, compression) as f:
+        with _open_binary(path, compression) as (f, file):
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 line, replaced = _decode(raw)
-                origin = f"{path}:{line_no}"
+                origin, pos = f"{path}:{line_no}", file.tell()
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     if line_no == 1:  # not JSON at all: the wrong file, not a bad record
                         raise ValueError(f"{origin}: not JSON lines ({e.msg})") from None
-                    yield Record(None, origin, bad="invalid_json", detail=e.msg)
+                    yield Record(None, origin, bad="invalid_json", detail=e.msg, pos=pos)
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field))
+                    yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field), pos=pos)
                     continue
-                yield Record(record[text_field], origin, replaced)
+                yield Record(record[text_field], origin, replaced, pos=pos)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
 
@@ -193,12 +201,13 @@ def _no_text(record, text_field: str) -> str:
 
 def _read_txt(path: str, compression: str) -> Iterator[Record]:
     try:
-        with _open_binary(path, compression) as f:
+        with _open_binary(path, compression) as (f, file):
             raw = f.read()
+            pos = file.tell()
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
     text, replaced = _decode(raw)
-    yield Record(text, f"{path}:1", replaced)
+    yield Record(text, f"{path}:1", replaced, pos=pos)
 
 
 def _parquet_file(path: str, text_field: str):
@@ -219,12 +228,16 @@ def _parquet_file(path: str, text_field: str):
 
 def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
     pf = _parquet_file(path, text_field)
+    bytes_per_row = os.path.getsize(path) / max(1, pf.metadata.num_rows)
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             row += 1
-            origin = f"{path}:row {row}"
-            yield Record(text, origin) if isinstance(text, str) else Record(None, origin, bad="missing_text_field")
+            origin, pos = f"{path}:row {row}", int(row * bytes_per_row)
+            if isinstance(text, str):
+                yield Record(text, origin, pos=pos)
+            else:
+                yield Record(None, origin, bad="missing_text_field", detail=f"{text_field!r} is null", pos=pos)
 
 
 def _read_hf(unit: ReadUnit, text_field: str) -> Iterator[Record]:
@@ -281,7 +294,7 @@ def _probe_json_lines(path: str, compression: str, text_field: str, key: str) ->
 
 def _probe_compression(path: str, compression: str) -> None:
     try:
-        with _open_binary(path, compression) as f:
+        with _open_binary(path, compression) as (f, _):
             f.read(1)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None

@@ -6,7 +6,8 @@ pipeline: read tasks (one per read unit) feed a pool of tokenizer actors, with
 order preserved, so the output is identical whatever the number of workers.
 Either way the result is a stream of pyarrow tables with one row per record:
 ids (token ids, empty when dropped), key (dedup digest), drop (reason or ""),
-origin, replaced (non-UTF-8 characters replaced), unit (read-unit index).
+origin, replaced (non-UTF-8 characters replaced), unit (read-unit index), pos (bytes of the unit
+read so far, for progress).
 """
 
 import logging
@@ -36,7 +37,7 @@ ACTORS_PER_READER = 16
 
 def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_bad_record: str) -> Iterator[pa.Table]:
     """Records of one read unit as tables of up to BATCH rows; a bad record has `bad` set (or raises)."""
-    columns: dict[str, list] = {"text": [], "bad": [], "origin": [], "replaced": []}
+    columns: dict[str, list] = {"text": [], "bad": [], "origin": [], "replaced": [], "pos": []}
 
     def table() -> pa.Table:
         t = pa.table({**columns, "unit": [unit_index] * len(columns["text"])})
@@ -54,6 +55,7 @@ def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_ba
         columns["bad"].append(record.bad)
         columns["origin"].append(record.origin)
         columns["replaced"].append(record.replaced)
+        columns["pos"].append(record.pos)
         if len(columns["text"]) == BATCH:
             yield table()
     if columns["text"]:
@@ -107,6 +109,7 @@ class DocumentProcessor:
                 "origin": batch.column("origin").cast(pa.string()),
                 "replaced": batch.column("replaced").cast(pa.int64()),
                 "unit": batch.column("unit").cast(pa.int64()),
+                "pos": batch.column("pos").cast(pa.int64()),
             }
         )
 

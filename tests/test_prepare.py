@@ -164,6 +164,12 @@ def test_a_source_that_keeps_no_document_is_an_error(tmp_path, second, filters, 
         prepare(cfg, TOKENIZER_CFG)
 
 
+def test_training_the_tokenizer_shows_progress(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(30))
+    prepare(data_cfg(corpus, tmp_path / "ds"), {**TOKENIZER_CFG, "max_train_documents": 20})
+    assert "[prepare tokenizer] 20 docs (" in capsys.readouterr().out
+
+
 def test_missing_source_names_the_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         prepare(data_cfg(tmp_path / "nothing-here*.jsonl", tmp_path / "ds"), TOKENIZER_CFG)

@@ -150,3 +150,14 @@ def test_a_dataset_saved_to_disk_is_read_by_split(tmp_path):
     assert texts({"hf": str(tmp_path / "both"), "hf_split": "test"}) == DOCS[7:]
     with pytest.raises(ValueError, match=r"both has no split 'validation' \(has \['test', 'train'\]\)"):
         texts({"hf": str(tmp_path / "both"), "hf_split": "validation"})
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"])
+def test_records_say_how_far_into_their_file_reading_got(tmp_path, name):
+    """What the progress line's ETA is made of, so a source of one big file has one too."""
+    WRITERS[name](tmp_path / name)
+    size = (tmp_path / name).stat().st_size
+    positions = [r.pos for u in read_units({"path": str(tmp_path / name)}, 0) for r in read_unit(u)]
+    assert positions == sorted(positions) and 0 < positions[-1] <= size
+    if name in ("a.jsonl", "a.parquet"):
+        assert positions[0] < size // 2 and positions[-1] == size
