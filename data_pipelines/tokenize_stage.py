@@ -228,6 +228,8 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Our own progress line replaces Ray Data's bars; its warning that they are off is noise.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*minimum number of concurrent actors", category=UserWarning)
     if workers is None:
         workers = default_workers()

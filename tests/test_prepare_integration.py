@@ -28,7 +28,10 @@ def ray_local():
     ray.shutdown()
 
 
-def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local):
+def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local, capfd):
+    from ray.util.debug import reset_log_once
+
+    reset_log_once()  # Ray Data warns once per process: as if this were the first pipeline
     corpus_dir = tmp_path / "corpus"
     for i in range(3):  # several files: several read tasks feeding the actor pool
         write_jsonl(corpus_dir / f"part-{i}.jsonl", make_documents(150, seed=10 + i))
@@ -39,6 +42,8 @@ def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local
         checksums[workers] = [s.sha256 for split in ("train", "val") for s in m.shards(split)]
         assert m.data["stats"]["documents_read"] == 450
     assert checksums[0] == checksums[1] == checksums[2]
+    printed = "".join(capfd.readouterr())
+    assert "[prepare " in printed and "Progress bars disabled" not in printed
 
 
 def test_errors_inside_ray_workers_name_the_record(tmp_path, ray_local):
