@@ -28,7 +28,7 @@ from data_pipelines.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_pipelines.mixture import FRAMING, SourceExhausted, mix, normalised_weights
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.progress import Progress, format_count
-from data_pipelines.shard_writer import ShardWriter
+from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import ReadUnit, check_files, fingerprint_sources, read_unit, read_units, source_name
 from data_pipelines.tokenize_stage import tokenized_batches
@@ -123,7 +123,8 @@ def samples_per_shard(data_cfg: dict, dtype: np.dtype) -> int:
         return data_cfg["samples_per_shard"]
     buf = io.BytesIO()
     np.save(buf, np.zeros(data_cfg["seq_len"] + 1, dtype=dtype))
-    member = 512 + -(-buf.tell() // 512) * 512  # tar header + data padded to 512-byte blocks
+    # Header blocks (PAX header included) + data padded to 512-byte blocks.
+    member = len(tar_header(f"{0:09d}.tokens.npy", buf.tell())) + -(-buf.tell() // 512) * 512
     return max(1, data_cfg["shard_bytes"] // member)
 
 

@@ -190,6 +190,16 @@ def test_packer_emits_full_samples_and_counts_the_tail():
     assert packer.dropped_tail_tokens == 2
 
 
+def test_shard_bytes_bounds_the_size_of_each_shard(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(120))
+    m = read_manifest(prepare(data_cfg(corpus, tmp_path / "ds", shard_bytes=20_000), TOKENIZER_CFG))
+    shards = m.shards("train")
+    assert len(shards) > 2
+    # The tar's end (two zero blocks, padding to a 10 KiB record) comes on top of the samples.
+    assert all(s.bytes <= 20_000 + tarfile.RECORDSIZE for s in shards)
+    assert shards[0].bytes > 20_000 // 2
+
+
 def test_token_dtype_widens_only_when_needed():
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
