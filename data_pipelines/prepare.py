@@ -283,8 +283,8 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
         if budget is not None and stats.tokens_kept < budget:  # known now, before tokenizing the other sources
             raise SourceExhausted(
                 f"data source {names[i]!r} holds {stats.tokens_kept:,} tokens after filtering, short of its share "
-                f"of {budget:,.0f} of data.target_tokens={target:,}; allow repeating it with repeat: true on that "
-                "source, or lower the target or its weight"
+                f"of {budget:,.0f} of data.target_tokens={target:,}; let it be read again (data.sources.{i}.repeat=true"
+                f"), or lower the target or its weight (data.sources.{i}.weight)"
             )
         caches.append(cache)
         source_stats.append(stats)

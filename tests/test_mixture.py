@@ -39,7 +39,10 @@ def test_weights_are_shares_of_output_tokens(tmp_path, weights):
 def test_an_exhausted_source_is_an_error_naming_it(tmp_path):
     cfg = two_sources(tmp_path, (0.5, 0.5))
     cfg["target_tokens"] = 80_000  # "short" holds far fewer than 40k tokens
-    with pytest.raises(ValueError, match=r"data source 'short' holds [\d,]+ tokens after filtering, short of its share of 40,000"):
+    with pytest.raises(ValueError, match=(
+        r"data source 'short' holds [\d,]+ tokens after filtering, short of its share of 40,000 of "
+        r"data.target_tokens=80,000; let it be read again \(data.sources.1.repeat=true\)"
+    )):
         prepare(cfg, TOKENIZER_CFG)
     assert not (tmp_path / "ds").exists()
 
