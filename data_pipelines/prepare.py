@@ -294,7 +294,10 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     splits, tails = _write_shards(documents, data_cfg, tokenizer, tmp, dtype, expected)
     shutil.rmtree(tmp / "cache")
     if splits["train"]["samples"] == 0:
-        raise ValueError(f"the corpus ({sum(mix_stats.tokens)} tokens) fills no training sample of seq_len+1 = {data_cfg['seq_len'] + 1}")
+        raise ValueError(
+            f"the corpus gives {tails['train']:,} training tokens, fewer than one sample of data.seq_len+1 = "
+            f"{data_cfg['seq_len'] + 1}: lower data.seq_len or add documents"
+        )
     bos, eos = tokenizer.special_ids()
     dropped: dict[str, int] = {}
     for s in source_stats:

@@ -170,6 +170,12 @@ def test_training_the_tokenizer_shows_progress(tmp_path, capsys):
     assert "[prepare tokenizer] 20 docs (" in capsys.readouterr().out
 
 
+def test_a_corpus_smaller_than_one_sample_says_what_to_change(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(3, max_words=30))
+    with pytest.raises(ValueError, match=r"fewer than one sample of data.seq_len\+1 = 513: lower data.seq_len"):
+        prepare(data_cfg(corpus, tmp_path / "ds", seq_len=512, val_fraction=0.0), TOKENIZER_CFG)
+
+
 def test_missing_source_names_the_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         prepare(data_cfg(tmp_path / "nothing-here*.jsonl", tmp_path / "ds"), TOKENIZER_CFG)
