@@ -115,9 +115,10 @@ def _assert_same(a, b):
             _assert_same(x, y)
 
 
-@pytest.mark.parametrize("stage, world", [(2, 2), (0, 1)])
-def test_a_non_finite_step_changes_nothing_on_any_rank(tiny_dataset, tmp_path, stage, world):
-    cfg = cfg_for(tiny_dataset, tmp_path, f"deepspeed=zero{stage}", "train.checkpoint_every=1",
+@pytest.mark.parametrize("stage, world, precision", [(2, 2, "fp32"), (0, 1, "fp32"), (0, 1, "bf16")])
+def test_a_non_finite_step_changes_nothing_on_any_rank(tiny_dataset, tmp_path, stage, world, precision):
+    cfg = cfg_for(tiny_dataset, tmp_path, f"deepspeed=zero{stage}", f"train.precision={precision}",
+                  "train.checkpoint_every=1",
                   "train.keep_checkpoints=10", "train.faults.nonfinite_at_steps=[3]",
                   f"train.faults.nonfinite_rank={world - 1}", workers=world)
     summary = run_ranks(world, train, cfg)[0]

@@ -1,6 +1,13 @@
 """The DeepSpeed engine config, derived from the train and deepspeed config groups."""
 
 
+def deepspeed_guards_updates(train: dict, zero: dict) -> bool:
+    """Whether DeepSpeed's optimizer wrapper clips and skips non-finite steps itself: ZeRO 1-3, and bf16
+    (its mixed-precision wrapper steps even parameters without gradients, so it must do the skipping).
+    Otherwise (fp32 ZeRO-0: the bare torch optimizer) the train loop does both."""
+    return zero["stage"] > 0 or train["precision"] == "bf16"
+
+
 def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) -> dict:
     micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
     # torch's fused AdamW (CPU and CUDA): no extension to build, about 7x the speed of its default
@@ -15,8 +22,7 @@ def deepspeed_config(train: dict, zero: dict, world_size: int, use_gpu: bool) ->
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        # ZeRO-0 is clipped by the train loop, which must first check the norm is finite.
-        "gradient_clipping": train["grad_clip"] if zero["stage"] > 0 else 0.0,
+        "gradient_clipping": train["grad_clip"] if deepspeed_guards_updates(train, zero) else 0.0,
         "optimizer": {
             "type": "AdamW",
             "params": {

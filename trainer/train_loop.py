@@ -25,7 +25,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from trainer.deepspeed_config import deepspeed_config
+from trainer.deepspeed_config import deepspeed_config, deepspeed_guards_updates
 from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate_loss, validation_batches
@@ -101,7 +101,7 @@ def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
 
 
 def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
-    """ZeRO-0 only (DeepSpeed checks ZeRO 1-3 itself): clip, or drop non-finite gradients.
+    """fp32 ZeRO-0 only (see deepspeed_guards_updates): clip, or drop non-finite gradients.
 
     Returns (gradient norm, skipped). Gradients are already averaged across ranks
     here, so every rank decides alike; with every .grad None, AdamW leaves
@@ -216,6 +216,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
         validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     accum = t_cfg["grad_accum_steps"]
+    ds_guards = deepspeed_guards_updates(t_cfg, cfg["deepspeed"])
     flops = flops_per_token(model_cfg, manifest.seq_len)
     peak = device_peak_flops(env.device)  # per rank: MFU divides by world size x peak
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
@@ -248,14 +249,14 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 loss, ce = loss_fn(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
                 loss = maybe_poison(loss, t_cfg["faults"], step, env.rank)
                 engine.backward(loss)
-                if cfg["deepspeed"]["stage"] == 0 and engine.is_gradient_accumulation_boundary():
+                if not ds_guards and engine.is_gradient_accumulation_boundary():
                     own_norm, own_skip = _clip_or_drop_grads(engine, t_cfg["grad_clip"])
                 engine.step()
                 if own_skip:
                     rewind_one_step(scheduler)
                 total += loss.detach()
                 ce_total += ce.detach()
-            skipped = own_skip or (cfg["deepspeed"]["stage"] > 0 and not engine.was_step_applied())
+            skipped = own_skip or (ds_guards and not engine.was_step_applied())
             grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
             step_time = time.perf_counter() - step_start
             record = {
