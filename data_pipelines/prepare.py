@@ -232,10 +232,11 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
     check_replaceable(out)
     fp = dataset_fingerprint(data_cfg, tokenizer_cfg)
     if not force and (out / MANIFEST_NAME).is_file():
-        if read_manifest(out).data.get("source", {}).get("fingerprint") == fp:
+        built, why = _built_fingerprint(out)
+        if built == fp:
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
             return out
-        print(f"[prepare] {out} was built from other inputs or settings; rebuilding", flush=True)
+        print(f"[prepare] {out} {why}; rebuilding", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -362,9 +363,19 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     per_shard = data_cfg.get("shard_bytes") and f"{format_count(data_cfg['shard_bytes'])}B" or f"{data_cfg['samples_per_shard']} samples"
     lines.append(f"  samples of {data_cfg['seq_len'] + 1} tokens, {per_shard} per shard, {data_cfg['val_fraction'] * 100:.3g}% of documents to val")
     if (Path(data_cfg["dir"]) / MANIFEST_NAME).is_file():
-        current = read_manifest(data_cfg["dir"]).data.get("source", {}).get("fingerprint")
-        lines.append(f"  existing dataset: {'up to date' if current == dataset_fingerprint(data_cfg, tokenizer_cfg) else 'out of date: would rebuild'}")
+        built, why = _built_fingerprint(Path(data_cfg["dir"]))
+        fresh = built == dataset_fingerprint(data_cfg, tokenizer_cfg)
+        lines.append(f"  existing dataset: {'up to date' if fresh else f'{why}: would rebuild'}")
     return "\n".join(lines)
+
+
+def _built_fingerprint(out: Path) -> tuple[Optional[str], str]:
+    """(fingerprint of the dataset in out, what to say if it is not this build's); an unreadable manifest
+    (corrupt, or another format_version) only means a rebuild: prepare is how such a dataset is fixed."""
+    try:
+        return read_manifest(out).data.get("source", {}).get("fingerprint"), "was built from other inputs or settings"
+    except ValueError as e:
+        return None, f"cannot be reused ({e})"
 
 
 def check_replaceable(out: Path) -> None:

@@ -84,6 +84,15 @@ def test_changed_input_or_setting_rebuilds(tmp_path):
     assert not list(tmp_path.glob(".ds.*")), "temporary directories left behind"
 
 
+@pytest.mark.parametrize("manifest", ['{"format_version": 0}', "{truncated"])
+def test_a_manifest_prepare_cannot_read_is_rebuilt(tmp_path, capsys, manifest):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    out = prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG)
+    (out / "manifest.json").write_text(manifest)  # an older elmforge's, or cut short
+    prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG)
+    assert "ds cannot be reused" in capsys.readouterr().out and read_manifest(out).data["format_version"] == 1
+
+
 def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
     docs = make_documents(30)
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
