@@ -160,3 +160,12 @@ def test_python_collects_garbage_only_at_every_nth_step_while_training(tiny_data
         gc.callbacks.remove(record)
     assert during == [2, 2]  # full collections after steps 2 and 4
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_the_progress_line_leaves_out_mfu_when_no_peak_is_known():
+    from trainer.train_loop import _progress_line
+
+    rec = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0}
+    line = _progress_line(5, 10, rec, elapsed=5.0, steps_done=5)  # a GPU missing from PEAK_FLOPS: no "mfu"
+    assert line == "[train] step 5/10 | loss 2.5000 | lr 1.00e-03 | grad_norm 0.500 | 1,000 tok/s | ETA 5s"
+    assert "| MFU 42.0% |" in _progress_line(5, 10, {**rec, "mfu": 0.42}, elapsed=5.0, steps_done=5)

@@ -130,13 +130,11 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
     return tokens_per_s * flops_per_token / peak
 
 
-def device_peak_flops(device: torch.device) -> float:
-    """The peak MFU divides by: the bf16 dense peak of a known GPU, else (and on CPU) the best
-    square matmul measured here, now (a quick measurement, about a second)."""
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    """The peak MFU divides by: the bf16 dense peak of a known GPU (None for a GPU not in PEAK_FLOPS),
+    or on CPU the best square matmul measured here, now (a quick measurement, about a second)."""
     if device.type == "cuda":
-        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
-        if peak is not None:
-            return peak
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_matmul_peak(sizes=(1024,), seconds=1.0)
 
 

@@ -123,9 +123,10 @@ def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
 def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_done: int) -> str:
     eta = elapsed / max(1, steps_done) * (max_steps - step)
     val = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+    util = f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else ""
     return (
         f"[train] step {step}/{max_steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
-        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | MFU {rec['mfu']:.1%} | ETA {eta:.0f}s"
+        f"grad_norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s{util} | ETA {eta:.0f}s"
     )
 
 
@@ -219,6 +220,9 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     ds_guards = deepspeed_guards_updates(t_cfg, cfg["deepspeed"])
     flops = flops_per_token(model_cfg, manifest.seq_len)
     peak = device_peak_flops(env.device)  # per rank: MFU divides by world size x peak
+    if peak is None and env.is_main:
+        print(f"[train] MFU not logged: no bf16 peak known for {torch.cuda.get_device_name(env.device)} "
+              "(trainer/flops.py, PEAK_FLOPS)", flush=True)
     tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
     preemption = PreemptionWatch(run_dir, env.is_main)
     # Skipped-step counts travel in checkpoints: a resumed run stops where the uninterrupted one would.
@@ -265,12 +269,13 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                 "lr": lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_step / step_time,
-                "mfu": mfu(tokens_per_step / step_time / env.world_size, flops, peak),
                 "memory_gb": peak_memory_gb(env.device),
                 "step_time_s": step_time,
                 "tokens": step * tokens_per_step,
                 "skipped": int(skipped),
             }
+            if peak:
+                record["mfu"] = mfu(tokens_per_step / step_time / env.world_size, flops, peak)
             if t_cfg["eval_every"] and (step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]):
                 record.update(validate())
                 if report is not None:
