@@ -179,7 +179,7 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     if line_no == 1:  # not JSON at all: the wrong file, not a bad record
-                        raise ValueError(f"{origin}: not JSON lines ({e.msg})") from None
+                        raise ValueError(f"{origin}: not JSON lines ({e.msg}){_json_array_hint(line)}") from None
                     yield Record(None, origin, bad="invalid_json", detail=e.msg, pos=pos)
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
@@ -188,6 +188,12 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 yield Record(record[text_field], origin, replaced, pos=pos)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
+
+
+def _json_array_hint(first_line: str) -> str:
+    if not first_line.lstrip().startswith("["):
+        return ""
+    return "; it looks like one JSON array: write one object per line instead, e.g. jq -c '.[]' a.json > a.jsonl"
 
 
 def _no_text(record, text_field: str) -> str:
