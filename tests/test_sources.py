@@ -66,7 +66,7 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
         ("bad.jsonl.zst", b'{"text": "not compressed"}\n', r"bad\.jsonl\.zst: not a valid zst file"),
         ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet: not a valid parquet file"),
         ("bad.jsonl", b"\x89PNG\r\n\x1a\n binary", r"bad\.jsonl:1: not JSON lines"),
-        ("bad.json", b'[\n  {"text": "a"}\n]\n', r"bad\.json:1: not JSON lines .*one JSON array: write one object per line"),
+        ("bad.json", b'[\n  {"text": "a"}\n]\n', r"bad\.json:1: not JSON lines .*one JSON array: write one object"),
         ("bad.csv", b"a,b\n", r"bad\.csv: unsupported file type"),
     ],
 )
