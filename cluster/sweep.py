@@ -4,24 +4,34 @@ The search space is Hydra config (conf/sweep/*.yaml): `space` maps any config
 key to choice / uniform / loguniform. Each trial is a Tune function trainable
 that runs the usual TorchTrainer (Ray 2.60 cannot hand a trainer to Tune
 directly) and forwards the loop's validation reports to Tune, where ASHA stops
-weak trials early. Trials get stable names and run dirs under the sweep
-directory, so an interrupted sweep resumes: Tune restores the experiment and
-each unfinished trial resumes its training from its newest checkpoint.
+weak trials early: it asks the trial's loop to stop (run.dir/STOP), so a
+stopped trial ends with a checkpoint and summary.json like any run. Trials get
+stable names and run dirs (named alike) under the sweep directory, so an
+interrupted sweep resumes: Tune restores the experiment and each unfinished
+trial resumes its training from its newest checkpoint.
 """
 
 import copy
 import csv
-import os
+import json
 from pathlib import Path
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.config import ConfigError, derive_batch, validate
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
+from cluster.report import SCHEDULER_STOP_NAME, SUMMARY_NAME, read_json, stopped_by_scheduler
+from trainer.preemption import STOP_FILE
+
+CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
+# What a restored sweep may take from a new command line: where Ray runs, data preparation, and
+# what each trial sets for itself. Tune restores everything else (the space, ASHA, the trials) as it was.
+RESTORE_MAY_CHANGE = ("cluster.address", "cluster.num_cpus", "cluster.dashboard", "data.workers", "prepare.",
+                      "submit.", "run.")
 
 DISTRIBUTIONS = {
     "choice": lambda p: tune.choice(list(p["values"])),
@@ -48,16 +58,24 @@ def apply(cfg: dict, params: dict) -> dict:
     """A copy of cfg with dotted keys set; unknown keys are an error naming them."""
     cfg = copy.deepcopy(cfg)
     for dotted, value in params.items():
-        parts = dotted.split(".")
+        *parents, last = dotted.split(".")
         node = cfg
-        for part in parts[:-1]:
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"sweep.space: {dotted} is not a config key")
-            node = node[part]
-        if parts[-1] not in node:
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
             raise ConfigError(f"sweep.space: {dotted} is not a config key")
-        node[parts[-1]] = value
+        node[last] = value
     return cfg
+
+
+def check_space(cfg: dict) -> None:
+    """Every key of sweep.space is a config key with a valid distribution, before Ray starts."""
+    space = cfg["sweep"]["space"]
+    if not space:
+        raise ConfigError("sweep.space is empty: name the config keys to search, e.g. "
+                          "'sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2}}'")
+    search_space(space)
+    apply(cfg, dict.fromkeys(space))
 
 
 def sweep_dir(cfg: dict) -> Path:
@@ -82,49 +100,135 @@ def _trial(params: dict, base: dict) -> None:
     torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
+def _trial_dirname(trial) -> str:
+    """Tune's own directory of a trial (under tune/) is named as its run dir: the trial's name."""
+    return str(trial)
+
+
+class StopByRequestASHA(ASHAScheduler):
+    """ASHA that asks a trial to stop, where Tune would kill it.
+
+    Tune stops a trial by ending its actor, which owns the trial's Ray Train controller and
+    workers: a worker process then exits while its training thread is inside a torch operator, whose
+    forced unwind calls std::terminate (a ~100-line SIGABRT dump on the console), and the trial leaves
+    no checkpoint or summary.json. Here ASHA's
+    decision is written to the trial's run dir (scheduler_stop.json, for results.csv and
+    `elmforge report`) with a STOP file, and Tune is told to continue: the loop sees the file at the
+    end of its current step, saves a checkpoint, writes summary.json and returns, and the trial
+    completes. The request is asynchronous: results reported in the meantime are kept from ASHA.
+    """
+
+    def __init__(self, runs_root: str, max_steps: int, **asha):
+        super().__init__(time_attr="step", max_t=max_steps, **asha)
+        self.runs_root = runs_root
+        self.max_steps = max_steps
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        run_dir = Path(self.runs_root, str(trial))
+        record = run_dir / SCHEDULER_STOP_NAME
+        if record.is_file():  # asked before; again, in case the trial restarted since (a restored sweep)
+            _request_stop(run_dir, read_json(record))
+        elif super().on_trial_result(tune_controller, trial, result) == TrialScheduler.STOP:
+            if result["step"] < self.max_steps:  # at the last step the trial ends anyway
+                stop = {"scheduler": "ASHA", "step": result["step"], "metric": self.metric,
+                        "value": result[self.metric]}
+                _write_json(record, stop)
+                _request_stop(run_dir, stop)
+        return TrialScheduler.CONTINUE
+
+
+def _request_stop(run_dir: Path, stop: dict) -> None:
+    Path(run_dir, STOP_FILE).write_text(f"stopped early by {stop['scheduler']} at step {stop['step']}\n")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)  # whole, for a report that reads it meanwhile
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_restorable(cfg: dict, out: Path) -> None:
+    """A restored sweep runs as it started (Tune restores its space, ASHA and trials): an override
+    that differs from the config it started with would be ignored, so it is refused, named."""
+    started = read_json(out / CONFIG_NAME)
+    if started is None:  # a sweep begun before this record was kept
+        print(f"[sweep] {out / CONFIG_NAME} not found: overrides cannot be checked against the sweep's own",
+              flush=True)
+        return
+    before, now, unset = _flat(started), _flat(json.loads(json.dumps(cfg))), "<unset>"
+    changed = [k for k in sorted(before.keys() | now.keys())
+               if not k.startswith(RESTORE_MAY_CHANGE) and before.get(k, unset) != now.get(k, unset)]
+    if changed:
+        diffs = ", ".join(f"{k}={now.get(k, unset)!r} (it started with {before.get(k, unset)!r})" for k in changed)
+        raise ConfigError(
+            f"sweep {cfg['sweep']['name']} exists in {out} and resumes with the settings it started with, "
+            f"so these would be ignored: {diffs}. To resume it, leave them out; to run with them, choose "
+            f"another sweep.name (or delete {out})"
+        )
+
+
 def run_sweep(cfg: dict) -> list[dict]:
     s = cfg["sweep"]
     if not cfg["train"]["eval_every"]:
         raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
-    # Ray Train frees the CPUs of a trial Tune stops early once its placement-group cleaner sees the
-    # trial's controller gone, which it asks the State API, which the dashboard serves.
-    connect({**cfg["cluster"], "dashboard": True})
+    check_space(cfg)
     out = sweep_dir(cfg)
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg), {"cpu": s["trial_cpus"]})
     experiment = out / "tune"
-    if tune.Tuner.can_restore(str(experiment)):
+    restoring = tune.Tuner.can_restore(str(experiment))
+    if restoring:
+        check_restorable(cfg, out)
+    # Tune still ends a trial's actor, and with it its Ray Train controller, when the sweep is interrupted:
+    # Ray Train frees that worker group's CPUs once its placement-group cleaner sees the controller gone,
+    # which it asks the State API, which the dashboard serves.
+    connect({**cfg["cluster"], "dashboard": True})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg), {"cpu": s["trial_cpus"]})
+    if restoring:
         print(f"[sweep] resuming {experiment}", flush=True)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(s["space"]),
-            tune_config=tune.TuneConfig(
-                metric=s["metric"],
-                mode=s["mode"],
-                num_samples=s["num_samples"],
-                scheduler=ASHAScheduler(
-                    time_attr="step",
-                    # Past the last step: a trial that reaches max_t is stopped (killed) at that
-                    # report, before its final checkpoint is written; this way it finishes.
-                    max_t=cfg["train"]["max_steps"] + 1,
-                    grace_period=s["grace_period"],
-                    reduction_factor=s["reduction_factor"],
-                ),
-                # Random search, seeded; it limits concurrency itself (TuneConfig's limit needs a Searcher).
-                search_alg=BasicVariantGenerator(max_concurrent=s["max_concurrent_trials"], random_state=s["seed"]),
-            ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out)),
-        )
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / CONFIG_NAME, cfg)
+        tuner = _new_tuner(cfg, trainable, out)
     grid = tuner.fit()
-    rows = _table(grid, s, cfg["train"]["max_steps"])
+    rows = _table(grid, s, out)
     _write_csv(rows, out / "results.csv")
     _print_table(rows, s)
     print(f"[sweep] results: {out / 'results.csv'}\n[sweep] compare the trials: elmforge report {out}", flush=True)
     return rows
 
 
-def _table(grid, s: dict, max_steps: int) -> list[dict]:
+def _new_tuner(cfg: dict, trainable, out: Path) -> tune.Tuner:
+    s = cfg["sweep"]
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(s["space"]),
+        tune_config=tune.TuneConfig(
+            metric=s["metric"],
+            mode=s["mode"],
+            num_samples=s["num_samples"],
+            scheduler=StopByRequestASHA(
+                str(out), cfg["train"]["max_steps"], grace_period=s["grace_period"],
+                reduction_factor=s["reduction_factor"],
+            ),
+            # Random search, seeded; it limits concurrency itself (TuneConfig's limit needs a Searcher).
+            search_alg=BasicVariantGenerator(max_concurrent=s["max_concurrent_trials"], random_state=s["seed"]),
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out)),
+    )
+
+
+def _table(grid, s: dict, runs_root: Path) -> list[dict]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -132,13 +236,15 @@ def _table(grid, s: dict, max_steps: int) -> list[dict]:
         best = None  # a trial that failed before its first validation has no history
         if history is not None and s["metric"] in history:
             best = float(history[s["metric"]].min() if s["mode"] == "min" else history[s["metric"]].max())
-        step = int(metrics.get("step", 0))
+        name = Path(result.path).name if result.path else "?"
+        summary = read_json(runs_root / name / SUMMARY_NAME)
         rows.append({
-            "trial": Path(result.path).name.split("_", 1)[-1] if result.path else "?",
+            "trial": name,
             **{k: result.config.get(k) for k in s["space"]},
             s["metric"]: best,
-            "last_step": step,
-            "stopped_early": step < max_steps and result.error is None,
+            # where it ended (a stopped trial runs on to the step that sees the request), else its last report
+            "last_step": int(summary["steps"]) if summary else int(metrics.get("step", 0)),
+            "stopped_early": stopped_by_scheduler(runs_root / name, summary) is not None,
             "error": str(result.error).splitlines()[0] if result.error else "",
         })
     key = s["metric"]
@@ -153,12 +259,16 @@ def _write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_table(rows: list[dict], s: dict) -> None:
     if not rows:
         print("[sweep] no trials ran")
         return
     cols = list(rows[0])
-    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
+    cells = [[_cell(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(f"[sweep] {s['name']}: {len(rows)} trials, best first by {s['metric']} ({s['mode']})")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -27,6 +27,22 @@ def test_trial_parameters_must_be_config_keys():
     assert apply(cfg, {"train.lr": 0.5})["train"]["lr"] == 0.5 and cfg["train"]["lr"] != 0.5
     with pytest.raises(ConfigError, match="train.lrr is not a config key"):
         apply(cfg, {"train.lrr": 0.5})
+    with pytest.raises(ConfigError, match="train.lr.low is not a config key"):
+        apply(cfg, {"train.lr.low": 0.5})
+
+
+def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_path, capsys):
+    space = "sweep.space={train.weight_decay:{type:uniform,low:0.0,high:0.2}}"
+    assert compose_config(["sweep=lr_tiny", space])["sweep"]["space"] == {
+        "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.2}}
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(50, seed=1))
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "sweep=lr_tiny"]
+    assert main(["sweep", *overrides, "sweep.space={train.lrr:{type:uniform,low:0.0,high:0.2}}"]) == 1
+    assert "elmforge sweep: sweep.space: train.lrr is not a config key" in capsys.readouterr().err
+    assert main(["sweep", *overrides, "sweep.space={}"]) == 1
+    assert "sweep.space is empty" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()  # refused before Ray started
 
 
 @pytest.mark.integration
@@ -43,8 +59,7 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert main(["sweep", *overrides]) == 0
     import ray
 
-    # Trials stopped early are killed: their worker groups' CPUs must come back all the same
-    # (Ray Train's cleaner checks each second).
+    # Every trial's worker group must give its CPUs back (Ray Train's cleaner checks each second).
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(1)
@@ -56,23 +71,40 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert len(rows) == 4 and all(r["error"] == "" for r in rows)
     losses = [float(r["val_loss"]) for r in rows]
     assert losses == sorted(losses)
-    assert sum(r["stopped_early"] == "True" for r in rows) >= 1
     assert any(int(r["last_step"]) == 8 for r in rows)
-    trial_dirs = [p for p in (tmp_path / "sweeps/lr_tiny").iterdir() if (p / "metrics.jsonl").exists()]
-    assert len(trial_dirs) == 4
-    for trial_dir in trial_dirs:  # a trial that ran to the end wrote its final checkpoint and summary
-        last = json.loads((trial_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        if last["step"] == 8:
-            assert (trial_dir / "checkpoints/step_8/COMPLETE").is_file() and (trial_dir / "summary.json").is_file()
-    wandb_runs = list((tmp_path / "sweeps/lr_tiny").glob("*/wandb/offline-run-*"))
+    sweep = tmp_path / "sweeps/lr_tiny"
+    trial_dirs = {p.name: p for p in sweep.iterdir() if (p / "metrics.jsonl").exists()}
+    assert set(trial_dirs) == {r["trial"] for r in rows}  # the table names each trial by its directory
+    # ASHA stopped some trials, and each ended in order: asked to stop, it saved its step and wrote its summary.
+    assert sum((d / "scheduler_stop.json").is_file() for d in trial_dirs.values()) >= 1
+    assert any(r["stopped_early"] == "True" for r in rows)
+    for row in rows:
+        trial_dir = trial_dirs[row["trial"]]
+        summary = json.loads((trial_dir / "summary.json").read_text())
+        step = summary["steps"]
+        last_logged = json.loads((trial_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        assert int(row["last_step"]) == step == last_logged
+        assert (trial_dir / f"checkpoints/step_{step}/COMPLETE").is_file()
+        stopped = bool(summary.get("stopped_by") or summary.get("preempted"))
+        assert (row["stopped_early"] == "True") == stopped and (stopped or step == 8)
+        if stopped:
+            decision = json.loads((trial_dir / "scheduler_stop.json").read_text())
+            assert decision["scheduler"] == "ASHA" and 2 <= decision["step"] <= step
+    from cluster.report import build_report
+    from test_report import parse_page
+
+    page = parse_page(build_report([str(sweep)], str(tmp_path / "report"))["html"])
+    assert set(page.rows) == set(trial_dirs)
+    assert {name for name, r in page.rows.items() if r["status"].startswith("stopped early by ASHA at step ")} == {
+        r["trial"] for r in rows if r["stopped_early"] == "True"}
+    wandb_runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(wandb_runs) == 4
     from wandb_offline import run_summary
 
-    finished = [p for p in wandb_runs if (p.parents[1] / "summary.json").is_file()]  # killed trials' runs end abruptly
-    assert finished and all(run_summary(p)["config"]["logger"]["group"] == "lr_tiny" for p in finished)
+    assert all(run_summary(p)["config"]["logger"]["group"] == "lr_tiny" for p in wandb_runs)
 
 
-def test_a_trial_that_failed_before_reporting_is_listed_with_its_error():
+def test_a_trial_that_failed_before_reporting_is_listed_with_its_error(tmp_path):
     from types import SimpleNamespace
 
     import pandas as pd
@@ -84,8 +116,8 @@ def test_a_trial_that_failed_before_reporting_is_listed_with_its_error():
                          path="/x/_trial_1", config={"train.lr": 0.1}, error=None)
     failed = SimpleNamespace(metrics={}, metrics_dataframe=pd.DataFrame(), path="/x/_trial_2",
                              config={"train.lr": 0.2}, error=RuntimeError("worker group did not start\nmore"))
-    rows = _table([failed, ok], s, max_steps=8)
-    assert [r["val_loss"] for r in rows] == [2.5, None]
+    rows = _table([failed, ok], s, tmp_path)
+    assert [r["val_loss"] for r in rows] == [2.5, None] and [r["trial"] for r in rows] == ["_trial_1", "_trial_2"]
     assert rows[1]["error"] == "worker group did not start" and not rows[1]["stopped_early"]
 
 
@@ -114,6 +146,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     rest, _ = proc.communicate(timeout=300)
     first_out = "".join(seen) + rest
     assert "_00000 completed" in first_out, first_out[-3000:]
+
+    # A restored sweep keeps the settings it started with: an override that differs is refused, named.
+    changed = subprocess.run([*cmd, "sweep.num_samples=6", "train.max_steps=8"], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+    assert changed.returncode == 1, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "sweep.num_samples=6 (it started with 3), train.max_steps=8 (it started with 6)" in changed.stderr
+    assert "choose another sweep.name" in changed.stderr and "[sweep] resuming" not in changed.stdout
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = resumed.stdout + resumed.stderr
