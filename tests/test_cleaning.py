@@ -62,6 +62,10 @@ def test_progress_line_shows_rates_and_eta(capsys):
     p.update({"docs": 2000, "tokens": 3_000_000}, done_fraction=0.25)
     line = stream.getvalue()
     assert line.startswith("[prepare x] 2.0k docs (") and "/s), 3.0M tokens (" in line and "ETA" in line
+    p.update({"docs": 2000, "tokens": 3_000_000}, force=True)  # the end, with nothing new: no second line
+    assert stream.getvalue() == line
+    p.update({"docs": 2001, "tokens": 3_000_100}, force=True)
+    assert stream.getvalue().count("\n") == 2
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
