@@ -47,9 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=openelm_270m cluster.num_workers=4")
         p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     export = sub.choices["export"]
-    export.add_argument("--checkpoint", nargs="+", help="checkpoint directories (default: the run's newest)")
-    export.add_argument("--average", type=_positive(int), default=1,
-                        help="average the run's last K checkpoints (OpenELM: 5)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", nargs="+",
+                       help="checkpoint directories, averaged when several (default: the run's newest)")
+    which.add_argument("--average", type=_positive(int), default=1,
+                       help="average the run's last K checkpoints (OpenELM: 5)")
     export.add_argument("--out", help="output directory (default: run.dir/hf)")
     ev = sub.choices["eval"]
     ev.add_argument("--text", nargs="+", help=".txt/.jsonl files or globs to score instead of the val split")

@@ -94,10 +94,10 @@ def _print_summary(cfg: dict, summary: dict) -> None:
 
 
 def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
-    from trainer.checkpoint import complete_checkpoints
+    from trainer.checkpoint import complete_checkpoints, require_complete
 
     if args.checkpoint:
-        return [Path(p) for p in args.checkpoint]
+        return [require_complete(p) for p in args.checkpoint]
     found = complete_checkpoints(Path(cfg["run"]["dir"], "checkpoints"))
     if not found:
         raise FileNotFoundError(f"no complete checkpoint under {cfg['run']['dir']}/checkpoints (is run.name right?)")
@@ -107,20 +107,20 @@ def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
 
 
 def cmd_export(cfg: dict, args) -> None:
-    from data_pipelines.manifest import read_manifest
     from trainer.checkpoint import read_client_state
+    from trainer.evaluate import dataset_tokenizer_file
     from trainer.hf import export_checkpoints
     from trainer.model import OpenELMConfig
 
     checkpoints = _checkpoints_to_export(cfg, args)
     client = read_client_state(checkpoints[-1])
     data_dir = client["config"]["data"]["dir"]
-    tokenizer = read_manifest(data_dir).tokenizer_path if Path(data_dir, "manifest.json").is_file() else None
+    found = dataset_tokenizer_file(data_dir, client.get("tokenizer_fingerprint"))
     out = Path(args.out or Path(cfg["run"]["dir"], "hf"))
-    export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=tokenizer)
+    export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=found[0] if found else None)
     names = ", ".join(c.name for c in checkpoints)
-    print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}"
-          f"{'' if tokenizer else ' (no tokenizer: the training data is gone)'}")
+    missing = f" (no tokenizer: the training data at {data_dir} is gone or was re-prepared with another one)"
+    print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
 
 

@@ -112,6 +112,7 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         (["generate", hf, "--prompt", "x", "--top-k", "-1"], "argument --top-k: must be > 0, got -1"),
         (["generate", hf, "--prompt", "x", "--greedy", "--temperature", "0.7"], "--greedy always takes the most likely"),
         (["export", "run.name=base", "--average", "0"], "argument --average: must be > 0, got 0"),
+        (["export", "--checkpoint", "step_6", "--average", "2"], "argument --average: not allowed with argument"),
         (["eval", hf, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
@@ -142,3 +143,31 @@ def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, 
     # --cfg job needs no prompt.
     assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
     assert "run:" in capsys.readouterr().out
+
+
+def test_export_refuses_an_unfinished_checkpoint_and_leaves_out_a_changed_tokenizer(workspace, tmp_path, capsys):
+    import shutil
+
+    root, common = workspace
+    partial = tmp_path / "step_6"  # as a crash mid-save leaves it: no COMPLETE marker
+    shutil.copytree(root / "outputs/base/checkpoints/step_6", partial)
+    (partial / "COMPLETE").unlink()
+    assert main(["export", *common, "--checkpoint", str(partial), f"--out={tmp_path / 'hf'}"]) == 1
+    assert f"{partial}: checkpoint has no COMPLETE marker" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+    # The run's dataset re-prepared with another tokenizer: its file is not the model's.
+    manifest = next(root.glob("data/*/manifest.json"))
+    original = manifest.read_text()
+    changed = json.loads(original)
+    changed["tokenizer"]["fingerprint"] = "another-tokenizer"
+    try:
+        manifest.write_text(json.dumps(changed))
+        assert main(["export", *common, "run.name=base", f"--out={tmp_path / 'hf'}"]) == 0
+        assert "(no tokenizer: the training data at" in capsys.readouterr().out
+        assert (tmp_path / "hf/config.json").is_file() and not (tmp_path / "hf/tokenizer.json").exists()
+        step = str(root / "outputs/base/checkpoints/step_6")
+        assert main(["generate", step, *common, "--prompt", "x", "--greedy"]) == 1  # nor used to read text
+        assert "no tokenizer beside the model" in capsys.readouterr().err
+    finally:
+        manifest.write_text(original)

@@ -100,6 +100,16 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state
 
 
+def require_complete(checkpoint_dir: str | Path) -> Path:
+    """The checkpoint directory, if all ranks finished writing it (a crash mid-save leaves it unmarked)."""
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not (path / COMPLETE).is_file():
+        raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
+    return path
+
+
 def _model_states_file(checkpoint_dir: Path) -> Path:
     """Rank 0's model-states file, which carries our client state: ZeRO 0-2 and ZeRO-3 name it differently."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):

@@ -22,7 +22,7 @@ from data_pipelines.manifest import read_manifest
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.sources import read_unit, read_units
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
-from trainer.checkpoint import COMPLETE, read_client_state
+from trainer.checkpoint import read_client_state, require_complete
 from trainer.hf import CONFIG_FILE, consolidated_state_dict, load_hf_checkpoint, load_weights
 from trainer.model import OpenELM, OpenELMConfig, build_model
 
@@ -163,13 +163,22 @@ def text_batches(
 # ---------------------------------------------------------------------------- models
 
 
-def dataset_tokenizer(data_dir: Optional[str]) -> Optional[TextTokenizer]:
-    """The training data's tokenizer, if that dataset is still where the run left it."""
+def dataset_tokenizer_file(data_dir: Optional[str], fingerprint: Optional[str] = None) -> Optional[tuple[Path, str]]:
+    """(file, kind) of a prepared dataset's tokenizer, if the dataset is at data_dir and, given the
+    fingerprint a run recorded, still has that tokenizer (a re-prepared one may not)."""
     if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
         return None
     manifest = read_manifest(data_dir)
-    path = manifest.tokenizer_path
-    return load_tokenizer(path, manifest.data["tokenizer"].get("kind")) if path.is_file() else None
+    info = manifest.data["tokenizer"]
+    if not manifest.tokenizer_path.is_file() or (fingerprint and info["fingerprint"] != fingerprint):
+        return None
+    return manifest.tokenizer_path, info.get("kind")
+
+
+def dataset_tokenizer(data_dir: Optional[str], fingerprint: Optional[str] = None) -> Optional[TextTokenizer]:
+    """The tokenizer of dataset_tokenizer_file, loaded."""
+    found = dataset_tokenizer_file(data_dir, fingerprint)
+    return load_tokenizer(*found) if found else None
 
 
 def load_for_eval(
@@ -187,13 +196,12 @@ def load_for_eval(
         tokenizer_file = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
         return load_hf_checkpoint(path), load_tokenizer(tokenizer_file) if tokenizer_file else None
     if path.is_dir() and any(path.glob("*model_states.pt")):
-        if not (path / COMPLETE).is_file():
-            raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
+        require_complete(path)
         client = read_client_state(path)
         model = build_model(model_cfg or OpenELMConfig(**client["model"]))  # the architecture train() built
         load_weights(model, consolidated_state_dict(path), str(path))
-        cfg = client["config"]
-        return model.eval(), dataset_tokenizer(cfg.get("data", {}).get("dir"))
+        data_dir = client["config"].get("data", {}).get("dir")
+        return model.eval(), dataset_tokenizer(data_dir, client.get("tokenizer_fingerprint"))
     raise FileNotFoundError(
         f"{path}: neither a Hugging Face directory ({CONFIG_FILE} + model.safetensors) "
         "nor a DeepSpeed checkpoint directory (run.dir/checkpoints/step_N)"
