@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.choices["eval"]
     ev.add_argument("--text", nargs="+", help=".txt/.jsonl files or globs to score instead of the val split")
     ev.add_argument("--batch-size", type=_positive(int), default=8)
-    ev.add_argument("--max-batches", type=_positive(int))
+    ev.add_argument("--max-batches", type=_positive(int), help="score at most this many batches")
     ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: data.seq_len)")
     gen = sub.choices["generate"]
     gen.add_argument("--prompt", help="the text to continue (required)")
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: --prompt")
     if getattr(args, "greedy", False) and (args.temperature is not None or args.top_k is not None):
         parser.error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
+    if args.verb == "eval" and args.seq_len is not None and not args.text:
+        parser.error("--seq-len applies to --text only (the val split's samples have the dataset's length)")
     if args.verb == "report":
         return _run("report", _report, args)
     if args.verb == "jobs" and args.action is None:

@@ -128,7 +128,7 @@ def _device(cfg: dict) -> torch.device:
     return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
 
 
-def _model_and_tokenizer(cfg: dict, args):
+def _model_and_tokenizer(cfg: dict, args, required: bool):
     """The model at args.path and its tokenizer, or None: --tokenizer if given, else the one found with the
     model (beside it, or the run's dataset), else that of a dataset named with data.dir=."""
     from data_pipelines.tokenizer import load_tokenizer
@@ -138,28 +138,36 @@ def _model_and_tokenizer(cfg: dict, args):
     if args.tokenizer:
         return model, load_tokenizer(args.tokenizer)
     # Only a data.dir the user named: the default one belongs to the demo's data, not to this model.
-    if found is None and any(o.startswith("data.dir=") for o in args.overrides):
+    if found is None and _data_dir_named(args):
         found = dataset_tokenizer(cfg["data"]["dir"])
+    if found is None and required:
+        raise ValueError(f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
+                         "name one with --tokenizer, or a prepared dataset with data.dir=")
     return model, found
 
 
+def _data_dir_named(args) -> bool:
+    return any(o.startswith("data.dir=") for o in args.overrides)
+
+
 def cmd_eval(cfg: dict, args) -> None:
+    import itertools
+
     from trainer.checkpoint import read_client_state
     from trainer.evaluate import evaluate_loss, text_batches, validation_batches
 
-    model, tokenizer = _model_and_tokenizer(cfg, args)
+    is_checkpoint = not Path(args.path, "config.json").is_file()
+    # Scoring the val split needs no tokenizer, but one tells which data suits this model: a Hugging
+    # Face directory without one, and no data.dir=, would be scored on the demo's data.
+    need_tokenizer = bool(args.text) or not (is_checkpoint or _data_dir_named(args))
+    model, tokenizer = _model_and_tokenizer(cfg, args, required=need_tokenizer)
     if args.text:
-        if tokenizer is None:
-            raise ValueError(
-                f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
-                "cannot read --text (name one with --tokenizer, or a prepared dataset with data.dir=)"
-            )
         seq_len = args.seq_len or cfg["data"]["seq_len"]
-        batches, where = text_batches(args.text, tokenizer, seq_len, args.batch_size), " ".join(args.text)
+        batches = itertools.islice(text_batches(args.text, tokenizer, seq_len, args.batch_size), args.max_batches)
+        where = " ".join(args.text)
     else:
         data_dir = cfg["data"]["dir"]
-        is_checkpoint = not Path(args.path, "config.json").is_file()
-        if is_checkpoint and not any(o.startswith("data.dir=") for o in args.overrides):
+        if is_checkpoint and not _data_dir_named(args):
             data_dir = read_client_state(args.path)["config"]["data"]["dir"]  # the run's own data by default
         fingerprint = tokenizer.fingerprint if tokenizer else None
         batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, fingerprint)
@@ -172,12 +180,7 @@ def cmd_eval(cfg: dict, args) -> None:
 def cmd_generate(cfg: dict, args) -> None:
     from trainer.sampling import complete
 
-    model, tokenizer = _model_and_tokenizer(cfg, args)
-    if tokenizer is None:
-        raise ValueError(
-            f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
-            "name one with --tokenizer, or a prepared dataset with data.dir="
-        )
+    model, tokenizer = _model_and_tokenizer(cfg, args, required=True)
     text = complete(
         model.to(_device(cfg)), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature or 1.0, top_k=args.top_k, greedy=args.greedy, seed=args.seed,

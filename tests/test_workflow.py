@@ -106,6 +106,9 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
 
     both, first, second = tokens(*files), tokens(files[0]), tokens(files[1])
     assert first < both and second < both and both >= first + second - 2 * 17  # a dropped tail per run at most
+    assert main(["eval", hf, "--text", *map(str, files), "--seq-len=16", "--batch-size=1", "--max-batches=2",
+                 *common]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("| 32 tokens")  # two batches of one 16-token sample
 
     for argv, message in [
         (["generate", hf, "--prompt", "x", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
@@ -114,6 +117,7 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         (["export", "run.name=base", "--average", "0"], "argument --average: must be > 0, got 0"),
         (["export", "--checkpoint", "step_6", "--average", "2"], "argument --average: not allowed with argument"),
         (["eval", hf, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+        (["eval", hf, "--seq-len", "16"], "--seq-len applies to --text only"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *common])
@@ -140,6 +144,11 @@ def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, 
     data_dir = read_summary(root / "outputs/base")["data_dir"]
     assert main(["generate", str(bare), *args, *common, f"data.dir={data_dir}"]) == 0
     assert capsys.readouterr().out == with_own
+    # Without a tokenizer nothing tells which val split suits the model: the data must be named.
+    assert main(["eval", str(bare), *common, "--max-batches=1"]) == 1
+    assert "no tokenizer beside the model" in capsys.readouterr().err
+    assert main(["eval", str(bare), *common, f"data.dir={data_dir}", "--max-batches=1"]) == 0
+    assert f"on {data_dir} (val split)" in capsys.readouterr().out
     # --cfg job needs no prompt.
     assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
     assert "run:" in capsys.readouterr().out
