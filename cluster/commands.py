@@ -16,15 +16,16 @@ def launched_by_torchrun() -> bool:
 def _prepare(cfg: dict, use_ray: bool = True) -> Path:
     from data_pipelines.prepare import prepare
 
-    data = dict(cfg["data"])
+    data, start_ray = dict(cfg["data"]), None
     if data["workers"] != 0:
-        if use_ray:  # tokenizer actors run on the configured Ray cluster
+        if use_ray:  # tokenizer actors run on the configured Ray cluster, started only if there is work
             from cluster.ray_runtime import connect
 
-            connect(cfg["cluster"])
+            def start_ray():
+                connect(cfg["cluster"])
         elif data["workers"] is None:
             data["workers"] = 0  # no Ray on this path unless asked for
-    return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"])
+    return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"], before_build=start_ray)
 
 
 def cmd_prepare(cfg: dict, args) -> None:

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -226,8 +226,10 @@ def _write_shards(documents, data_cfg, tokenizer, out, dtype, expected_tokens) -
     return splits, tails
 
 
-def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
-    """Build (or reuse) the dataset at data_cfg['dir']; returns its directory."""
+def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
+            before_build: Optional[Callable[[], None]] = None) -> Path:
+    """Build (or reuse) the dataset at data_cfg['dir']; returns its directory. `before_build` runs only
+    when there is something to build (say, starting Ray for the tokenizer actors)."""
     out = Path(data_cfg["dir"])
     check_replaceable(out)
     fp = dataset_fingerprint(data_cfg, tokenizer_cfg)
@@ -237,6 +239,8 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> Path:
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
             return out
         print(f"[prepare] {out} {why}; rebuilding", flush=True)
+    if before_build is not None:
+        before_build()
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -78,3 +78,13 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(tmp_path):
     assert list(tmp_path.glob(".ds.tmp-*")), "the killed run's temporary directory should be there"
     prepare(data_cfg(corpus, out, samples_per_shard=16), tok)  # the next run cleans up and completes
     assert (out / "manifest.json").exists() and not list(tmp_path.glob(".ds.tmp-*"))
+
+
+def test_an_up_to_date_dataset_starts_no_ray(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(100, seed=5))
+    cmd = [sys.executable, "-m", "cluster.cli", "prepare", f"storage_path={tmp_path}",
+           f"data.sources=[{{name:gen,path:{corpus}}}]"]
+    subprocess.run([*cmd, "data.workers=0"], check=True, capture_output=True, timeout=300)
+    again = subprocess.run([*cmd, "data.workers=2"], capture_output=True, text=True, timeout=300)  # would use Ray
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is up to date" in again.stdout and "[ray]" not in again.stdout + again.stderr
