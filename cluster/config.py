@@ -4,9 +4,11 @@ compose_config(overrides) -> a plain dict with every path absolute and run.name
 set, or ConfigError with one message naming each key at fault and the fix.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -16,6 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cluster import config_schema
 from cluster.config_schema import ElmConfig
 from trainer.model import OpenELMConfig
 
@@ -42,7 +45,8 @@ def compose_raw(overrides: list[str]):
             raw.sweep.space = OverridesParser.create().parse_overrides(space[-1:])[0].value()
         return raw
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain(e)) from None
+        message = _explain(e)
+        raise ConfigError(message + _unknown_key_hint(message, overrides)) from None
 
 
 NOISE = ("reference_type=", "object_type=", "To append to your config", "Config search path", "provider=")
@@ -57,6 +61,18 @@ def _explain(e: Exception) -> str:
     if "not in struct" in msg or "not in '" in msg:
         msg += "\nfix: check the key's spelling with `--cfg job`; only keys of the schema are accepted"
     return msg
+
+
+def _unknown_key_hint(message: str, overrides: list[str]) -> str:
+    """For a key unknown to a schema class (a misspelt key inside a list such as data.sources, where
+    OmegaConf names neither the list nor the override): the override it came from and the keys allowed."""
+    found = re.search(r"Key '(\w+)' not in '(\w+)'", message)
+    schema = getattr(config_schema, found[2], None) if found else None
+    if not dataclasses.is_dataclass(schema):
+        return ""
+    culprits = [o for o in overrides if re.search(rf"\b{found[1]}\s*[:=]", o)]
+    where = f" in override {culprits[0]}" if culprits else ""
+    return f"\n{found[1]!r}{where}: {found[2]} has {', '.join(f.name for f in dataclasses.fields(schema))}"
 
 
 def derive_run_name(cfg: dict) -> str:
