@@ -75,13 +75,20 @@ def _unknown_key_hint(message: str, overrides: list[str]) -> str:
     return f"\n{found[1]!r}{where}: {found[2]} has {', '.join(f.name for f in dataclasses.fields(schema))}"
 
 
+# Settings that change how a run is observed, kept or executed, not what it computes: out of the run name,
+# so changing one resumes the run (README, "Run names", lists them).
+UNHASHED = {
+    "data": ("dir", "workers"),
+    "model": ("activation_checkpointing",),
+    "train": ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
+              "eval_batches", "max_skipped_in_row", "compile", "gc_every"),
+}
+
+
 def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
-    relevant["data"] = {k: v for k, v in cfg["data"].items() if k not in ("dir", "workers")}
-    # Settings that change how a run is observed, kept or executed, not what it computes, stay out of the name.
-    bookkeeping = ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
-                   "eval_batches", "max_skipped_in_row", "compile", "gc_every")
-    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in bookkeeping}
+    for group, keys in UNHASHED.items():
+        relevant[group] = {k: v for k, v in cfg[group].items() if k not in keys}
     relevant["world_size"] = cfg["cluster"]["num_workers"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"

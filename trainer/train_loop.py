@@ -136,7 +136,10 @@ class NonFiniteTraining(TrainingError):
 
 def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, world_size: int) -> None:
     """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
-    if state["model"] != asdict(model_cfg):
+    # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit).
+    ignored = ("name", "activation_checkpointing")
+    theirs, ours = ({k: v for k, v in m.items() if k not in ignored} for m in (state["model"], asdict(model_cfg)))
+    if theirs != ours:
         raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
     saved = state["loader"]["world_size"]
     if saved != world_size:
