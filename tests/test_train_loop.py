@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,20 @@ def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dat
     train(cfg, report=again.append)
     assert [r["step"] for r in first] == [3, 6]
     assert again == [{"step": 6, "loss": first[-1]["loss"], "val_loss": first[-1]["val_loss"]}]
+
+    # The process ended after its last checkpoint, before summary.json; or the file is the one an
+    # earlier stop left: the summary is written anew from the checkpoint and metrics.jsonl.
+    run_dir = Path(cfg["run"]["dir"])
+    written = read_summary(run_dir)
+    for stale in (None, {**written, "steps": 3, "stopped_by": "SIGTERM"}):
+        (run_dir / "summary.json").unlink()
+        if stale:
+            (run_dir / "summary.json").write_text(json.dumps(stale))
+        rebuilt = train(cfg)
+        assert read_summary(run_dir) == rebuilt
+        assert (rebuilt["steps"], rebuilt["stopped_by"], rebuilt["checkpoint"]) == (6, None, written["checkpoint"])
+        assert (rebuilt["final_loss"], rebuilt["final_val_loss"]) == (written["final_loss"], written["final_val_loss"])
+        assert rebuilt["num_params"] == written["num_params"]
 
 
 def test_every_validation_shows_in_a_progress_line(tiny_dataset, tmp_path, capsys):

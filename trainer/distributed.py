@@ -53,3 +53,11 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
     dist.all_reduce(value)
     return value.item() / dist.get_world_size()
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank: for choices all ranks must make alike (which checkpoint to resume),
+    where each rank's own look at a shared file system could differ."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -26,11 +26,11 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.deepspeed_config import deepspeed_config, deepspeed_guards_updates
-from trainer.distributed import DistEnv, init_distributed, mean_across_ranks
+from trainer.distributed import DistEnv, from_rank0, init_distributed, mean_across_ranks
 from trainer.errors import TrainingError
 from trainer.evaluate import evaluate_loss, validation_batches
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
-from trainer.flops import device_peak_flops, flops_per_token, mfu, peak_memory_gb
+from trainer.flops import device_peak_flops, flops_per_token, mfu, non_embedding_params, peak_memory_gb
 from trainer.host_memory import keep_freed_memory, release_freed_memory
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
@@ -38,7 +38,7 @@ from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
 from trainer.step_gc import StepCollector
-from trainer.summary import read_summary, write_summary
+from trainer.summary import SUMMARY_NAME, read_summary, write_summary
 
 
 def model_config(cfg: dict) -> OpenELMConfig:
@@ -150,6 +150,33 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, wo
         )
 
 
+def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
+                  report: Callable[[dict], None] | None) -> dict:
+    """A re-run of a run whose newest checkpoint is its last step: its summary, written anew if the run
+    ended before writing it (or the file is an earlier invocation's, say the one a stop left)."""
+    run_dir, step = cfg["run"]["dir"], client["step"]
+    summary = read_summary(run_dir) if Path(run_dir, SUMMARY_NAME).is_file() else {}
+    if summary.get("steps") != step:
+        records = [json.loads(line) for line in open(Path(run_dir, "metrics.jsonl"))]
+        last = [r for r in records if r["step"] <= step]
+        summary = {
+            "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name, "init_from": None,
+            "stopped_by": None, "skipped_steps": client.get("skipped_total", 0),
+            "final_loss": last[-1]["loss"] if last else None,
+            "final_val_loss": next((r["val_loss"] for r in reversed(last) if "val_loss" in r), None),
+            "losses": [], "num_params": non_embedding_params(model_cfg) + model_cfg.vocab_size * model_cfg.model_dim,
+            "data_dir": str(cfg["data"]["dir"]), "checkpoint": str(checkpoint),
+            "metrics": str(Path(run_dir, "metrics.jsonl")), "wandb_dir": None,
+        }
+        if is_main:
+            write_summary(run_dir, summary)
+    if is_main:
+        print(f"[train] {cfg['run']['name']} already finished at step {step} ({checkpoint})", flush=True)
+    if report is not None:  # e.g. a sweep trial that finished as its sweep was interrupted: Tune needs its metric
+        report({"step": step, "loss": summary["final_loss"], "val_loss": summary["final_val_loss"]})
+    return summary
+
+
 def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the run; returns its summary. `report`, called on every rank after each
     validation with {step, loss, val_loss, ...}, lets a launcher forward results (Ray Train, Tune)."""
@@ -161,11 +188,14 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     model_cfg = model_config(cfg)
     _check_data(model_cfg, manifest)
 
+    resume = from_rank0(latest_checkpoint(ckpt_root))
+    if resume is not None:
+        client = read_client_state(resume)
+        _check_resumable(client, resume, model_cfg, env.world_size)
+        if client["step"] >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
+            return _finished_run(cfg, resume, client, model_cfg, env.is_main, report)
     model = build_model(model_cfg, seed=t_cfg["seed"]).to(env.device)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
-    resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        _check_resumable(read_client_state(resume), resume, model_cfg, env.world_size)
     if t_cfg["init_from"] and resume is None:
         from trainer.hf import load_hf_checkpoint
 
@@ -189,13 +219,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         start_step = state["step"]
-    if start_step >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
-        if env.is_main:
-            print(f"[train] {cfg['run']['name']} already finished at step {start_step} ({resume})", flush=True)
-        summary = read_summary(run_dir)
-        if report is not None:  # e.g. a sweep trial that finished as its sweep was interrupted: Tune needs its metric
-            report({"step": start_step, "loss": summary["final_loss"], "val_loss": summary["final_val_loss"]})
-        return summary
+    if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
+        validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
         where = f"resuming from {resume.name}" if resume else f"from {t_cfg['init_from'] or 'scratch'}"
@@ -217,8 +242,6 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         release_freed_memory()
         return {"val_loss": r["ce_loss"], "val_perplexity": r["perplexity"]}
 
-    if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
-        validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     accum = t_cfg["grad_accum_steps"]
     ds_guards = deepspeed_guards_updates(t_cfg, cfg["deepspeed"])
     flops = flops_per_token(model_cfg, manifest.seq_len)
@@ -320,7 +343,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "steps": step,
         "resumed_from": resume.name if resume else None,
         "init_from": t_cfg["init_from"] if resume is None else None,
-        "stopped_by": stopped_by,
+        "stopped_by": stopped_by if step < t_cfg["max_steps"] else None,  # a stop at the last step ends it anyway
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
         "final_val_loss": record.get("val_loss") if losses else None,
