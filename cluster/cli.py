@@ -110,6 +110,9 @@ def _run(verb: str, fn, *fn_args) -> int:
     except (ValueError, FileNotFoundError, TrainingError) as e:  # one clear message, no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise
+        if isinstance(e, ConfigError):  # a config problem the verb found itself (a sweep's space, say)
+            print(f"elmforge {verb}: config error\n{e}", file=sys.stderr)
+            return 2
         print(f"elmforge {verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     return status or 0  # a verb may return its own exit status (`jobs status` of a failed job)

@@ -240,5 +240,4 @@ def cmd_sweep(cfg: dict, args) -> None:
 
     if not cfg["sweep"]:
         raise ValueError("elmforge sweep needs sweep=<name>, a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
-    _prepare(cfg)
-    run_sweep(cfg)
+    run_sweep(cfg, prepare_data=lambda: _prepare(cfg))

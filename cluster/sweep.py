@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -25,7 +26,7 @@ from cluster.config import ConfigError, derive_batch, validate
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
 from cluster.report import SCHEDULER_STOP_NAME, SUMMARY_NAME, read_json, stopped_by_scheduler
-from trainer.preemption import STOP_FILE
+from trainer.preemption import request_stop
 
 CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
 # What a restored sweep may take from a new command line: where Ray runs, data preparation, and
@@ -127,18 +128,18 @@ class StopByRequestASHA(ASHAScheduler):
         run_dir = Path(self.runs_root, str(trial))
         record = run_dir / SCHEDULER_STOP_NAME
         if record.is_file():  # asked before; again, in case the trial restarted since (a restored sweep)
-            _request_stop(run_dir, read_json(record))
+            _ask_to_stop(run_dir, read_json(record))
         elif super().on_trial_result(tune_controller, trial, result) == TrialScheduler.STOP:
             if result["step"] < self.max_steps:  # at the last step the trial ends anyway
                 stop = {"scheduler": "ASHA", "step": result["step"], "metric": self.metric,
                         "value": result[self.metric]}
                 _write_json(record, stop)
-                _request_stop(run_dir, stop)
+                _ask_to_stop(run_dir, stop)
         return TrialScheduler.CONTINUE
 
 
-def _request_stop(run_dir: Path, stop: dict) -> None:
-    Path(run_dir, STOP_FILE).write_text(f"stopped early by {stop['scheduler']} at step {stop['step']}\n")
+def _ask_to_stop(run_dir: Path, stop: dict) -> None:
+    request_stop(run_dir, f"stopped early by {stop['scheduler']} at step {stop['step']}")  # summary.json says so
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -177,7 +178,8 @@ def check_restorable(cfg: dict, out: Path) -> None:
         )
 
 
-def run_sweep(cfg: dict) -> list[dict]:
+def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> list[dict]:
+    """The sweep's config is checked first, then Ray starts, then `prepare_data` runs (on that Ray)."""
     s = cfg["sweep"]
     if not cfg["train"]["eval_every"]:
         raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
@@ -189,8 +191,9 @@ def run_sweep(cfg: dict) -> list[dict]:
         check_restorable(cfg, out)
     # Tune still ends a trial's actor, and with it its Ray Train controller, when the sweep is interrupted:
     # Ray Train frees that worker group's CPUs once its placement-group cleaner sees the controller gone,
-    # which it asks the State API, which the dashboard serves.
+    # which it asks the State API, which the dashboard serves. So this Ray, not one prepare would start.
     connect({**cfg["cluster"], "dashboard": True})
+    prepare_data()
     trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg), {"cpu": s["trial_cpus"]})
     if restoring:
         print(f"[sweep] resuming {experiment}", flush=True)

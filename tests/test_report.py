@@ -175,7 +175,7 @@ def test_summary_json_wins_over_metrics(tmp_path):
     ({"preempted": True}, None, "stopped"),  # an older summary.json
     ({"preempted": False}, None, "finished"),
     (None, None, "running or stopped (no summary.json)"),
-    ({"stopped_by": "STOP file"}, 4, "stopped early by ASHA at step 4 (val_loss 6.2500)"),
+    ({"stopped_by": "stopped early by ASHA at step 4"}, 4, "stopped early by ASHA at step 4 (val_loss 6.2500)"),
     (None, 4, "stopped early by ASHA at step 4 (val_loss 6.2500)"),  # still saving its last checkpoint
     ({"stopped_by": None}, 4, "finished"),  # it ran its last step before the stop request reached it
 ])

@@ -38,11 +38,11 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(50, seed=1))
     overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
                  "data.workers=0", "sweep=lr_tiny"]
-    assert main(["sweep", *overrides, "sweep.space={train.lrr:{type:uniform,low:0.0,high:0.2}}"]) == 1
-    assert "elmforge sweep: sweep.space: train.lrr is not a config key" in capsys.readouterr().err
-    assert main(["sweep", *overrides, "sweep.space={}"]) == 1
+    assert main(["sweep", *overrides, "sweep.space={train.lrr:{type:uniform,low:0.0,high:0.2}}"]) == 2
+    assert "elmforge sweep: config error\nsweep.space: train.lrr is not a config key" in capsys.readouterr().err
+    assert main(["sweep", *overrides, "sweep.space={}"]) == 2
     assert "sweep.space is empty" in capsys.readouterr().err
-    assert not (tmp_path / "sweeps").exists()  # refused before Ray started
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()  # before Ray and the data
 
 
 @pytest.mark.integration
@@ -52,7 +52,7 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
         *SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0",
         "data.val_fraction=0.2", "sweep=lr_tiny",
         "sweep.space={train.lr:{type:loguniform,low:1e-5,high:0.1},train.warmup_steps:{type:choice,values:[1,2]}}",
-        "sweep.grace_period=2", "sweep.num_samples=4", "sweep.max_concurrent_trials=1", "train.max_steps=8",
+        "sweep.grace_period=2", "sweep.num_samples=4", "sweep.max_concurrent_trials=1", "train.max_steps=16",
         "train.eval_every=2", "train.eval_batches=2", "train.warmup_steps=1",
         "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1", "logger.mode=offline",
     ]
@@ -71,7 +71,7 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert len(rows) == 4 and all(r["error"] == "" for r in rows)
     losses = [float(r["val_loss"]) for r in rows]
     assert losses == sorted(losses)
-    assert any(int(r["last_step"]) == 8 for r in rows)
+    assert any(int(r["last_step"]) == 16 for r in rows)
     sweep = tmp_path / "sweeps/lr_tiny"
     trial_dirs = {p.name: p for p in sweep.iterdir() if (p / "metrics.jsonl").exists()}
     assert set(trial_dirs) == {r["trial"] for r in rows}  # the table names each trial by its directory
@@ -86,10 +86,11 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
         assert int(row["last_step"]) == step == last_logged
         assert (trial_dir / f"checkpoints/step_{step}/COMPLETE").is_file()
         stopped = bool(summary.get("stopped_by") or summary.get("preempted"))
-        assert (row["stopped_early"] == "True") == stopped and (stopped or step == 8)
+        assert (row["stopped_early"] == "True") == stopped and (stopped or step == 16)
         if stopped:
             decision = json.loads((trial_dir / "scheduler_stop.json").read_text())
             assert decision["scheduler"] == "ASHA" and 2 <= decision["step"] <= step
+            assert summary["stopped_by"] == f"stopped early by ASHA at step {decision['step']}"
     from cluster.report import build_report
     from test_report import parse_page
 
@@ -150,7 +151,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     # A restored sweep keeps the settings it started with: an override that differs is refused, named.
     changed = subprocess.run([*cmd, "sweep.num_samples=6", "train.max_steps=8"], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path)
-    assert changed.returncode == 1, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert "sweep.num_samples=6 (it started with 3), train.max_steps=8 (it started with 6)" in changed.stderr
     assert "choose another sweep.name" in changed.stderr and "[sweep] resuming" not in changed.stdout
 

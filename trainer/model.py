@@ -1,7 +1,8 @@
 """OpenELM: a pre-norm decoder-only Transformer whose layers grow in width with depth.
 
 Parameter names follow Apple's Hugging Face layout (transformer.layers.{i}.attn.qkv_proj, ...),
-so export and import are a rename-free copy. See SPEC-openelm.md for the facts this implements.
+so export and import are a rename-free copy. The facts it implements are those of the OpenELM paper
+(Mehta et al., 2024, arXiv:2404.14619) and Apple's released configs.
 """
 
 from dataclasses import dataclass, field
