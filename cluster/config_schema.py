@@ -167,7 +167,8 @@ class SubmitConfig:
     address: Optional[str] = None  # Ray Jobs API, http://<head>:8265 (or RAY_ADDRESS)
     working_dir: str = "."  # uploaded with the job, less `excludes` (gitignore syntax: "/x" is top-level only)
     excludes: list[str] = field(
-        default_factory=lambda: ["/.venv", "/data", "/outputs", "/wandb", "/.whl", ".git", "__pycache__", ".pytest_cache"]
+        default_factory=lambda: ["/.venv", "/data", "/outputs", "/sweeps", "/wandb", "/.whl", ".git", "__pycache__",
+                                 ".pytest_cache"]
     )
     entrypoint_num_cpus: float = 0.0  # the driver only coordinates the workers
 

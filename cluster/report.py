@@ -189,9 +189,7 @@ def run_row(run: Run) -> dict:
     mfu = run.series.get("mfu", ([], []))[1]
     steps = s.get("steps") if _finite(s.get("steps")) else (int(run.records[-1]["step"]) if run.records else None)
     final_loss = s.get("final_loss") if _finite(s.get("final_loss")) else (loss[-1] if loss else None)
-    if _finite(s.get("best_val_loss")):
-        best_val, best_val_step = s["best_val_loss"], s.get("best_val_step")
-    elif val:
+    if val:
         i = min(range(len(val)), key=val.__getitem__)
         best_val, best_val_step = val[i], val_steps[i]
     else:

@@ -38,14 +38,6 @@ def all_reduce_sums(*values: float) -> list[float]:
     return t.tolist()
 
 
-def distributed_mean(sum_loss: float, count: int) -> float:
-    """The mean over every rank's items: (sum of sums) / (sum of counts), whatever each rank's count."""
-    total, n = all_reduce_sums(sum_loss, count)
-    if n == 0:
-        raise ValueError("distributed_mean: no items on any rank")
-    return total / n
-
-
 def evaluate_loss(
     model: torch.nn.Module,
     batches: Iterable[torch.Tensor],
