@@ -114,8 +114,24 @@ def derive_batch(cfg: dict) -> None:
     t["grad_accum_steps"] = accum
 
 
+PATH_KEYS = (("storage_path",), ("data", "dir"), ("run", "dir"), ("tokenizer", "path"), ("train", "init_from"))
+
+
+def _refuse_uris(cfg: dict) -> None:
+    """Paths must be POSIX paths: os.path.abspath would quietly turn s3://b/x into ./s3:/b/x."""
+    uris = []
+    for keys in PATH_KEYS:
+        value = cfg[keys[0]] if len(keys) == 1 else cfg[keys[0]][keys[1]]
+        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            uris.append(f"{'.'.join(keys)}={value}")
+    if uris:
+        raise ConfigError(f"{', '.join(uris)}: URIs are not supported; mount the storage on every node "
+                          "(a shared file system, or a bucket through s3fs / gcsfuse) and give its path")
+
+
 def finalise(cfg: dict) -> dict:
     """Fill derived values and make every path absolute (Ray workers run elsewhere)."""
+    _refuse_uris(cfg)
     cfg["storage_path"] = os.path.abspath(os.path.expanduser(cfg["storage_path"]))
     if cfg["data"]["dir"] is None:
         cfg["data"]["dir"] = os.path.join(cfg["storage_path"], "data", cfg["data"]["name"])

@@ -54,6 +54,7 @@ def test_every_model_composes(model):
         (["train.precision=fp16"], "expected one of [fp32, bf16]"),
         (["model=openelm_9b"], "openelm_270m"),
         (["model.num_layer=3"], "model.num_layer"),
+        (["storage_path=s3://bucket/elm"], "storage_path=s3://bucket/elm: URIs are not supported; mount"),
         (["data.sources=[{name:x,path:/a.jsonl,txt_field:body}]"],  # OmegaConf names neither list nor override
          "'txt_field' in override data.sources=[{name:x,path:/a.jsonl,txt_field:body}]: SourceConfig has name, path"),
         (["train.max_steps=0"], "train.max_steps=0: must be at least 1"),
