@@ -135,6 +135,22 @@ def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
     assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
 
 
+def test_config_json_carries_the_exported_tokenizers_own_bos_and_eos_ids(tmp_path):
+    from tokenizers import models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))  # a tokenizer.json that puts <s> first, as RoBERTa's does
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["select the row from the table"] * 10,
+                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<s>", "</s>", "<unk>"]))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    out = save_hf_checkpoint(random_model(small_config(vocab_size=300)), tmp_path / "hf", tokenizer_dir=tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)  # generate() stops at this EOS
+    bare = json.loads(save_hf_checkpoint(random_model(small_config()), tmp_path / "bare").joinpath(
+        "config.json").read_text())
+    assert (bare["bos_token_id"], bare["eos_token_id"]) == (1, 2)  # no tokenizer: LLaMA's, as released
+
+
 # ---------------------------------------------------------------------------- (c) Apple's release layout
 
 

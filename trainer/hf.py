@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.tokenizer import BOS, EOS, UNK, load_tokenizer
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
 
@@ -26,7 +27,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 REMOTE_CODE_DIR = Path(__file__).parent / "hf_modeling"
 REMOTE_CODE_FILES = ("configuration_openelm.py", "modeling_openelm.py")
-BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
 # What our model computes; a config.json asking for anything else cannot be loaded faithfully.
 # (hf_modeling/modeling_openelm.py keeps its own copy: remote code may not import elmforge.)
@@ -83,7 +83,7 @@ def hf_config_dict(cfg: OpenELMConfig, plan: LayerPlan, dtype: torch.dtype = tor
         "max_context_length": cfg.max_context_length,
         "rms_norm_eps": cfg.norm_eps,
         "vocab_size": cfg.vocab_size,
-        "bos_token_id": 1,
+        "bos_token_id": 1,  # LLaMA's, as released; save_hf_checkpoint writes its tokenizer's own
         "eos_token_id": 2,
         "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -157,14 +157,15 @@ def save_hf_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = hf_config_dict(model.cfg, model.plan, dtype)
+    if tokenizer_dir is not None:  # generate() stops at eos_token_id: it must be this tokenizer's
+        ids = save_tokenizer(tokenizer_dir, path, config["max_context_length"])
+        config["bos_token_id"], config["eos_token_id"] = ids
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # The tied head is the embedding itself, so the state dict holds it once.
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, path / name)
-    if tokenizer_dir is not None:
-        save_tokenizer(tokenizer_dir, path, config["max_context_length"])
     return path
 
 
@@ -183,9 +184,9 @@ def load_hf_checkpoint(path: str | Path) -> OpenELM:
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) -> None:
+def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) -> tuple[int, int]:
     """The tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model such as LLaMA's) plus the
-    small files AutoTokenizer needs to load it offline."""
+    small files AutoTokenizer needs to load it offline; returns its (BOS, EOS) ids."""
     source = Path(tokenizer_dir)
     if source.is_dir():
         source = next((source / n for n in ("tokenizer.json", "tokenizer.model") if (source / n).is_file()), source)
@@ -193,12 +194,14 @@ def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) 
         raise FileNotFoundError(f"{source}: no tokenizer.json or tokenizer.model to export")
     out = Path(out)
     sentencepiece = source.suffix == ".model"
-    shutil.copyfile(source, out / ("tokenizer.model" if sentencepiece else "tokenizer.json"))
+    copy = out / ("tokenizer.model" if sentencepiece else "tokenizer.json")
+    shutil.copyfile(source, copy)
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     tokenizer_class = "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast"
     tokenizer_config = {"tokenizer_class": tokenizer_class, "model_max_length": max_length, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return load_tokenizer(copy).special_ids()
 
 
 # ---------------------------------------------------------------------------- DeepSpeed checkpoints
