@@ -207,7 +207,7 @@ def cmd_submit(cfg: dict, args) -> None:
 def cmd_jobs(cfg: dict, args) -> int:
     """The exit status: `jobs status` or `logs --follow` of a job that failed or was stopped is 1, as with
     `submit --wait`."""
-    from cluster.submit import UNSUCCESSFUL, SubmitError, client, explain, follow, http_failure, resolve_address
+    from cluster.submit import UNSUCCESSFUL, SubmitError, client, follow, job_error
 
     if args.action != "list" and not args.job_id:
         raise SubmitError(f"elmforge jobs {args.action} needs a job id (see `elmforge jobs list`)")
@@ -227,11 +227,8 @@ def cmd_jobs(cfg: dict, args) -> int:
                 print(jobs.get_job_logs(args.job_id), end="")
         elif args.action == "stop":
             print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
-    except (RuntimeError, OSError) as e:  # the SDK's errors carry the HTTP answer in their text
-        failure = http_failure(e)
-        if failure and failure[0] == 404:  # the Jobs API's answer for an unknown id
-            raise SubmitError(f"{args.job_id}: no such job on this cluster (see `elmforge jobs list`)") from None
-        raise SubmitError(explain(e, resolve_address(cfg["submit"]))) from None
+    except (RuntimeError, OSError) as e:
+        raise job_error(e, args.job_id, cfg["submit"]) from None
     return 0
 
 

@@ -183,14 +183,31 @@ def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:
             )
 
 
-def follow(submit_cfg: dict, job_id: str, out=None, poll_s: float = 1.0) -> str:
-    """Print the job's logs as they come until it ends; returns its final status."""
+def job_error(e: Exception, job_id: str, submit_cfg: dict) -> SubmitError:
+    """One line for an error of the Jobs API about one job (the SDK's carry the HTTP answer in their text)."""
+    failure = http_failure(e)
+    if failure and failure[0] == 404:  # the Jobs API's answer for an unknown id
+        return SubmitError(f"{job_id}: no such job on this cluster (see `elmforge jobs list`)")
+    return SubmitError(explain(e, resolve_address(submit_cfg)))
+
+
+def follow(submit_cfg: dict, job_id: str, out=None, poll_s: float = 1.0, retries: int = 5) -> str:
+    """Print the job's logs as they come until it ends; returns its final status. A cluster that does not
+    answer for a moment (a restarting head, a dropped port-forward) is asked again, `retries` times."""
     out = out or sys.stdout
     jobs = client(submit_cfg)
-    printed = 0
+    printed, failures = 0, 0
     while True:
-        status = str(jobs.get_job_status(job_id).value)
-        logs = jobs.get_job_logs(job_id)
+        try:
+            status = str(jobs.get_job_status(job_id).value)
+            logs = jobs.get_job_logs(job_id)
+        except (RuntimeError, OSError) as e:
+            failures += 1
+            if http_failure(e) or failures > retries:  # an answer (404, 500) will not change by asking again
+                raise job_error(e, job_id, submit_cfg) from None
+            time.sleep(poll_s * 2**failures)
+            continue
+        failures = 0
         out.write(logs[printed:])
         out.flush()
         printed = len(logs)

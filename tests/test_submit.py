@@ -62,6 +62,8 @@ def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_pat
     for action in ("status", "logs", "stop"):  # an unknown id: one line, not the client's traceback
         assert main(["jobs", action, "nosuchjob", f"submit.address={as_user.address}"]) == 1
         assert "nosuchjob: no such job on this cluster (see `elmforge jobs list`)" in capsys.readouterr().err
+    with pytest.raises(submit.SubmitError, match="nosuchjob: no such job"):  # as `submit --wait` follows a job
+        submit.follow({"address": as_user.address}, "nosuchjob")
 
     # The W&B key of the submitting user is in no job record and no log.
     client = submit.client({"address": as_user.address})
