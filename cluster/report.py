@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import re
@@ -25,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.summary import SUMMARY_NAME, read_json
+
 METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "summary.json"
 # Written by `elmforge sweep` into a trial's run dir when ASHA stops the trial early:
 # {"scheduler": "ASHA", "step": <the step it decided at>, "metric": "val_loss", "value": <its value then>}
 SCHEDULER_STOP_NAME = "scheduler_stop.json"
@@ -120,19 +120,6 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
                 steps.append(int(rec["step"]))
                 values.append(float(v))
     return out
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON object file (summary.json, scheduler_stop.json); None when there is none."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 def _stopped_on_request(summary: dict) -> bool:

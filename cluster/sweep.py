@@ -25,8 +25,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cluster.config import ConfigError, derive_batch, validate
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
-from cluster.report import SCHEDULER_STOP_NAME, SUMMARY_NAME, read_json, stopped_by_scheduler
+from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
 from trainer.preemption import request_stop
+from trainer.summary import SUMMARY_NAME, read_json, write_json
 
 CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
 # What a restored sweep may take from a new command line: where Ray runs, data preparation, and
@@ -133,19 +134,13 @@ class StopByRequestASHA(ASHAScheduler):
             if result["step"] < self.max_steps:  # at the last step the trial ends anyway
                 stop = {"scheduler": "ASHA", "step": result["step"], "metric": self.metric,
                         "value": result[self.metric]}
-                _write_json(record, stop)
+                write_json(record, stop)
                 _ask_to_stop(run_dir, stop)
         return TrialScheduler.CONTINUE
 
 
 def _ask_to_stop(run_dir: Path, stop: dict) -> None:
     request_stop(run_dir, f"stopped early by {stop['scheduler']} at step {stop['step']}")  # summary.json says so
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)  # whole, for a report that reads it meanwhile
 
 
 def _flat(cfg: dict, prefix: str = "") -> dict:
@@ -200,7 +195,7 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_NAME, cfg)
+        write_json(out / CONFIG_NAME, cfg)
         tuner = _new_tuner(cfg, trainable, out)
     grid = tuner.fit()
     rows = _table(grid, s, out)

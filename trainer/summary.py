@@ -1,4 +1,6 @@
-"""run.dir/summary.json: what a finished run produced (losses, checkpoint, metrics and W&B paths)."""
+"""The small JSON files of runs and sweeps: run.dir/summary.json (what a finished run produced: losses,
+checkpoint, metrics and W&B paths), a trial's scheduler_stop.json, a sweep's config.json. Written whole,
+so a reader never sees half a file; read with errors that name the file."""
 
 import json
 import os
@@ -7,15 +9,33 @@ from pathlib import Path
 SUMMARY_NAME = "summary.json"
 
 
-def write_summary(run_dir: str, summary: dict) -> None:
-    path = Path(run_dir) / SUMMARY_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+def write_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def read_summary(run_dir: str) -> dict:
-    path = Path(run_dir) / SUMMARY_NAME
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object file; None when there is none."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run did not finish")
-    return json.loads(path.read_text())
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def write_summary(run_dir: str | Path, summary: dict) -> None:
+    write_json(Path(run_dir) / SUMMARY_NAME, summary)
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    summary = read_json(Path(run_dir) / SUMMARY_NAME)
+    if summary is None:
+        raise FileNotFoundError(f"{Path(run_dir) / SUMMARY_NAME} not found: the run did not finish")
+    return summary
