@@ -184,3 +184,23 @@ def test_the_progress_line_leaves_out_mfu_when_no_peak_is_known():
     line = _progress_line(5, 10, rec, elapsed=5.0, steps_done=5)  # a GPU missing from PEAK_FLOPS: no "mfu"
     assert line == "[train] step 5/10 | loss 2.5000 | lr 1.00e-03 | grad_norm 0.500 | 1,000 tok/s | ETA 5s"
     assert "| MFU 42.0% |" in _progress_line(5, 10, {**rec, "mfu": 0.42}, elapsed=5.0, steps_done=5)
+
+
+def test_offline_runs_finds_every_invocation_of_a_run_in_start_order(tmp_path):
+    from trainer.metrics import offline_runs
+
+    def offline_dir(name: str, run_id: str) -> Path:
+        d = tmp_path / "wandb" / name
+        d.mkdir(parents=True)
+        (d / f"run-{run_id}.wandb").write_bytes(b"")
+        return d
+
+    # W&B adds -N to a directory started within the same second as another of the run;
+    # a run named "twice-1" is another run, though its directory name looks alike.
+    first = offline_dir("offline-run-20261128_063119-twice", "twice")
+    other = offline_dir("offline-run-20261128_063120-twice-1", "twice-1")
+    third = offline_dir("offline-run-20261128_063119-twice-2", "twice")
+    second = offline_dir("offline-run-20261128_063119-twice-1", "twice")
+    fourth = offline_dir("offline-run-20261128_070000-twice", "twice")
+    assert offline_runs(third) == [first, second, third, fourth]
+    assert offline_runs(other) == [other]

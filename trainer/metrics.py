@@ -79,5 +79,15 @@ def offline_runs(wandb_dir: str | Path) -> list[Path]:
     """Every offline W&B directory of the run that wrote `wandb_dir`, oldest first: W&B cannot resume
     an offline run, so each invocation of a resumed run writes its own, under the same run id."""
     wandb_dir = Path(wandb_dir)
-    run_id = wandb_dir.name.split("-", 3)[-1]  # offline-run-<date>_<time>-<run id>
-    return sorted(wandb_dir.parent.glob(f"offline-run-*-{run_id}"))
+    # Named offline-run-<date>_<time>-<run id>[-N] (W&B adds -N to a second start within the same
+    # second), each holding run-<run id>.wandb: the file, not the name, says which run a directory is.
+    data_file = next(wandb_dir.glob("run-*.wandb")).name
+    run_id = data_file.removeprefix("run-").removesuffix(".wandb")
+    runs = [d for d in wandb_dir.parent.glob("offline-run-*") if (d / data_file).is_file()]
+
+    def start_order(d: Path) -> tuple[str, int]:
+        stamp = d.name.split("-")[2]
+        again = d.name.removeprefix(f"offline-run-{stamp}-{run_id}")  # "" or "-N"
+        return stamp, int(again[1:] or 0)
+
+    return sorted(runs, key=start_order)

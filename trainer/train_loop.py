@@ -120,6 +120,41 @@ def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
     return norm, False
 
 
+def _train_step(engine, scheduler, loader, loss_fn, t_cfg: dict, step: int, env: DistEnv,
+                ds_guards: bool) -> tuple[torch.Tensor, torch.Tensor, float | None, bool]:
+    """One optimizer step over train.grad_accum_steps micro-batches. Returns this rank's loss and
+    cross-entropy (means over the micro-batches), the gradient norm and whether the update was skipped."""
+    accum = t_cfg["grad_accum_steps"]
+    total = torch.zeros((), device=env.device)
+    ce_total = torch.zeros((), device=env.device)
+    own_norm, own_skip = None, False
+    for _ in range(accum):
+        batch = next(loader).to(env.device, non_blocking=True)
+        loss, ce = loss_fn(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
+        loss = maybe_poison(loss, t_cfg["faults"], step, env.rank)
+        engine.backward(loss)
+        if not ds_guards and engine.is_gradient_accumulation_boundary():
+            own_norm, own_skip = _clip_or_drop_grads(engine, t_cfg["grad_clip"])
+        engine.step()
+        if own_skip:
+            rewind_one_step(scheduler)
+        total += loss.detach()
+        ce_total += ce.detach()
+    skipped = own_skip or (ds_guards and not engine.was_step_applied())
+    grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+    return total / accum, ce_total / accum, grad_norm, skipped
+
+
+def _start_line(cfg: dict, num_params: int, world_size: int, resume: Path | None) -> str:
+    t_cfg, threads = cfg["train"], torch.get_num_threads()
+    where = f"resuming from {resume.name}" if resume else f"from {t_cfg['init_from'] or 'scratch'}"
+    return (
+        f"[train] {cfg['run']['name']}: {num_params:,} parameters, {world_size} rank{'s' * (world_size > 1)}, "
+        f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
+        f"{t_cfg['max_steps']} steps, {where}; {threads} CPU thread{'s' * (threads > 1)} per rank"
+    )
+
+
 def _progress_line(step: int, max_steps: int, rec: dict, elapsed: float, steps_done: int) -> str:
     eta = elapsed / max(1, steps_done) * (max_steps - step)
     val = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
@@ -223,15 +258,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
     if env.is_main:
-        where = f"resuming from {resume.name}" if resume else f"from {t_cfg['init_from'] or 'scratch'}"
-        threads = torch.get_num_threads()
-        print(
-            f"[train] {cfg['run']['name']}: {num_params:,} parameters, "
-            f"{env.world_size} rank{'s' * (env.world_size > 1)}, "
-            f"ZeRO-{cfg['deepspeed']['stage']}, {t_cfg['precision']}{', compiled' if t_cfg['compile'] else ''}, "
-            f"{t_cfg['max_steps']} steps, {where}; {threads} CPU thread{'s' * (threads > 1)} per rank",
-            flush=True,
-        )
+        print(_start_line(cfg, num_params, env.world_size, resume), flush=True)
 
     def validate() -> dict:
         """Validation loss over the val split; every rank takes part (ZeRO-3 gathers inside the forward)."""
@@ -242,14 +269,13 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         release_freed_memory()
         return {"val_loss": r["ce_loss"], "val_perplexity": r["perplexity"]}
 
-    accum = t_cfg["grad_accum_steps"]
     ds_guards = deepspeed_guards_updates(t_cfg, cfg["deepspeed"])
     flops = flops_per_token(model_cfg, manifest.seq_len)
     peak = device_peak_flops(env.device)  # per rank: MFU divides by world size x peak
     if peak is None and env.is_main:
         print(f"[train] MFU not logged: no bf16 peak known for {torch.cuda.get_device_name(env.device)} "
               "(trainer/flops.py, PEAK_FLOPS)", flush=True)
-    tokens_per_step = t_cfg["micro_batch_size"] * accum * env.world_size * manifest.seq_len
+    tokens_per_step = t_cfg["micro_batch_size"] * t_cfg["grad_accum_steps"] * env.world_size * manifest.seq_len
     preemption = PreemptionWatch(run_dir, env.is_main)
     # Skipped-step counts travel in checkpoints: a resumed run stops where the uninterrupted one would.
     skipped_in_row, skipped_total = (state or {}).get("skipped_in_row", 0), (state or {}).get("skipped_total", 0)
@@ -271,27 +297,11 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
             maybe_kill(t_cfg["faults"], step, env.rank, run_dir)
             step_start = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            total = torch.zeros((), device=env.device)
-            ce_total = torch.zeros((), device=env.device)
-            own_norm, own_skip = None, False
-            for _ in range(accum):
-                batch = next(loader).to(env.device, non_blocking=True)
-                loss, ce = loss_fn(engine(batch[:, :-1]), batch[:, 1:], t_cfg["z_loss_weight"])
-                loss = maybe_poison(loss, t_cfg["faults"], step, env.rank)
-                engine.backward(loss)
-                if not ds_guards and engine.is_gradient_accumulation_boundary():
-                    own_norm, own_skip = _clip_or_drop_grads(engine, t_cfg["grad_clip"])
-                engine.step()
-                if own_skip:
-                    rewind_one_step(scheduler)
-                total += loss.detach()
-                ce_total += ce.detach()
-            skipped = own_skip or (ds_guards and not engine.was_step_applied())
-            grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+            loss, ce, grad_norm, skipped = _train_step(engine, scheduler, loader, loss_fn, t_cfg, step, env, ds_guards)
             step_time = time.perf_counter() - step_start
             record = {
-                "loss": mean_across_ranks(total / accum),
-                "ce_loss": mean_across_ranks(ce_total / accum),
+                "loss": mean_across_ranks(loss),
+                "ce_loss": mean_across_ranks(ce),
                 "lr": lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_step / step_time,
