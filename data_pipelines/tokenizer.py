@@ -15,6 +15,11 @@ SPECIAL_TOKENS = [UNK, BOS, EOS]
 FILE_NAMES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 
 
+def find_tokenizer_file(directory: str | Path) -> Path | None:
+    """The tokenizer file in a directory (a Hugging Face model's, a prepared dataset's), if any."""
+    return next((Path(directory, n) for n in FILE_NAMES.values() if Path(directory, n).is_file()), None)
+
+
 class TextTokenizer:
     def __init__(self, kind: str, payload: bytes):
         if kind not in FILE_NAMES:

@@ -21,7 +21,7 @@ from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import read_manifest
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.sources import read_unit, read_units
-from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
+from data_pipelines.tokenizer import TextTokenizer, find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import read_client_state, require_complete
 from trainer.hf import CONFIG_FILE, consolidated_state_dict, load_hf_checkpoint, load_weights
 from trainer.model import OpenELM, OpenELMConfig, build_model
@@ -185,7 +185,7 @@ def load_for_eval(
     if (path / CONFIG_FILE).is_file():
         if model_cfg is not None:
             raise ValueError(f"{path}: a Hugging Face directory carries its own {CONFIG_FILE}; do not pass model_cfg")
-        tokenizer_file = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
+        tokenizer_file = find_tokenizer_file(path)
         return load_hf_checkpoint(path), load_tokenizer(tokenizer_file) if tokenizer_file else None
     if path.is_dir() and any(path.glob("*model_states.pt")):
         require_complete(path)

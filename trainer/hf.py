@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_pipelines.tokenizer import BOS, EOS, UNK, load_tokenizer
+from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
 
@@ -189,7 +189,7 @@ def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) 
     small files AutoTokenizer needs to load it offline; returns its (BOS, EOS) ids."""
     source = Path(tokenizer_dir)
     if source.is_dir():
-        source = next((source / n for n in ("tokenizer.json", "tokenizer.model") if (source / n).is_file()), source)
+        source = find_tokenizer_file(source) or source
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no tokenizer.json or tokenizer.model to export")
     out = Path(out)
