@@ -43,18 +43,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from reference_openelm import reference_kwargs  # noqa: E402
+from shared import Z_LOSS, conf_model  # noqa: E402
 
 from trainer.flops import cpu_matmul_peak, flops_per_token, gpu_peak_flops, mfu  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402
 from trainer.model import OpenELMConfig, build_model  # noqa: E402
 
-Z_LOSS = 1e-4
 DEFAULT_MICRO_BATCH = {  # at seq 2048 in bf16 on an 80 GB GPU (halved on out-of-memory)
     "openelm_270m": 8,  # no activation checkpointing
     "openelm_450m": 16,
@@ -68,15 +67,6 @@ TRAIN = {  # the OpenELM recipe's optimizer settings
     "weight_decay": 0.1,
     "grad_clip": 1.0,
 }
-
-
-def model_config(name: str, vocab: int, checkpointing: str) -> OpenELMConfig:
-    values = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    if not isinstance(values.get("vocab_size"), int):
-        values["vocab_size"] = vocab  # openelm_tiny interpolates the tokenizer's vocabulary
-    if checkpointing != "config":
-        values["activation_checkpointing"] = checkpointing == "on"
-    return OpenELMConfig(**values)
 
 
 def sync(device: torch.device) -> None:
@@ -332,7 +322,9 @@ def main() -> None:
         torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
         torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    cfg = model_config(args.model, args.vocab, args.activation_checkpointing)
+    checkpointing = args.activation_checkpointing
+    cfg = conf_model(args.model, args.vocab,
+                     **({} if checkpointing == "config" else {"activation_checkpointing": checkpointing == "on"}))
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
         peak = gpu_peak_flops(device_name)

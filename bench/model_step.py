@@ -46,32 +46,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from shared import cpu_name  # noqa: E402
+from shared import Z_LOSS, conf_model, cpu_name  # noqa: E402
 
 from reference_openelm import reference_kwargs, reference_logits, reference_loss  # noqa: E402
 from trainer.flops import cpu_matmul_peak, flops_per_token  # noqa: E402
 from trainer.host_memory import keep_freed_memory  # noqa: E402
 from trainer.loss import lm_loss  # noqa: E402
-from trainer.model import Linear, OpenELMConfig, build_model  # noqa: E402
+from trainer.model import Linear, build_model  # noqa: E402
 from trainer.onednn_linear import linear  # noqa: E402
 
-Z_LOSS = 1e-4
 CASES = {  # name: (model config file, vocab override, batch, seq, goal)
     "tiny": ("openelm_tiny", 4096, 8, 128, {"speedup": 1.3}),
     "270m": ("openelm_270m", None, 2, 256, {"peak_fraction": 0.8}),
 }
-
-
-def model_config(name: str, vocab: int | None) -> OpenELMConfig:
-    values = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    if vocab is not None:
-        values["vocab_size"] = vocab  # the tiny config interpolates the tokenizer's vocabulary
-    return OpenELMConfig(**values)
 
 
 def linear_products_s(model, n_tokens: int, clock) -> float:
@@ -99,7 +90,7 @@ def linear_products_s(model, n_tokens: int, clock) -> float:
 
 def run_case(name: str, repeats: int, warmup: int, clock) -> dict:
     cfg_name, vocab, batch, seq, goal = CASES[name]
-    cfg = model_config(cfg_name, vocab)
+    cfg = conf_model(cfg_name, vocab)
     model = build_model(cfg, seed=0).train()
     # The reference's weights: copies of ours, leaves with gradients of their own.
     ref_weights = {k: v.detach().clone().requires_grad_() for k, v in model.state_dict().items()}
