@@ -1,10 +1,9 @@
 """What each `elmforge` verb does, given the composed config and its own flags: thin glue over
-data_pipelines/ and trainer/, printing what a user needs to see."""
+data_pipelines/ and trainer/, printing what a user needs to see. Heavy imports (torch, Ray) happen in
+the verbs that need them, so `--help`, `jobs` and `report` start quickly."""
 
 import os
 from pathlib import Path
-
-import torch
 
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
@@ -125,7 +124,9 @@ def cmd_export(cfg: dict, args) -> None:
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
 
 
-def _device(cfg: dict) -> torch.device:
+def _device(cfg: dict):
+    import torch
+
     return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
 
 

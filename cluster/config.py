@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cluster import config_schema
 from cluster.config_schema import ElmConfig
-from trainer.model import OpenELMConfig
+from trainer.model_config import OpenELMConfig
 
 ConfigStore.instance().store(name="elmforge_schema", node=ElmConfig)
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from trainer.model import OpenELMConfig
+from trainer.model_config import OpenELMConfig
 
 
 class Precision(Enum):

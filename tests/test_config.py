@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +143,12 @@ def test_batch_in_tokens_derives_the_accumulation_or_says_what_does_not_divide()
     with pytest.raises(ConfigError, match=r"train.grad_accum_steps=3: .* needs 4"):
         compose_config(["train.global_batch_tokens=8192", "train.grad_accum_steps=3"])
     assert compose_config([])["train"]["grad_accum_steps"] == 1
+
+
+def test_the_command_line_composes_and_checks_configs_without_importing_torch(tmp_path):
+    # `--help`, `--cfg job`, `jobs` and `report` start in a fraction of a second: torch alone takes about one.
+    script = "import sys; from cluster.cli import main; main(['train', '--cfg', 'job']); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert "model:" in done.stdout and done.stdout.rstrip().endswith("False")
