@@ -107,7 +107,7 @@ def _report(args) -> None:
 def _run(verb: str, fn, *fn_args) -> int:
     try:
         status = fn(*fn_args)
-    except (ValueError, FileNotFoundError, TrainingError) as e:  # one clear message, no traceback
+    except (ValueError, OSError, TrainingError) as e:  # one clear message (a missing file, a full disk), no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise
         if isinstance(e, ConfigError):  # a config problem the verb found itself (a sweep's space, say)
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given
         args.overrides.insert(0, args.job_id)
         args.job_id = None
+    if args.verb == "jobs" and args.action != "list" and not args.job_id:
+        parser.verb_parsers["jobs"].error(f"jobs {args.action} needs a job id (see `elmforge jobs list`)")
+    if args.verb == "jobs" and args.follow and args.action != "logs":
+        parser.verb_parsers["jobs"].error("--follow applies to `jobs logs` only")
     try:
         cfg = compose_config(args.overrides + _implicit_overrides(args))
     except ConfigError as e:

@@ -208,10 +208,8 @@ def cmd_submit(cfg: dict, args) -> None:
 def cmd_jobs(cfg: dict, args) -> int:
     """The exit status: `jobs status` or `logs --follow` of a job that failed or was stopped is 1, as with
     `submit --wait`."""
-    from cluster.submit import UNSUCCESSFUL, SubmitError, client, follow, job_error
+    from cluster.submit import UNSUCCESSFUL, client, follow, job_error
 
-    if args.action != "list" and not args.job_id:
-        raise SubmitError(f"elmforge jobs {args.action} needs a job id (see `elmforge jobs list`)")
     jobs = client(cfg["submit"])
     try:
         if args.action == "list":
@@ -234,8 +232,9 @@ def cmd_jobs(cfg: dict, args) -> int:
 
 
 def cmd_sweep(cfg: dict, args) -> None:
+    from cluster.config import ConfigError
     from cluster.sweep import run_sweep
 
     if not cfg["sweep"]:
-        raise ValueError("elmforge sweep needs sweep=<name>, a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
+        raise ConfigError("sweep=<name> is required: a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
     run_sweep(cfg, prepare_data=lambda: _prepare(cfg))

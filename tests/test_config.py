@@ -152,3 +152,9 @@ def test_the_command_line_composes_and_checks_configs_without_importing_torch(tm
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 0, done.stderr
     assert "model:" in done.stdout and done.stdout.rstrip().endswith("False")
+
+
+def test_a_sweep_without_a_search_space_is_a_config_error(tmp_path, capsys):
+    assert main(["sweep", f"storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "elmforge sweep: config error\nsweep=<name> is required" in err and "elmforge sweep needs" not in err

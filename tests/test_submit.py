@@ -189,3 +189,14 @@ def test_jobs_without_an_action_names_the_actions_and_shows_the_usage(capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "an action is required: list, status, logs, stop" in err
     assert "usage: elmforge jobs {list,status,logs,stop} [job_id]" in err and "overrides" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["jobs", "status"], "jobs status needs a job id (see `elmforge jobs list`)"),
+    (["jobs", "stop", "submit.address=http://127.0.0.1:9"], "jobs stop needs a job id"),
+    (["jobs", "status", "some-id", "--follow"], "--follow applies to `jobs logs` only"),
+])
+def test_jobs_usage_errors_exit_2_before_reaching_a_cluster(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err

@@ -96,7 +96,7 @@ def load_checkpoint(engine, path: Path) -> dict:
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        raise ValueError(f"DeepSpeed could not load checkpoint {path}: its files are missing or unreadable")
     return client_state
 
 
