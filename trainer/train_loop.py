@@ -192,8 +192,9 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
     run_dir, step = cfg["run"]["dir"], client["step"]
     summary = read_summary(run_dir) if Path(run_dir, SUMMARY_NAME).is_file() else {}
     if summary.get("steps") != step:
-        records = [json.loads(line) for line in open(Path(run_dir, "metrics.jsonl"))]
-        last = [r for r in records if r["step"] <= step]
+        metrics = Path(run_dir, "metrics.jsonl")
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        last = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
         summary = {
             "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name, "init_from": None,
             "stopped_by": None, "skipped_steps": client.get("skipped_total", 0),
@@ -201,7 +202,7 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
             "final_val_loss": next((r["val_loss"] for r in reversed(last) if "val_loss" in r), None),
             "losses": [], "num_params": non_embedding_params(model_cfg) + model_cfg.vocab_size * model_cfg.model_dim,
             "data_dir": str(cfg["data"]["dir"]), "checkpoint": str(checkpoint),
-            "metrics": str(Path(run_dir, "metrics.jsonl")), "wandb_dir": None,
+            "metrics": str(metrics), "wandb_dir": None,
         }
         if is_main:
             write_summary(run_dir, summary)
