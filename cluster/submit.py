@@ -171,7 +171,7 @@ def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:
     """One job per run: two would write the same run.dir (checkpoints, metrics) and corrupt each other's."""
     try:
         found = jobs.list_jobs()
-    except Exception as e:
+    except (RuntimeError, OSError) as e:  # the SDK's errors, as elsewhere here
         raise SubmitError(explain(e, address)) from None
     for job in found:
         status = str(job.status.value)

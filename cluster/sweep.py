@@ -102,11 +102,6 @@ def _trial(params: dict, base: dict) -> None:
     torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
-def _trial_dirname(trial) -> str:
-    """Tune's own directory of a trial (under tune/) is named as its run dir: the trial's name."""
-    return str(trial)
-
-
 class StopByRequestASHA(ASHAScheduler):
     """ASHA that asks a trial to stop, where Tune would kill it.
 
@@ -220,7 +215,7 @@ def _new_tuner(cfg: dict, trainable, out: Path) -> tune.Tuner:
             ),
             # Random search, seeded; it limits concurrency itself (TuneConfig's limit needs a Searcher).
             search_alg=BasicVariantGenerator(max_concurrent=s["max_concurrent_trials"], random_state=s["seed"]),
-            trial_dirname_creator=_trial_dirname,
+            trial_dirname_creator=str,  # Tune's own dir of a trial (under tune/) named as its run dir
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(out)),
     )

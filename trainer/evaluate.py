@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipelines.loader import TokenLoader
-from data_pipelines.manifest import read_manifest
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.sources import read_unit, read_units
 from data_pipelines.tokenizer import TextTokenizer, find_tokenizer_file, load_tokenizer
@@ -158,7 +158,7 @@ def text_batches(
 def dataset_tokenizer_file(data_dir: Optional[str], fingerprint: Optional[str] = None) -> Optional[tuple[Path, str]]:
     """(file, kind) of a prepared dataset's tokenizer, if the dataset is at data_dir and, given the
     fingerprint a run recorded, still has that tokenizer (a re-prepared one may not)."""
-    if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+    if not data_dir or not (Path(data_dir) / MANIFEST_NAME).is_file():
         return None
     manifest = read_manifest(data_dir)
     info = manifest.data["tokenizer"]

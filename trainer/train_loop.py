@@ -38,7 +38,7 @@ from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
 from trainer.step_gc import StepCollector
-from trainer.summary import SUMMARY_NAME, read_summary, write_summary
+from trainer.summary import SUMMARY_NAME, read_json, write_summary
 
 
 def model_config(cfg: dict) -> OpenELMConfig:
@@ -190,7 +190,7 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
     """A re-run of a run whose newest checkpoint is its last step: its summary, written anew if the run
     ended before writing it (or the file is an earlier invocation's, say the one a stop left)."""
     run_dir, step = cfg["run"]["dir"], client["step"]
-    summary = read_summary(run_dir) if Path(run_dir, SUMMARY_NAME).is_file() else {}
+    summary = read_json(Path(run_dir, SUMMARY_NAME)) or {}
     if summary.get("steps") != step:
         metrics = Path(run_dir, "metrics.jsonl")
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
