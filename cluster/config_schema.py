@@ -2,6 +2,11 @@
 
 Hydra merges conf/*.yaml and command-line overrides onto these dataclasses, so a
 misspelt key or a value of the wrong type fails at composition, naming the key.
+
+Values live in conf/*.yaml, types here: a field that config.yaml, or every option of its group, sets
+is MISSING here. A field keeps a default only where no yaml sets it, where only some options of its
+group set it (an optional override: deepspeed.offload_params, data.shard_bytes) or in a list entry
+(data.sources); tests/test_config.py checks this. The model group is trainer/model_config.py's own.
 """
 
 from dataclasses import dataclass, field
@@ -62,21 +67,21 @@ class DataConfig:
     name: str = MISSING
     sources: list[SourceConfig] = MISSING
     target_tokens: Optional[int] = None
-    seq_len: int = 128
-    val_fraction: float = 0.02
+    seq_len: int = MISSING
+    val_fraction: float = MISSING
     samples_per_shard: int = 2048
     shard_bytes: Optional[int] = None  # when set, overrides samples_per_shard
     filters: FilterConfig = field(default_factory=FilterConfig)
     on_bad_record: OnBadRecord = OnBadRecord.skip
     workers: Optional[int] = None  # tokenizer actors; null = Ray CPUs - 1, 0 = in-process without Ray
-    dir: Optional[str] = None
+    dir: Optional[str] = None  # null: ${storage_path}/data/${data.name}
 
 
 @dataclass
 class TokenizerConfig:
-    kind: TokenizerKind = TokenizerKind.bpe
-    vocab_size: int = 4096
-    path: Optional[str] = None
+    kind: TokenizerKind = MISSING
+    vocab_size: int = MISSING
+    path: Optional[str] = MISSING
     max_train_documents: Optional[int] = None  # BPE: train on the first N documents
 
 
@@ -93,37 +98,37 @@ class FaultConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 120
-    micro_batch_size: int = 8
-    grad_accum_steps: Optional[int] = None  # null: from global_batch_tokens, else 1
-    global_batch_tokens: Optional[int] = None  # tokens per optimizer step over all ranks
-    precision: Precision = Precision.fp32
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    warmup_init_lr: float = 1e-6
-    min_lr_ratio: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    z_loss_weight: float = 1e-4
-    log_every: int = 10
-    loader_workers: int = 1
-    checkpoint_every: Optional[int] = None  # steps; a checkpoint is also written at the end
-    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept
-    eval_every: Optional[int] = None  # validation loss every N steps (and at the end)
-    eval_batches: int = 20  # per rank, from the val split
-    max_skipped_in_row: int = 3  # non-finite steps in a row before training stops
-    init_from: Optional[str] = None  # a Hugging Face OpenELM directory to start from
-    compile: bool = False  # torch.compile the model and the loss
-    gc_every: int = 50  # Python garbage collection every N steps on every rank at once; 0: Python's automatic one
+    seed: int = MISSING
+    max_steps: int = MISSING
+    micro_batch_size: int = MISSING
+    grad_accum_steps: Optional[int] = MISSING
+    global_batch_tokens: Optional[int] = MISSING
+    precision: Precision = MISSING
+    lr: float = MISSING
+    warmup_steps: int = MISSING
+    warmup_init_lr: float = MISSING
+    min_lr_ratio: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    z_loss_weight: float = MISSING
+    log_every: int = MISSING
+    loader_workers: int = MISSING
+    checkpoint_every: Optional[int] = MISSING
+    keep_checkpoints: int = MISSING
+    eval_every: Optional[int] = MISSING
+    eval_batches: int = MISSING
+    max_skipped_in_row: int = MISSING
+    init_from: Optional[str] = MISSING
+    compile: bool = MISSING
+    gc_every: int = MISSING
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 2
+    stage: int = MISSING
     offload_optimizer: bool = False  # optimizer state in CPU memory (stage 1-3)
     offload_params: bool = False  # parameters in CPU memory (stage 3)
     communication_data_type: Optional[str] = None  # e.g. fp32: reduce bf16 gradients in fp32
@@ -136,63 +141,59 @@ class Launcher(Enum):
 
 @dataclass
 class ClusterConfig:
-    launcher: Launcher = Launcher.ray  # local: this process, or each torchrun process, runs the loop
-    address: Optional[str] = None
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    num_cpus: Optional[int] = 4
-    dashboard: bool = False  # an embedded Ray's dashboard (a cluster has its own)
-    max_failures: int = 0  # worker-group restarts Ray Train may make; each resumes from the newest checkpoint
+    launcher: Launcher = MISSING
+    address: Optional[str] = MISSING
+    num_workers: int = MISSING
+    cpus_per_worker: float = MISSING
+    use_gpu: bool = MISSING
+    num_cpus: Optional[int] = MISSING
+    dashboard: bool = MISSING
+    max_failures: int = MISSING
 
 
 @dataclass
 class LoggerConfig:
-    wandb: bool = True
-    mode: WandbMode = WandbMode.offline
-    project: str = "elmforge"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    wandb: bool = MISSING
+    mode: WandbMode = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
 
 
 @dataclass
 class RunConfig:
-    name: Optional[str] = None
-    dir: Optional[str] = None
+    name: Optional[str] = MISSING
+    dir: Optional[str] = MISSING
 
 
 @dataclass
 class SubmitConfig:
-    address: Optional[str] = None  # Ray Jobs API, http://<head>:8265 (or RAY_ADDRESS)
-    working_dir: str = "."  # uploaded with the job, less `excludes` (gitignore syntax: "/x" is top-level only)
-    excludes: list[str] = field(
-        default_factory=lambda: ["/.venv", "/data", "/outputs", "/sweeps", "/wandb", "/.whl", ".git", "__pycache__",
-                                 ".pytest_cache"]
-    )
-    entrypoint_num_cpus: float = 0.0  # the driver only coordinates the workers
+    address: Optional[str] = MISSING
+    working_dir: str = MISSING
+    excludes: list[str] = MISSING
+    entrypoint_num_cpus: float = MISSING
 
 
 @dataclass
 class SweepConfig:
     name: str = MISSING
-    metric: str = "val_loss"
-    mode: str = "min"
-    num_samples: int = 4
-    max_concurrent_trials: int = 2
-    grace_period: int = 2  # ASHA: steps before a trial can be stopped
-    reduction_factor: int = 2
+    metric: str = MISSING
+    mode: str = MISSING
+    num_samples: int = MISSING
+    max_concurrent_trials: int = MISSING
+    grace_period: int = MISSING
+    reduction_factor: int = MISSING
     trial_cpus: float = 0.1  # the trial function only drives its Ray Train workers (Ray needs > 0)
     seed: int = 0
-    # config key -> {type: choice, values: [...]} | {type: uniform|loguniform, low: .., high: ..}
-    space: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = MISSING
 
 
 @dataclass
 class PrepareConfig:
-    dry_run: bool = False
-    verify: bool = False
-    force: bool = False
+    dry_run: bool = MISSING
+    verify: bool = MISSING
+    force: bool = MISSING
 
 
 @dataclass
@@ -208,4 +209,4 @@ class ElmConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     sweep: Optional[SweepConfig] = None
-    storage_path: str = "."
+    storage_path: str = MISSING

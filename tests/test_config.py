@@ -1,12 +1,17 @@
+import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import MISSING
 
 from cluster.cli import main
 from cluster.config import ConfigError, compose_config
+from cluster.config_schema import ElmConfig
 
 MODELS = ["openelm_tiny", "openelm_270m", "openelm_450m", "openelm_1_1b", "openelm_3b"]
 
@@ -158,3 +163,51 @@ def test_a_sweep_without_a_search_space_is_a_config_error(tmp_path, capsys):
     assert main(["sweep", f"storage_path={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "elmforge sweep: config error\nsweep=<name> is required" in err and "elmforge sweep needs" not in err
+
+
+def _schema_leaves(cls, path=()):
+    """(dotted path, default) of every scalar, list or dict field; nested config classes are walked."""
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+        if dataclasses.is_dataclass(kind):
+            yield from _schema_leaves(kind, (*path, f.name))
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            yield (*path, f.name), default
+
+
+def _sets(node, keys) -> bool:
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def test_conf_yaml_holds_the_values_and_the_schema_only_types():
+    # cluster/config_schema.py's rule: a key that config.yaml or every option of its group sets is MISSING
+    # in the schema (else the schema's default is a second source that drifts); any other key keeps a default
+    # (else an option that lacks it fails to compose). Experiments override; the model group is trainer's own.
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    root = yaml.safe_load((conf / "config.yaml").read_text())
+    problems = []
+    for keys, default in _schema_leaves(ElmConfig):
+        if keys[0] == "model":
+            continue
+        options = {}
+        for file in sorted((conf / keys[0]).glob("*.yaml")):
+            text = file.read_text()
+            node = yaml.safe_load(text) or {}
+            options[file.relative_to(conf)] = node.get(keys[0], {}) if "@package _global_" in text else node
+        setters = [str(name) for name, node in options.items() if _sets(node, keys[1:])]
+        key = ".".join(keys)
+        if _sets(root, keys) or (options and len(setters) == len(options)):
+            where = "conf/config.yaml" if _sets(root, keys) else ", ".join(f"conf/{s}" for s in setters)
+            if default != MISSING:
+                problems.append(f"{key}: set by {where}, so the schema's default {default!r} is a second source: "
+                                "make it MISSING in cluster/config_schema.py")
+        elif default == MISSING:
+            lacking = [f"conf/{name}" for name in options if str(name) not in setters] or ["conf/config.yaml"]
+            problems.append(f"{key}: MISSING in the schema but {', '.join(lacking)} does not set it")
+    assert not problems, "\n".join(problems)
