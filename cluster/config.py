@@ -16,8 +16,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+import conf
 from cluster import config_schema
 from cluster.config_schema import ElmConfig
 from trainer.model_config import OpenELMConfig
@@ -222,8 +223,13 @@ def compose_config(overrides: list[str] = ()) -> dict:
     raw = compose_raw(overrides)
     try:
         cfg = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True, enum_to_str=True)
+    except MissingMandatoryValue as e:
+        group = e.full_key.split(".")[0]
+        has_options = (Path(conf.__file__).parent / group).is_dir()
+        where = f" or in the {group}= option's file (conf/{group}/<name>.yaml)" if has_options else ""
+        raise ConfigError(f"{e.full_key}: no value; set {e.full_key}=... on the command line{where}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e) + "\nfix: set it on the command line, e.g. key=value") from None
+        raise ConfigError(_explain(e)) from None
     cfg = finalise(cfg)
     validate(cfg)
     derive_batch(cfg)

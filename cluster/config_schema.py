@@ -67,8 +67,9 @@ class DataConfig:
     name: str = MISSING
     sources: list[SourceConfig] = MISSING
     target_tokens: Optional[int] = None
-    seq_len: int = MISSING
-    val_fraction: float = MISSING
+    # A data option (conf/data/<name>.yaml, or the user's own) needs only name and sources.
+    seq_len: int = 128
+    val_fraction: float = 0.02
     samples_per_shard: int = 2048
     shard_bytes: Optional[int] = None  # when set, overrides samples_per_shard
     filters: FilterConfig = field(default_factory=FilterConfig)

@@ -77,6 +77,9 @@ def test_every_model_composes(model):
         (["model.num_query_heads=[4,4,4,4]"], "none of them"),
         (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),
         (["cluster.dashboard=true", "cluster.address=auto"], "cluster.dashboard=true: starts a dashboard for an embedded"),
+        (["sweep=lr_tiny", "sweep.name=???"],
+         "sweep.name: no value; set sweep.name=... on the command line or in the sweep= option's file"),
+        (["storage_path=???"], "storage_path: no value; set storage_path=... on the command line\n"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):
