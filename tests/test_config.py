@@ -79,7 +79,7 @@ def test_every_model_composes(model):
         (["cluster.dashboard=true", "cluster.address=auto"], "cluster.dashboard=true: starts a dashboard for an embedded"),
         (["sweep=lr_tiny", "sweep.name=???"],
          "sweep.name: no value; set sweep.name=... on the command line or in the sweep= option's file"),
-        (["storage_path=???"], "storage_path: no value; set storage_path=... on the command line\n"),
+        (["storage_path=???"], "storage_path: no value; set storage_path=... on the command line"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):
