@@ -71,13 +71,35 @@ def apply(cfg: dict, params: dict) -> dict:
 
 
 def check_space(cfg: dict) -> None:
-    """Every key of sweep.space is a config key with a valid distribution, before Ray starts."""
+    """Every key of sweep.space is a config key with a valid distribution, and every value a trial can draw
+    (each choice, each bound of a range) gives a valid trial config: checked before Ray starts, where a trial
+    would otherwise fail on its own, minutes in."""
     space = cfg["sweep"]["space"]
     if not space:
         raise ConfigError("sweep.space is empty: name the config keys to search, e.g. "
                           "'sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2}}'")
     search_space(space)
     apply(cfg, dict.fromkeys(space))
+    for key, spec in space.items():
+        for value in spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"]):
+            try:
+                trial_config(cfg, {key: value}, "check")
+            except ConfigError as e:
+                problems = str(e).removeprefix("invalid config:").strip().replace("\n  ", "; ")
+                raise ConfigError(f"sweep.space.{key}: a trial with {key}={value} would fail: {problems}; "
+                                  f"change the space (or the setting it conflicts with)") from None
+
+
+def check_schedule(cfg: dict) -> None:
+    """Trials are compared at validation steps and ASHA's first rung is grace_period: both within max_steps."""
+    s, t = cfg["sweep"], cfg["train"]
+    if not t["eval_every"]:
+        raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
+    for key, value in (("train.eval_every", t["eval_every"]), ("sweep.grace_period", s["grace_period"])):
+        if value > t["max_steps"]:
+            raise ConfigError(f"{key}={value} is above train.max_steps={t['max_steps']}: trials would end before "
+                              f"{'their first validation' if key.startswith('train') else 'ASHA could compare them'}; "
+                              f"lower {key} or raise train.max_steps")
 
 
 def sweep_dir(cfg: dict) -> Path:
@@ -171,8 +193,7 @@ def check_restorable(cfg: dict, out: Path) -> None:
 def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> list[dict]:
     """The sweep's config is checked first, then Ray starts, then `prepare_data` runs (on that Ray)."""
     s = cfg["sweep"]
-    if not cfg["train"]["eval_every"]:
-        raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
+    check_schedule(cfg)
     check_space(cfg)
     out = sweep_dir(cfg)
     experiment = out / "tune"

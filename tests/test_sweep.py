@@ -45,6 +45,22 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()  # before Ray and the data
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["train.max_steps=8", "train.warmup_steps=2"],
+     "train.eval_every=10 is above train.max_steps=8: trials would end before their first validation"),
+    (["train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4"],
+     "sweep.grace_period=10 is above train.max_steps=8: trials would end before ASHA could compare them"),
+    (["train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "sweep.grace_period=4"],  # lr_tiny's 10
+     "sweep.space.train.warmup_steps: a trial with train.warmup_steps=10 would fail: train.warmup_steps=10: must be"),
+    (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],
+     "sweep.space.train.lr: a trial with train.lr=-1.0 would fail: train.lr=-1.0: must be positive"),
+])
+def test_a_sweep_whose_trials_could_not_run_is_refused_before_ray_starts(tmp_path, capsys, extra, message):
+    assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
+
+
 @pytest.mark.integration
 def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, seed=5))
