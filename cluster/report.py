@@ -55,6 +55,7 @@ class Run:
     records: list[dict]  # one per step, sorted by step
     summary: dict | None = None
     scheduler_stop: dict | None = None  # see stopped_by_scheduler
+    stale_summary: dict | None = None  # an earlier invocation's summary.json, of a run resumed since
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # field -> (steps, finite values)
 
 
@@ -138,10 +139,14 @@ def stopped_by_scheduler(run_dir: Path, summary: dict | None) -> dict | None:
 def load_runs(paths: list[str]) -> list[Run]:
     runs = []
     for d in find_run_dirs(paths):
-        summary = read_json(d / SUMMARY_NAME)
+        summary, stale = read_json(d / SUMMARY_NAME), None
         records = read_metrics(d / METRICS_NAME)
-        name = (summary or {}).get("run_name") or d.name
-        runs.append(Run(name=str(name), dir=d, records=records, summary=summary,
+        if summary and records and _finite(summary.get("steps")) and summary["steps"] < records[-1]["step"]:
+            # Written when an earlier invocation stopped; the run was resumed and went past it (a resumed run
+            # rewrites summary.json only when it ends), so it tells neither how nor where the run ended.
+            summary, stale = None, summary
+        name = (summary or stale or {}).get("run_name") or d.name
+        runs.append(Run(name=str(name), dir=d, records=records, summary=summary, stale_summary=stale,
                         scheduler_stop=stopped_by_scheduler(d, summary), series=_series(records)))
     _unique_names(runs)
     return runs
@@ -199,6 +204,8 @@ def run_status(run: Run) -> str:
     if run.scheduler_stop is not None:
         stop = run.scheduler_stop
         return f"stopped early by {stop['scheduler']} at step {stop['step']} ({stop['metric']} {stop['value']:.4f})"
+    if run.stale_summary is not None:
+        return f"running or stopped (resumed after step {run.stale_summary['steps']}, no summary.json since)"
     if run.summary is None:
         return "running or stopped (no summary.json)"
     if run.summary.get("stopped_by"):
