@@ -10,6 +10,7 @@ import sys
 
 from cluster import commands
 from cluster.config import ConfigError, compose_config, to_yaml
+from cluster.submit import SubmitError
 from trainer.errors import TrainingError
 
 VERBS = {
@@ -113,7 +114,8 @@ def _run(verb: str, fn, *fn_args) -> int:
         if isinstance(e, ConfigError):  # a config problem the verb found itself (a sweep's space, say)
             print(f"elmforge {verb}: config error\n{e}", file=sys.stderr)
             return 2
-        print(f"elmforge {verb}: {e}\n(set ELMFORGE_DEBUG=1 for a traceback)", file=sys.stderr)
+        hint = "" if isinstance(e, SubmitError) else "\n(set ELMFORGE_DEBUG=1 for a traceback)"
+        print(f"elmforge {verb}: {e}{hint}", file=sys.stderr)
         return 1
     return status or 0  # a verb may return its own exit status (`jobs status` of a failed job)
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides after a flag (`jobs logs ID --follow submit.address=...`) land here: take them back.
     strays = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.verb_parsers[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")  # with the verb's usage
     if getattr(args, "text", None):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
         strays += [t for t in args.text if "=" in t]
         args.text = [t for t in args.text if "=" not in t] or parser.error("--text: no file given")

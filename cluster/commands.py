@@ -191,11 +191,17 @@ def cmd_generate(cfg: dict, args) -> None:
 
 
 def cmd_submit(cfg: dict, args) -> None:
+    from cluster.config import ConfigError
     from cluster.submit import UNSUCCESSFUL, SubmitError, follow, submit_job
 
+    if cfg["sweep"]:  # the job would train one run with the sweep's train settings, and sweep nothing
+        raise ConfigError(f"sweep={cfg['sweep']['name']}: submit sends `elmforge train`, which does not sweep; run "
+                          "`elmforge sweep` on a cluster node, or submit it with `ray job submit` "
+                          "(docs/cluster.md, section 6)")
     given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith("storage_path=")]  # quoted too
     if not any(os.path.isabs(path) for path in given):
-        raise SubmitError("submit needs storage_path=<absolute path on the cluster's shared storage>")
+        relative = f"storage_path={given[-1]} is relative; " if given else ""
+        raise ConfigError(f"{relative}submit needs storage_path=<absolute path on the cluster's shared storage>")
     job_id, url = submit_job(cfg, args.overrides)
     print(f"[submit] job {job_id}\n  dashboard    {url}\n  logs         elmforge jobs logs {job_id} --follow")
     if args.wait:
@@ -208,13 +214,18 @@ def cmd_submit(cfg: dict, args) -> None:
 def cmd_jobs(cfg: dict, args) -> int:
     """The exit status: `jobs status` or `logs --follow` of a job that failed or was stopped is 1, as with
     `submit --wait`."""
-    from cluster.submit import UNSUCCESSFUL, client, follow, job_error
+    from cluster.submit import UNSUCCESSFUL, client, follow, job_error, resolve_address
 
     jobs = client(cfg["submit"])
     try:
         if args.action == "list":
-            for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
-                print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+            found = sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0)
+            ids = [job.submission_id or job.job_id for job in found]
+            width = max(map(len, ids), default=0)
+            for job_id, job in zip(ids, found):
+                print(f"{job_id:<{width}}  {job.status.value:<9}  {job.entrypoint}")
+            if not found:
+                print(f"no jobs on {resolve_address(cfg['submit'])}")
         elif args.action == "status":
             info = jobs.get_job_info(args.job_id)
             print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")

@@ -8,8 +8,10 @@ machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
 connects as a client; an existing cluster brings its own resources.
 """
 
+import contextlib
 import logging
 import os
+import socket
 import sys
 from typing import Optional
 
@@ -64,11 +66,58 @@ def connect(cluster: dict) -> None:
         # Ray colours the prefix of every worker line it forwards; in a file (`make run > log`, a
         # Ray job's or a Slurm job's output) the codes are noise. A user's RAY_COLOR_PREFIX stands.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
+    if cluster["address"] is not None:
+        check_reachable(cluster["address"])
+    # Ray announces that a cluster uses token authentication (its default, kept): news for whoever
+    # runs the cluster, noise for a run that starts or joins one.
+    with _quiet("ray._private.authentication.authentication_token_setup"):
+        context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
     elif cluster["address"] is None:
         print("[ray] embedded instance without a dashboard (cluster.dashboard=true starts one)", flush=True)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in one line when the cluster to join does not answer: Ray's own client retries a dead
+    GCS for minutes, printing a warning every few seconds, and an http RAY_ADDRESS (the Jobs API's,
+    set for `elmforge submit`) makes it refuse in five lines."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env.startswith(("http://", "https://")) and not address.startswith("ray://"):
+        raise ConnectionError(f"RAY_ADDRESS={env} is a Jobs API address (for elmforge submit and jobs), which "
+                              f"cluster.address={address} cannot join: unset RAY_ADDRESS on a cluster node")
+    if address.startswith("ray://"):
+        target, source = address.removeprefix("ray://"), ""
+    else:  # Ray's own lookup: RAY_ADDRESS, else the last `ray start` on this machine
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except (ConnectionError, ValueError) as e:
+            raise ConnectionError(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
+        source = (f", from RAY_ADDRESS={env}" if env else
+                  ", the last `ray start` on this machine" if address == "auto" else "")
+    if not target:  # "local": Ray starts an instance here
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(
+            f"cluster.address={address}: no Ray cluster answers at {target}{source} ({str(e.strerror or e).lower()}): "
+            "start it (`ray start --head`) or correct the address, or leave cluster.address unset for an embedded Ray"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _start_embedded(cluster: dict):
@@ -76,15 +125,9 @@ def _start_embedded(cluster: dict):
     port = free_port("")
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    # Ray announces that the instance it starts uses token authentication (its default, kept):
-    # news for whoever runs a cluster, noise for a run that owns its instance.
-    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = notice.level
-    notice.setLevel(logging.ERROR)
     try:
         return ray.init(**init_kwargs(cluster, f"{ray.util.get_node_ip_address()}:{port}"))
     finally:
-        notice.setLevel(level)
         if previous is None:
             del os.environ["RAY_GCS_SERVER_PORT"]
         else:

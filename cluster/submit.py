@@ -13,14 +13,18 @@ comes from RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or
 ~/.ray/auth_token, and is sent as a bearer header.
 """
 
+import logging
 import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePath
 from secrets import token_hex
 from typing import Iterable, Optional
+
+from cluster.config import ConfigError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 UNSUCCESSFUL = ("FAILED", "STOPPED")  # `submit --wait` and `jobs status` exit 1 on these
@@ -33,15 +37,15 @@ TOKEN_HELP = (
 
 
 class SubmitError(ValueError):
-    pass
+    """What the cluster said (or that it said nothing), complete in one line: no traceback would add to it."""
 
 
 def resolve_address(submit_cfg: dict) -> str:
     address = submit_cfg.get("address") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise SubmitError("no cluster to submit to: set submit.address=http://<head>:8265 or RAY_ADDRESS")
+        raise ConfigError("no cluster to submit to: set submit.address=http://<head>:8265 or RAY_ADDRESS")
     if not address.startswith(("http://", "https://")):
-        raise SubmitError(f"submit.address={address}: the Ray Jobs API is an http(s) address, e.g. http://<head>:8265")
+        raise ConfigError(f"submit.address={address}: the Ray Jobs API is an http(s) address, e.g. http://<head>:8265")
     return address.rstrip("/")
 
 
@@ -100,8 +104,19 @@ def explain(e: Exception, address: str) -> str:
     failure = http_failure(e)
     if failure:
         return f"the Ray Jobs API at {address} rejected the request (HTTP {failure[0]}): {failure[1]}"
-    text = str(e)
-    return f"cannot reach the Ray Jobs API at {address}: {text.splitlines()[0] if text else type(e).__name__}"
+    return (f"cannot reach the Ray Jobs API at {address} ({_no_answer_reason(e)}): is the cluster up, and is this "
+            "its dashboard address (http://<head>:8265, or a port-forward to it)? Set submit.address or RAY_ADDRESS")
+
+
+def _no_answer_reason(e: BaseException) -> str:
+    """Why no answer came, in a few words: the OS's reason (connection refused, unknown host) found in the
+    SDK's error or the requests error it replaced, whose text is a paragraph of connection-pool internals."""
+    while e is not None:
+        found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)|(timed out)", str(e))
+        if found:
+            return (found[1] or found[2]).strip().lower()
+        e = e.__cause__ or e.__context__
+    return "no answer"
 
 
 def job_paths(cfg: dict) -> list[str]:
@@ -150,13 +165,14 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            jobs.submit_job(
-                entrypoint=entrypoint(overrides),
-                submission_id=job_id,
-                runtime_env=runtime_env(submit_cfg, job_paths(cfg)),
-                entrypoint_num_cpus=submit_cfg["entrypoint_num_cpus"],
-                metadata={"run_name": cfg["run"]["name"]},
-            )
+            with _quiet_packaging():
+                jobs.submit_job(
+                    entrypoint=entrypoint(overrides),
+                    submission_id=job_id,
+                    runtime_env=runtime_env(submit_cfg, job_paths(cfg)),
+                    entrypoint_num_cpus=submit_cfg["entrypoint_num_cpus"],
+                    metadata={"run_name": cfg["run"]["name"]},
+                )
             break
         except Exception as e:
             # A cluster that has just started answers before its job agent is up.
@@ -165,6 +181,23 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
                 continue
             raise SubmitError(explain(e, resolve_address(submit_cfg))) from None
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
+
+
+@contextmanager
+def _quiet_packaging():
+    """Ray's SDK logs each step of packaging the working directory: ten lines on stderr per submission,
+    among them warnings that .git and .venv are now left out by default (submit.excludes leaves them out
+    anyway). Its errors still show."""
+    loggers = [logging.getLogger(f"ray.{name}") for name in (
+        "_private.runtime_env.packaging", "_private.runtime_env.working_dir", "dashboard.modules.dashboard_sdk")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:

@@ -1,7 +1,10 @@
 """Submission to a real Ray head on 127.0.0.1 with token authentication."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import zipfile
 from datetime import datetime
@@ -15,6 +18,7 @@ from cluster.cli import main
 from corpus import make_documents, write_jsonl
 from ray_head import start_head
 from test_train_loop import SMALL_MODEL
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.integration
 PLANTED = "planted-wandb-key-5f0c1d2e3a4b"
@@ -40,6 +44,11 @@ def as_user(head, monkeypatch, tmp_path):
     return head
 
 
+def test_a_new_cluster_lists_no_jobs_and_says_so(as_user, capsys):  # first: the module's head is new
+    assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
+    assert capsys.readouterr().out == f"no jobs on {as_user.address}\n"
+
+
 def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(200, seed=3))
     overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
@@ -61,7 +70,8 @@ def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_pat
     assert job_id in capsys.readouterr().out
     for action in ("status", "logs", "stop"):  # an unknown id: one line, not the client's traceback
         assert main(["jobs", action, "nosuchjob", f"submit.address={as_user.address}"]) == 1
-        assert "nosuchjob: no such job on this cluster (see `elmforge jobs list`)" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err == "elmforge jobs: nosuchjob: no such job on this cluster (see `elmforge jobs list`)\n"
     with pytest.raises(submit.SubmitError, match="nosuchjob: no such job"):  # as `submit --wait` follows a job
         submit.follow({"address": as_user.address}, "nosuchjob")
 
@@ -178,9 +188,74 @@ def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path, cap
     assert head.token not in capsys.readouterr().err
 
 
-def test_submit_refuses_a_relative_storage_path(as_user, capsys):
-    assert main(["submit", f"submit.address={as_user.address}"]) == 1
-    assert "storage_path=<absolute path" in capsys.readouterr().err
+def test_submit_shows_only_its_own_lines_and_jobs_list_is_a_table(as_user, tmp_path, capsys):
+    # Ray's SDK would log each step of packaging the working directory on stderr (ten lines).
+    env = {**os.environ, "RAY_AUTH_TOKEN": as_user.token}
+    cmd = [sys.executable, "-m", "cluster.cli", "submit", f"storage_path={tmp_path}", *FAILS_FAST, "run.name=a",
+           f"submit.address={as_user.address}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert main(["submit", f"storage_path={tmp_path}", *FAILS_FAST, "run.name=a-longer-name",
+                 f"submit.address={as_user.address}"]) == 0
+    ids = [done.stdout.split()[2], capsys.readouterr().out.split()[2]]
+    assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert len({lines[i].index(lines[i].split()[1]) for i in ids}) == 1  # the status column lines up
+
+
+CLOSED = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+TO_CLOSED = f"submit.address={CLOSED}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["storage_path=/tmp/x"], "no cluster to submit to: set submit.address=http://<head>:8265 or RAY_ADDRESS"),
+    (["storage_path=/tmp/x", "submit.address=127.0.0.1:8265"],
+     "submit.address=127.0.0.1:8265: the Ray Jobs API is an http(s) address"),
+    ([TO_CLOSED], "submit needs storage_path=<absolute path on the cluster's"),
+    (["storage_path=store", TO_CLOSED],
+     "storage_path=store is relative; submit needs storage_path=<absolute path"),
+    (["sweep=lr_tiny", "storage_path=/tmp/x", TO_CLOSED],
+     "sweep=lr_tiny: submit sends `elmforge train`, which does not sweep; run `elmforge sweep` on a cluster node"),
+])
+def test_submit_config_mistakes_exit_2_before_reaching_a_cluster(overrides, message, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["submit", *overrides]) == 2
+    assert capsys.readouterr().err.startswith(f"elmforge submit: config error\n{message}")
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_with_the_fix(capsys):
+    expected = (f"cannot reach the Ray Jobs API at {CLOSED} (connection refused): is the cluster up, and is this its "
+                "dashboard address (http://<head>:8265, or a port-forward to it)? Set submit.address or RAY_ADDRESS")
+    for argv in (["submit", "storage_path=/tmp/x"], ["jobs", "logs", "some-id", "--follow"]):
+        assert main([*argv, f"submit.address={CLOSED}"]) == 1
+        assert capsys.readouterr().err == f"elmforge {argv[0]}: {expected}\n"
+    # A cluster that goes away while a job is followed: the SDK passes on the error of requests itself.
+    with pytest.raises(requests.ConnectionError) as raised:
+        requests.get(CLOSED, timeout=5)
+    assert submit.explain(raised.value, CLOSED) == expected
+
+
+@pytest.mark.parametrize("env, address, message", [
+    ({"RAY_ADDRESS": "127.0.0.1:{port}"}, "auto", "cluster.address=auto: no Ray cluster answers at "),
+    ({"RAY_ADDRESS": "http://127.0.0.1:8265"}, "auto",
+     "RAY_ADDRESS=http://127.0.0.1:8265 is a Jobs API address (for elmforge submit and jobs), which "
+     "cluster.address=auto cannot join: unset RAY_ADDRESS on a cluster node"),
+    ({}, "ray://127.0.0.1:{port}",
+     "cluster.address=ray://127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port} (connection refused)"),
+])
+def test_joining_a_cluster_that_does_not_answer_fails_at_once_in_one_line(tmp_path, env, address, message):
+    # Ray's client would retry a GCS that is not there for minutes (a head that is down, a stale
+    # /tmp/ray/ray_current_cluster); a sweep joins its cluster before it prepares anything.
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           **{k: v.format(port=port) for k, v in env.items()}}
+    cmd = [sys.executable, "-m", "cluster.cli", "sweep", "sweep=lr_tiny",
+           f"cluster.address={address.format(port=port)}", f"storage_path={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"elmforge sweep: {message.format(port=port)}"), done.stderr
+    assert len(done.stderr.splitlines()) == 2 and "(set ELMFORGE_DEBUG=1 for a traceback)" in done.stderr
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_jobs_without_an_action_names_the_actions_and_shows_the_usage(capsys):
@@ -192,11 +267,12 @@ def test_jobs_without_an_action_names_the_actions_and_shows_the_usage(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["submit", "--wiat"], "usage: elmforge submit [-h] [--cfg {job}] [--wait]"),  # the verb's usage, not elmforge's
     (["jobs", "status"], "jobs status needs a job id (see `elmforge jobs list`)"),
     (["jobs", "stop", "submit.address=http://127.0.0.1:9"], "jobs stop needs a job id"),
     (["jobs", "status", "some-id", "--follow"], "--follow applies to `jobs logs` only"),
 ])
-def test_jobs_usage_errors_exit_2_before_reaching_a_cluster(argv, message, capsys):
+def test_usage_errors_exit_2_before_reaching_a_cluster(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
