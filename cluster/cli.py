@@ -8,10 +8,15 @@ import argparse
 import os
 import sys
 
-from cluster import commands
-from cluster.config import ConfigError, compose_config, to_yaml
-from cluster.submit import SubmitError
-from trainer.errors import TrainingError
+# Ray folds lines from different processes that differ only in their numbers into one, "[repeated 2x
+# across cluster]": the progress lines of a sweep's trials are such lines, and all but one trial's would
+# vanish. Ray reads this once, when imported, so it is set here, before any verb imports Ray.
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[[a-z][\w ]*\] ")
+
+from cluster import commands  # noqa: E402
+from cluster.config import ConfigError, compose_config, to_yaml  # noqa: E402
+from cluster.submit import SubmitError  # noqa: E402
+from trainer.errors import TrainingError  # noqa: E402
 
 VERBS = {
     "prepare": "tokenize the configured sources into WebDataset shards + manifest.json",

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import time
 
 import pytest
@@ -59,6 +60,71 @@ def test_a_sweep_whose_trials_could_not_run_is_refused_before_ray_starts(tmp_pat
     assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
+
+
+TWO_TRIALS_REPORT = """
+import sys
+import time
+
+import cluster.cli  # what `elmforge` imports first
+import ray
+from cluster.ray_runtime import connect
+
+
+class Tee:  # what Ray forwards from the workers, seen here as it is printed
+    def __init__(self, out):
+        self.out, self.text = out, ""
+
+    def write(self, text):
+        self.text += text
+        return self.out.write(text)
+
+    def flush(self):
+        self.out.flush()
+
+
+connect({"address": None, "num_cpus": 2, "dashboard": False, "use_gpu": False})
+sys.stdout = Tee(sys.stdout)
+
+
+@ray.remote(num_cpus=0)
+class Trial:
+    def ready(self):
+        return True
+
+    def report(self, i):
+        for step in (1, 2):
+            print(f"[train] step {step}/2 | loss {i + step / 10:.4f}", flush=True)
+
+
+trials = [Trial.remote() for _ in range(2)]
+ray.get([t.ready.remote() for t in trials])
+ray.get([t.report.remote(i) for i, t in enumerate(trials)])  # both at once, as a sweep's trials do
+expected = [f"[train] step {step}/2 | loss {i + step / 10:.4f}" for i in (0, 1) for step in (1, 2)]
+deadline = time.monotonic() + 60  # Ray forwards worker lines asynchronously: wait for them, or give up
+while not all(line in sys.stdout.text for line in expected) and time.monotonic() < deadline:
+    time.sleep(0.2)
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_every_trials_progress_lines_are_shown(tmp_path):
+    # Ray folds lines from several processes that differ only in numbers into one "[repeated 2x ...]".
+    import subprocess
+    import sys
+
+    from test_submit import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DEDUP")}
+    done = subprocess.run([sys.executable, "-c", TWO_TRIALS_REPORT], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.split(") ", 1)[-1] for line in done.stdout.splitlines()]
+    for i in (0, 1):
+        for step in (1, 2):
+            assert f"[train] step {step}/2 | loss {i + step / 10:.4f}" in lines, done.stdout
+    assert "repeated" not in done.stdout
 
 
 @pytest.mark.integration
