@@ -84,19 +84,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     set for `elmforge submit`) makes it refuse in five lines."""
     from ray._private.services import canonicalize_bootstrap_address
 
-    env = os.environ.get("RAY_ADDRESS", "")
-    if env.startswith(("http://", "https://")) and not address.startswith("ray://"):
-        raise ConnectionError(f"RAY_ADDRESS={env} is a Jobs API address (for elmforge submit and jobs), which "
-                              f"cluster.address={address} cannot join: unset RAY_ADDRESS on a cluster node")
-    if address.startswith("ray://"):
-        target, source = address.removeprefix("ray://"), ""
-    else:  # Ray's own lookup: RAY_ADDRESS, else the last `ray start` on this machine
-        try:
-            target = canonicalize_bootstrap_address(address)
-        except (ConnectionError, ValueError) as e:
-            raise ConnectionError(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
-        source = (f", from RAY_ADDRESS={env}" if env else
-                  ", the last `ray start` on this machine" if address == "auto" else "")
+    # As ray.init reads it: RAY_ADDRESS stands in for `auto`, else `auto` is the last `ray start` here.
+    env = os.environ.get("RAY_ADDRESS", "") if address == "auto" else ""
+    source = (f", from RAY_ADDRESS={env}" if env else
+              ", the last `ray start` on this machine" if address == "auto" else "")
+    given = env or address
+    if given.startswith(("http://", "https://")):  # the Jobs API's, for elmforge submit and jobs
+        raise ConnectionError(
+            f"RAY_ADDRESS={env} is a Jobs API address (for elmforge submit and jobs), which cluster.address=auto "
+            "cannot join: unset RAY_ADDRESS on a cluster node" if env else
+            f"cluster.address={address} is a Jobs API address (that is submit.address): give auto, "
+            "<head>:6379 or ray://<head>:10001")
+    try:
+        target = given.removeprefix("ray://") if given.startswith("ray://") else canonicalize_bootstrap_address(given)
+    except (ConnectionError, ValueError) as e:  # `auto` with no cluster started here, or no host:port
+        raise ConnectionError(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
     if not target:  # "local": Ray starts an instance here
         return
     host, _, port = target.rpartition(":")

@@ -240,6 +240,10 @@ def test_a_cluster_that_does_not_answer_is_one_line_with_the_fix(capsys):
     ({"RAY_ADDRESS": "http://127.0.0.1:8265"}, "auto",
      "RAY_ADDRESS=http://127.0.0.1:8265 is a Jobs API address (for elmforge submit and jobs), which "
      "cluster.address=auto cannot join: unset RAY_ADDRESS on a cluster node"),
+    # An explicit address: RAY_ADDRESS, which only `auto` reads, is no matter.
+    ({"RAY_ADDRESS": "http://127.0.0.1:8265"}, "127.0.0.1:{port}", "cluster.address=127.0.0.1:{port}: no Ray cluster"),
+    ({}, "http://127.0.0.1:8265",
+     "cluster.address=http://127.0.0.1:8265 is a Jobs API address (that is submit.address)"),
     ({}, "ray://127.0.0.1:{port}",
      "cluster.address=ray://127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port} (connection refused)"),
 ])
