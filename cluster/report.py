@@ -67,7 +67,9 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
     for p in paths:
         path = Path(p).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            # `elmforge report outputs storage_path=...`: the other verbs' overrides, taken for a path
+            takes = "; report takes run dirs, not overrides" if "=" in p else ""
+            raise FileNotFoundError(f"{p}: no such file or directory{takes}")
         if path.is_file():
             if path.name != METRICS_NAME:
                 raise ValueError(f"{p}: expected a run dir, a directory of run dirs, or a {METRICS_NAME} file")
@@ -347,7 +349,10 @@ def build_report(paths: list[str], out_dir: str) -> dict:
     """Write one PNG per metric and report.html into out_dir; return {"html": path, <metric>: png path, ...}."""
     runs = load_runs(paths)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # named as the flag it came from; the bare OSError names neither
+        raise OSError(f"--out {out_dir}: cannot create this directory ({e.strerror})") from None
     colors = _colors(len(runs))
     charts: dict[str, Path] = {}
     for key in _chart_fields(runs):

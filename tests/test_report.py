@@ -254,6 +254,19 @@ def test_no_runs_names_the_paths(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_report_names_an_override_and_an_out_dir_it_cannot_create(tmp_path, capsys):
+    from cluster.cli import main
+
+    write_run(tmp_path / "run", 3, seed=0.0)
+    assert main(["report", str(tmp_path / "run"), "storage_path=/x"]) == 1
+    assert "elmforge report: storage_path=/x: no such file or directory; report takes run dirs, not overrides" in (
+        capsys.readouterr().err)
+    (tmp_path / "file").write_text("")
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "out")]) == 1
+    assert f"elmforge report: --out {tmp_path}/file/out: cannot create this directory (Not a directory)" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.integration
 def test_report_of_a_real_training_run(tiny_dataset, tmp_path):
     from cluster.config import compose_config
