@@ -82,7 +82,9 @@ UNHASHED = {
     "data": ("dir", "workers"),
     "model": ("activation_checkpointing",),
     "train": ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
-              "eval_batches", "max_skipped_in_row", "compile", "gc_every"),
+              "eval_batches", "max_skipped_in_row", "compile", "gc_every",
+              # How the batch is split changes nothing computed: the tokens per step (hashed below) do.
+              "micro_batch_size", "grad_accum_steps", "global_batch_tokens"),
 }
 
 
@@ -90,7 +92,11 @@ def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     for group, keys in UNHASHED.items():
         relevant[group] = {k: v for k, v in cfg[group].items() if k not in keys}
-    relevant["world_size"] = cfg["cluster"]["num_workers"]
+    # Workers x micro-batch x accumulation: 2 workers with 1 and 1 worker accumulating 2 train alike
+    # (same samples per step), so a run continues on another number of workers (trainer/reshard.py).
+    t = cfg["train"]
+    relevant["batch_tokens"] = t["global_batch_tokens"] or (
+        cfg["cluster"]["num_workers"] * t["micro_batch_size"] * (t["grad_accum_steps"] or 1) * cfg["data"]["seq_len"])
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg['model']['name']}-{cfg['data']['name']}-{digest}"
 

@@ -166,11 +166,17 @@ class TokenLoader:
         return {"epoch": epoch, "position": position, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.dataset.world_size:
-            raise ValueError(
-                f"loader state was saved with {state['world_size']} ranks, this run has {self.dataset.world_size}: "
-                "resuming with another world size is not supported"
-            )
-        self.consumed = state["epoch"] * self.dataset.per_rank + state["position"]
+        """Continue from a saved position, also one saved with another number of ranks: W ranks at
+        position p have read the epoch's first W * p permuted samples, whatever W (the epoch's dropped
+        tail aside, which depends on W), so the position moves to W * p / this run's ranks."""
+        epoch, position, world_size = state["epoch"], state["position"], self.dataset.world_size
+        if state["world_size"] != world_size:
+            read = state["world_size"] * position
+            if read % world_size:
+                raise ValueError(
+                    f"loader state at epoch {epoch}, position {position} of {state['world_size']} ranks "
+                    f"({read} samples read) does not divide among {world_size} ranks"
+                )
+            position = read // world_size
+        self.consumed = epoch * self.dataset.per_rank + position
         self._iter = None
-

@@ -36,12 +36,18 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert cfg["submit"]["working_dir"] == str(tmp_path)  # "." where the command ran
 
 
-def test_run_name_is_stable_and_follows_what_changes_the_result():
+def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
     a = compose_config([])["run"]["name"]
     assert a == compose_config([])["run"]["name"]
     assert a.startswith("openelm_tiny-sample-")
     assert compose_config(["train.lr=1e-3"])["run"]["name"] != a
-    assert compose_config(["cluster.num_workers=4"])["run"]["name"] != a
+    assert compose_config(["cluster.num_workers=4"])["run"]["name"] != a  # 4 workers: twice the batch
+    # The same tokens per step split otherwise: the same run (it resumes on another number of workers).
+    assert compose_config(["cluster.num_workers=1", "train.grad_accum_steps=2"])["run"]["name"] == a
+    assert compose_config(["cluster.num_workers=4", "train.micro_batch_size=4"])["run"]["name"] == a
+    (tmp_path / "tokenizer.model").write_bytes(b"placeholder")
+    recipe = ["experiment=openelm_270m", f"tokenizer.path={tmp_path / 'tokenizer.model'}"]
+    assert len({compose_config([*recipe, f"cluster.num_workers={n}"])["run"]["name"] for n in (4, 8, 16)}) == 1
     assert compose_config(["logger=none"])["run"]["name"] == a
     assert compose_config(["train.compile=true"])["run"]["name"] == a  # resumable compiled or not
     assert compose_config(["model.activation_checkpointing=true", "train.eval_every=7"])["run"]["name"] == a

@@ -4,6 +4,7 @@ a compiled run follows the eager one, torchrun runs the same loop."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from corpus import make_documents, write_jsonl
 from distributed import RankFailed, run_ranks
 from test_train_loop import SMALL_MODEL
 from trainer.summary import read_summary
-from trainer.train_loop import train
+from trainer.train_loop import check_resume, train
 
 pytestmark = pytest.mark.integration
 
@@ -62,18 +63,45 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tiny_dat
     assert steps == list(range(1, 9))
 
 
-def test_resuming_with_another_world_size_or_model_is_refused_before_anything_loads(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("stage, saved_world, world", [(2, 2, 1), (3, 1, 2), (0, 2, 1)])
+def test_a_run_continues_on_another_number_of_ranks(tiny_dataset, tmp_path, zero2_losses, stage, saved_world, world):
+    # The same samples per step either way: 2 ranks, or 1 accumulating 2 micro-batches.
+    def cfg(ranks, *overrides):
+        return cfg_for(tiny_dataset, tmp_path, f"deepspeed=zero{stage}", f"train.grad_accum_steps={2 // ranks}",
+                       *overrides, workers=ranks)
+
+    first = run_ranks(saved_world, train, cfg(saved_world, "train.faults.sigterm_at_step=2"))[0]
+    second = run_ranks(world, train, cfg(world))[0]
+    assert second["resumed_from"] == "step_2"
+    assert first["losses"] + second["losses"] == pytest.approx(zero2_losses, rel=1e-6)
+    # ZeRO 1-3 partitions go through DeepSpeed's universal form; ZeRO-0's one copy loads as it is.
+    assert (tmp_path / "checkpoints" / "step_2" / "universal" / "COMPLETE").is_file() == (stage > 0)
+
+
+def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_loads(tiny_dataset, tmp_path):
     overrides = ("deepspeed=zero2", "train.max_steps=2")
     run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides))
     checkpoint = tmp_path / "checkpoints" / "step_2"
     files = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
-    # DeepSpeed's own refusals (ZeRO partitions for another world size, a state dict of another
-    # shape) are tracebacks; these name the checkpoint and what to do instead.
-    with pytest.raises(RankFailed, match=r"step_2 was saved by 2 ranks, this run has 1: .*cluster.num_workers"):
-        run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", workers=1))
+    # DeepSpeed's own refusals (a state dict of another shape) are tracebacks; these name the
+    # checkpoint and what to do instead.
+    batch = r"step_2 was trained with 8 samples per step \(2 ranks x 4 x 1 accumulated\), this run has 4 \(1 x 4 x 1\)"
+    one_rank = cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", workers=1)
+    with pytest.raises(RankFailed, match=batch + ": set train.grad_accum_steps=2"):
+        run_ranks(1, train, one_rank)
+    with pytest.raises(ValueError, match=batch):  # what `elmforge train` checks before starting Ray
+        check_resume(one_rank)
     with pytest.raises(RankFailed, match="step_2 was trained with another model config; use a new run.name"):
         run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == files  # nothing lost
+    # A checkpoint that cannot be converted for another world size (a rank's partition lost) fails every rank.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "checkpoints", broken / "checkpoints")
+    (broken / "checkpoints" / "step_2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(RankFailed, match=r"converting .*step_2 for another world size failed: no optimizer partition of rank\(s\) \[1\]"):
+        run_ranks(1, train, cfg_for(tiny_dataset, broken, *overrides, "train.max_steps=4",
+                                    "train.grad_accum_steps=2", workers=1))
+    assert not (broken / "checkpoints" / "step_2" / "universal").exists()
     resumed = run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=3"))[0]
     assert resumed["resumed_from"] == "step_2"
 

@@ -80,10 +80,25 @@ def test_each_epoch_is_reshuffled_with_the_seed(tiny_dataset):
     assert other_seed != epoch0
 
 
-def test_resuming_with_another_world_size_is_refused(tiny_dataset):
-    state = TokenLoader(tiny_dataset, "train", 0, 2, batch_size=1, seed=0).state_dict()
-    with pytest.raises(ValueError, match="saved with 2 ranks, this run has 3"):
-        TokenLoader(tiny_dataset, "train", 0, 3, batch_size=1, seed=0).load_state_dict(state)
+@pytest.mark.parametrize("saved_world, world", [(2, 1), (1, 2), (2, 4)])
+def test_a_position_saved_by_other_ranks_continues_with_the_same_samples_per_step(tiny_dataset, saved_world, world):
+    global_batch = 4  # samples per optimizer step, over all ranks
+    saved = [TokenLoader(tiny_dataset, "train", r, saved_world, batch_size=global_batch // saved_world, seed=6)
+             for r in range(saved_world)]
+    for loader in saved:
+        take(loader, 3)  # three steps
+    uninterrupted = [set(rows([next(loader) for loader in saved])) for _ in range(4)]
+    resumed = [TokenLoader(tiny_dataset, "train", r, world, batch_size=global_batch // world, seed=6)
+               for r in range(world)]
+    for loader in resumed:
+        loader.load_state_dict({"epoch": 0, "position": 3 * global_batch // saved_world, "world_size": saved_world})
+    assert [set(rows([next(loader) for loader in resumed])) for _ in range(4)] == uninterrupted
+
+
+def test_a_position_that_does_not_divide_among_the_ranks_is_refused(tiny_dataset):
+    with pytest.raises(ValueError, match=r"position 5 of 1 ranks \(5 samples read\) does not divide among 2 ranks"):
+        TokenLoader(tiny_dataset, "train", 0, 2, batch_size=1, seed=0).load_state_dict(
+            {"epoch": 0, "position": 5, "world_size": 1})
 
 
 def test_missing_shard_is_named(tiny_dataset, tmp_path):

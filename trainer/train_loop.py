@@ -37,6 +37,7 @@ from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
+from trainer.reshard import check_same_global_batch, load_universal, needs_universal, universal_checkpoint
 from trainer.step_gc import StepCollector
 from trainer.summary import SUMMARY_NAME, read_json, write_summary
 
@@ -81,8 +82,9 @@ def _check_data(model_cfg: OpenELMConfig, manifest) -> None:
         raise ValueError(f"{manifest.root}: seq_len {manifest.seq_len} exceeds model.rope_max_length")
 
 
-def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
-    """The DeepSpeed engine (ZeRO, AdamW, clipping, precision) and its lr scheduler."""
+def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv, load_universal: bool = False):
+    """The DeepSpeed engine (ZeRO, AdamW, clipping, precision) and its lr scheduler; `load_universal`:
+    it will load a universal checkpoint (trainer/reshard.py)."""
     import deepspeed  # after init_distributed has chosen the accelerator
     import deepspeed.ops
 
@@ -91,10 +93,13 @@ def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv):
     # the lock behind and every later init waiting on it forever.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     t_cfg = cfg["train"]
+    config = deepspeed_config(t_cfg, cfg["deepspeed"], env.world_size, cfg["cluster"]["use_gpu"])
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t_cfg["weight_decay"]),
-        config=deepspeed_config(t_cfg, cfg["deepspeed"], env.world_size, cfg["cluster"]["use_gpu"]),
+        config=config,
         lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, t_cfg),
     )
     return engine, scheduler
@@ -169,20 +174,22 @@ class NonFiniteTraining(TrainingError):
     pass
 
 
-def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, world_size: int) -> None:
+def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cfg: dict, world_size: int) -> None:
     """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
     # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit).
     ignored = ("name", "activation_checkpointing")
     theirs, ours = ({k: v for k, v in m.items() if k not in ignored} for m in (state["model"], asdict(model_cfg)))
     if theirs != ours:
         raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
-    saved = state["loader"]["world_size"]
-    if saved != world_size:
-        raise ValueError(
-            f"checkpoint {checkpoint} was saved by {saved} ranks, this run has {world_size}: resuming with another "
-            "world size is not supported; use the same cluster.num_workers, or a new run.name (with "
-            "train.init_from=<its `elmforge export` directory> to start from its weights)"
-        )
+    check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
+
+
+def check_resume(cfg: dict) -> None:
+    """What _check_resumable refuses, for a launcher to say before it starts any worker (where the run's
+    directory is visible to it; the workers check again in any case)."""
+    resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
+    if resume is not None:
+        _check_resumable(read_client_state(resume), resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])
 
 
 def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
@@ -225,25 +232,32 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     _check_data(model_cfg, manifest)
 
     resume = from_rank0(latest_checkpoint(ckpt_root))
+    load_from = resume  # or its universal form, on another world size
     if resume is not None:
         client = read_client_state(resume)
-        _check_resumable(client, resume, model_cfg, env.world_size)
+        _check_resumable(client, resume, model_cfg, cfg, env.world_size)
         if client["step"] >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
             return _finished_run(cfg, resume, client, model_cfg, env.is_main, report)
+        saved_world = client["loader"]["world_size"]
+        if needs_universal(saved_world, env.world_size, cfg["deepspeed"]["stage"]):
+            load_from, took = universal_checkpoint(resume, saved_world, env.is_main)
+            if env.is_main:
+                print(f"[train] {resume.name} was saved by {saved_world} ranks: converted for {env.world_size} "
+                      f"in {took:.1f}s ({load_from})", flush=True)
     model = build_model(model_cfg, seed=t_cfg["seed"]).to(env.device)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     if t_cfg["init_from"] and resume is None:
         from trainer.hf import load_hf_checkpoint
 
         model.load_state_dict(load_hf_checkpoint(t_cfg["init_from"]).state_dict())
-    engine, scheduler = build_engine(cfg, model, env)
+    engine, scheduler = build_engine(cfg, model, env, load_universal=load_from != resume)
     loss_fn = lm_loss
     if t_cfg["compile"]:  # compiles in place: checkpoints keep the plain module's names
         engine.compile()
         loss_fn = torch.compile(lm_loss)
     tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
     if resume is not None:
-        state = load_checkpoint(engine, resume)
+        state = load_checkpoint(engine, resume) if load_from == resume else load_universal(engine, load_from)
         tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
         release_freed_memory()  # what loading held: the steps' own peak is smaller
     loader = TokenLoader(
