@@ -81,6 +81,7 @@ def _unknown_key_hint(message: str, overrides: list[str]) -> str:
 UNHASHED = {
     "data": ("dir", "workers"),
     "model": ("activation_checkpointing",),
+    "deepspeed": ("offload_optimizer", "offload_params"),  # like activation checkpointing: turned on to fit
     "train": ("log_every", "loader_workers", "faults", "checkpoint_every", "keep_checkpoints", "eval_every",
               "eval_batches", "max_skipped_in_row", "compile", "gc_every",
               # How the batch is split changes nothing computed: the tokens per step (hashed below) do.

@@ -51,6 +51,8 @@ def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
     assert compose_config(["logger=none"])["run"]["name"] == a
     assert compose_config(["train.compile=true"])["run"]["name"] == a  # resumable compiled or not
     assert compose_config(["model.activation_checkpointing=true", "train.eval_every=7"])["run"]["name"] == a
+    assert compose_config(["deepspeed=zero2_offload"])["run"]["name"] == a  # offloaded to fit: the same run
+    assert compose_config(["deepspeed=zero3"])["run"]["name"] != a
     assert compose_config(["run.name=mine"])["run"]["name"] == "mine"
 
 

@@ -181,6 +181,13 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
     theirs, ours = ({k: v for k, v in m.items() if k not in ignored} for m in (state["model"], asdict(model_cfg)))
     if theirs != ours:
         raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
+    saved_stage, stage = state["config"]["deepspeed"]["stage"], cfg["deepspeed"]["stage"]
+    if saved_stage != stage:  # DeepSpeed lays out (and names) each stage's files its own way
+        raise ValueError(
+            f"checkpoint {checkpoint} was saved under ZeRO-{saved_stage}, this run uses ZeRO-{stage}: keep "
+            f"deepspeed=zero{saved_stage} (offload may change), or start a new run.name from its export "
+            "(train.init_from)"
+        )
     check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
 
 
