@@ -122,6 +122,30 @@ def derive_batch(cfg: dict) -> None:
     t["grad_accum_steps"] = accum
 
 
+def _check_elastic(cfg: dict) -> None:
+    """An elastic group keeps the samples per step on every size it may take: each must divide them."""
+    c, t = cfg["cluster"], cfg["train"]
+    if c["min_workers"] is None:
+        return
+    samples = c["num_workers"] * t["micro_batch_size"] * t["grad_accum_steps"]
+    odd = [w for w in range(c["min_workers"], c["num_workers"] + 1) if samples % (w * t["micro_batch_size"])]
+    if odd:
+        raise ConfigError(
+            f"invalid config:\n  cluster.min_workers={c['min_workers']}: {samples} samples per step (cluster.num_workers="
+            f"{c['num_workers']} x train.micro_batch_size={t['micro_batch_size']} x {t['grad_accum_steps']} accumulated) "
+            f"do not divide into micro-batches on {', '.join(map(str, odd))} worker(s); raise min_workers or change "
+            "the batch so every size from min_workers to num_workers divides it"
+        )
+
+
+def accumulation_for(cfg: dict, world_size: int) -> int:
+    """The accumulation that keeps the run's samples per step on `world_size` workers (an elastic group)."""
+    micro_steps, rest = divmod(cfg["cluster"]["num_workers"] * cfg["train"]["grad_accum_steps"], world_size)
+    if rest:
+        raise ValueError(f"the run's samples per step do not divide among {world_size} workers (cluster.min_workers)")
+    return micro_steps
+
+
 PATH_KEYS = (("storage_path",), ("data", "dir"), ("run", "dir"), ("tokenizer", "path"), ("train", "init_from"))
 
 
@@ -188,6 +212,11 @@ def validate(cfg: dict) -> None:
     if t["init_from"]:
         need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}", "must be a Hugging Face directory with config.json")
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
+    if c["min_workers"] is not None:
+        need(1 <= c["min_workers"] <= c["num_workers"], f"cluster.min_workers={c['min_workers']}",
+             f"must be in [1, cluster.num_workers={c['num_workers']}]")
+        need(c["launcher"] == "ray", f"cluster.min_workers={c['min_workers']}",
+             "needs cluster.launcher=ray (Ray Train resizes the group; torchrun's world is fixed)")
     need(not c["dashboard"] or c["address"] is None, "cluster.dashboard=true",
          "starts a dashboard for an embedded Ray only (cluster.address null); a cluster's dashboard is its head's")
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
@@ -240,6 +269,7 @@ def compose_config(overrides: list[str] = ()) -> dict:
     cfg = finalise(cfg)
     validate(cfg)
     derive_batch(cfg)
+    _check_elastic(cfg)
     return cfg
 
 

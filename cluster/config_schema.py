@@ -145,6 +145,7 @@ class ClusterConfig:
     launcher: Launcher = MISSING
     address: Optional[str] = MISSING
     num_workers: int = MISSING
+    min_workers: Optional[int] = MISSING
     cpus_per_worker: float = MISSING
     use_gpu: bool = MISSING
     num_cpus: Optional[int] = MISSING

@@ -4,6 +4,7 @@ The loop itself (trainer.train_loop.train) knows nothing of Ray; this wrapper
 gives it the rank environment DeepSpeed expects and reports its result back.
 """
 
+import copy
 import os
 import signal
 import threading
@@ -15,12 +16,13 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.config import accumulation_for
 from cluster.ray_runtime import connect
 from trainer import host_memory
 from trainer.errors import TrainingError
 from trainer.preemption import request_stop
 from trainer.summary import read_summary
-from trainer.train_loop import check_resume
+from trainer.train_loop import check_resume, train
 
 
 def use_allotted_threads() -> None:
@@ -41,17 +43,19 @@ def _worker(config: dict) -> None:
         LOCAL_RANK=str(ctx.get_local_rank()),
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
     )
-    from trainer.train_loop import train
-
+    cfg = config["cfg"]
+    if ctx.get_world_size() != cfg["cluster"]["num_workers"]:  # an elastic group, at another size
+        cfg = copy.deepcopy(cfg)
+        cfg["train"]["grad_accum_steps"] = accumulation_for(cfg, ctx.get_world_size())
     # Ray restarts the worker group after any error. A TrainingError (a divergence) would come back
     # from the same checkpoint, so its message is kept and every restart of this launch fails at once.
-    gave_up = _gave_up_path(config["cfg"], config["launch_id"])
+    gave_up = _gave_up_path(cfg, config["launch_id"])
     if gave_up.exists():
         raise TrainingError(f"not retried: {gave_up.read_text()}")
     try:
         # Validation results go to Ray (and so to Tune in a sweep). Train V2's report is a barrier:
         # every rank reports, at the same steps.
-        train(config["cfg"], report=ray.train.report)
+        train(cfg, report=ray.train.report)
     except TrainingError as e:
         rank = ctx.get_world_rank()
         tmp = gave_up.with_name(f"{gave_up.name}.{rank}")
@@ -65,11 +69,15 @@ def _gave_up_path(cfg: dict, launch_id: str) -> Path:
 
 
 def scaling_config(cluster: dict) -> ScalingConfig:
-    """cluster.num_workers ranks, each cpus_per_worker CPUs and, with use_gpu, one GPU."""
+    """cluster.num_workers ranks (elastic: min_workers to num_workers), each cpus_per_worker CPUs and,
+    with use_gpu, one GPU."""
     resources = {"CPU": cluster["cpus_per_worker"]}
     if cluster["use_gpu"]:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=cluster["num_workers"], use_gpu=cluster["use_gpu"], resources_per_worker=resources)
+    workers = cluster["num_workers"]
+    if cluster["min_workers"] is not None and cluster["min_workers"] < workers:
+        workers = (cluster["min_workers"], workers)
+    return ScalingConfig(num_workers=workers, use_gpu=cluster["use_gpu"], resources_per_worker=resources)
 
 
 def torch_backend(cluster: dict) -> str:

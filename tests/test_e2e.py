@@ -83,6 +83,39 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches_an_uninter
     assert [r["loss"] for r in records] == expected
 
 
+def test_an_elastic_run_trains_on_the_workers_that_fit_and_grows_when_relaunched(tmp_path):
+    from cluster.config import compose_config
+    from corpus import make_documents, write_jsonl
+    from data_pipelines.prepare import prepare
+    from distributed import run_ranks
+    from test_train_loop import SMALL_MODEL
+    from trainer.train_loop import train
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=14))
+    overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
+                 "data.workers=0", "logger=none", "train.max_steps=6", "train.warmup_steps=2",
+                 "train.micro_batch_size=4", "train.loader_workers=0", "train.checkpoint_every=2"]
+    reference = compose_config([*overrides, "run.name=reference"])  # 2 ranks throughout
+    prepare(reference["data"], reference["tokenizer"])
+    expected = run_ranks(2, train, reference)[0]["losses"]
+
+    elastic = [sys.executable, "-m", "cluster.cli", "train", *overrides, "run.name=elastic", "cluster.min_workers=1"]
+    # Room for one worker of 3 CPUs in the embedded Ray's 4: it trains alone, accumulating 2 micro-batches,
+    # until its node is "lost" at step 5 (the last checkpoint: step 4).
+    first = subprocess.run([*elastic, "cluster.cpus_per_worker=3", "train.faults.kill_at_step=5"],
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert first.returncode == 1 and "1 rank, ZeRO-2" in first.stdout + first.stderr
+    # Relaunched where two fit: the group grows, and the run goes on as if it had had two all along.
+    second = subprocess.run(elastic, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "step_4 was saved by 1 rank: converted for 2" in out and "2 ranks, ZeRO-2" in out
+    run_dir = tmp_path / "outputs" / "elastic"
+    assert read_summary(run_dir)["resumed_from"] == "step_4"
+    losses = [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+    assert losses == pytest.approx(expected, rel=1e-6)
+
+
 def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
     import signal
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.config import compose_config
+from cluster.config import accumulation_for, compose_config
 from cluster.launch import run_config, scaling_config, torch_backend
 from cluster.ray_runtime import init_kwargs
 
@@ -32,6 +32,13 @@ def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
     assert scaling.resources_per_worker == {"CPU": 6, "GPU": 1}
     assert torch_backend(cluster) == "nccl"
     assert init_kwargs(cluster)["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cuda"
+
+
+def test_min_workers_makes_the_group_elastic_with_the_samples_per_step_kept():
+    cfg = compose_config(["cluster.num_workers=4", "cluster.min_workers=2", "train.grad_accum_steps=3"])
+    assert scaling_config(cfg["cluster"]).num_workers == (2, 4)
+    assert [accumulation_for(cfg, w) for w in (4, 2)] == [3, 6]
+    assert scaling_config(compose_config([])["cluster"]).num_workers == 2  # fixed by default
 
 
 def test_cpu_workers_reserve_only_cpus():

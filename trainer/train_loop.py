@@ -249,7 +249,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         if needs_universal(saved_world, env.world_size, cfg["deepspeed"]["stage"]):
             load_from, took = universal_checkpoint(resume, saved_world, env.is_main)
             if env.is_main:
-                print(f"[train] {resume.name} was saved by {saved_world} ranks: converted for {env.world_size} "
+                print(f"[train] {resume.name} was saved by {saved_world} rank{'s' * (saved_world > 1)}: converted for {env.world_size} "
                       f"in {took:.1f}s ({load_from})", flush=True)
     model = build_model(model_cfg, seed=t_cfg["seed"]).to(env.device)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
