@@ -192,7 +192,9 @@ def validate(cfg: dict) -> None:
         need(t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1")
     for key in ("grad_accum_steps", "checkpoint_every", "eval_every"):
         need(t[key] is None or t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1 (or null)")
-    need(0 <= t["warmup_steps"] <= t["max_steps"], f"train.warmup_steps={t['warmup_steps']}", "must be in [0, train.max_steps]")
+    need(0 <= t["warmup_steps"] <= t["max_steps"], f"train.warmup_steps={t['warmup_steps']}",
+         f"must be in [0, train.max_steps={t['max_steps']}]: set it within (e.g. train.warmup_steps="
+         f"{max(t['max_steps'], 0) // 4}) or raise train.max_steps")
     need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
     need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
     need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")

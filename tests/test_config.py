@@ -74,6 +74,8 @@ def test_every_model_composes(model):
         (["data.sources=[{name:x,path:/a.jsonl,txt_field:body}]"],  # OmegaConf names neither list nor override
          "'txt_field' in override data.sources=[{name:x,path:/a.jsonl,txt_field:body}]: SourceConfig has name, path"),
         (["train.max_steps=0"], "train.max_steps=0: must be at least 1"),
+        (["train.max_steps=8"],  # the default warmup (10) is longer than this run
+         "train.warmup_steps=10: must be in [0, train.max_steps=8]: set it within (e.g. train.warmup_steps=2)"),
         (["train.gc_every=-1"], "train.gc_every=-1: must be 0 or more"),
         (["cluster.num_workers=0"], "cluster.num_workers=0"),
         (["deepspeed.stage=5"], "deepspeed.stage=5"),
