@@ -178,6 +178,8 @@ def test_a_resumed_run_counts_the_non_finite_steps_before_the_stop(tiny_dataset,
     assert first["stopped_by"] == "SIGTERM" and first["skipped_steps"] == 2
     with pytest.raises(RankFailed, match=r"training stopped at step 5: 3 steps in a row .* checkpoint is step_4"):
         run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, workers=1))
+    # The stop's summary went when training resumed: it no longer describes the run.
+    assert not (tmp_path / "summary.json").exists()
 
 
 def _train_counting_graphs(cfg) -> dict:
