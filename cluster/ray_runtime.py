@@ -32,7 +32,8 @@ WORKER_ENV = {
 }
 
 
-SETUP_HOOK = f"{ray_worker_setup.__name__}.{ray_worker_setup.quiet_placement_group_cleaner.__name__}"
+def _hook(function) -> str:
+    return f"{ray_worker_setup.__name__}.{function.__name__}"
 
 
 def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
@@ -47,12 +48,13 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if cluster["use_gpu"]:
         env_vars["DS_ACCELERATOR"] = "cuda"
-    kwargs = {"runtime_env": {"env_vars": env_vars}}
+    quiet = ray_worker_setup.quiet_cleaner_shutdown
+    if cluster["address"] is None and not cluster["dashboard"]:
+        quiet = ray_worker_setup.quiet_placement_group_cleaner
+    kwargs = {"runtime_env": {"env_vars": env_vars, "worker_process_setup_hook": _hook(quiet)}}
     if cluster["address"] is None:
         if embedded_gcs:
             env_vars["RAY_ADDRESS"] = embedded_gcs
-        if not cluster["dashboard"]:
-            kwargs["runtime_env"]["worker_process_setup_hook"] = SETUP_HOOK
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
                 "include_dashboard": cluster["dashboard"]}

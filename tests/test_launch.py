@@ -1,5 +1,7 @@
 """How a config becomes a Ray connection, a worker group and a process-group backend."""
 
+import logging
+
 import pytest
 
 from cluster.config import accumulation_for, compose_config
@@ -14,7 +16,8 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     assert kwargs["include_dashboard"] is False  # on request only: cluster.dashboard=true
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_placement_group_cleaner"
     with_dashboard = init_kwargs(compose_config(["cluster.dashboard=true"])["cluster"])
-    assert with_dashboard["include_dashboard"] is True and "worker_process_setup_hook" not in with_dashboard["runtime_env"]
+    assert with_dashboard["include_dashboard"] is True
+    assert with_dashboard["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_cleaner_shutdown"
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
     assert torch_backend(cluster) == "gloo"
 
@@ -23,6 +26,20 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
 def test_an_existing_cluster_is_joined_as_is(address):
     kwargs = init_kwargs(compose_config([f"cluster.address={address}"])["cluster"])
     assert kwargs["address"] == address and "num_cpus" not in kwargs and "include_dashboard" not in kwargs
+    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_cleaner_shutdown"
+
+
+def test_the_cleaners_stop_timeout_is_dropped_and_its_other_errors_kept():
+    from cluster.ray_worker_setup import CALLBACK, quiet_cleaner_shutdown
+
+    quiet_cleaner_shutdown()
+    logger = logging.getLogger(CALLBACK)
+
+    def shown(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord(CALLBACK, logging.ERROR, __file__, 1, message, None, None)))
+
+    assert not shown("Failed to stop PlacementGroupCleaner gracefully.")
+    assert shown("Failed to register placement group with cleaner: boom")
 
 
 def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
