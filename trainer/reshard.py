@@ -1,12 +1,12 @@
 """Resuming a checkpoint on another number of ranks (a node lost for good, or more nodes to use).
 
-ZeRO 1-3 save each rank's partition of the fp32 weights and Adam state;
-DeepSpeed refuses to load those on another world size. Its
-universal checkpoint is the same state per parameter, whole, which any world
-size can partition again: rank 0 converts the checkpoint once, into
-step_N/universal (pruned with it), and every rank loads from there. The data
-continues where it stopped because the loader's position is global (see
-data_pipelines/loader.py) and the global batch, checked here, is unchanged.
+ZeRO 1-3 save each rank's partition of the fp32 weights and Adam state, which
+DeepSpeed loads only on the world size that wrote them. Its universal checkpoint
+holds the same state per parameter, whole, for any world size to partition
+again: rank 0 converts the checkpoint once, into step_N/universal (pruned with
+it), and every rank loads from there. The data continues where it stopped
+because the loader's position is global (data_pipelines/loader.py) and the
+global batch, checked here, is unchanged.
 """
 
 import contextlib
@@ -19,6 +19,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
+
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import from_rank0
 
@@ -46,8 +47,9 @@ def check_same_global_batch(saved_cfg: dict, saved_world_size: int, cfg: dict, w
         per_micro_step = world_size * t["micro_batch_size"]
         hint = (f"train.grad_accum_steps={theirs // per_micro_step}" if theirs % per_micro_step == 0
                 else "train.global_batch_tokens (or micro_batch_size and grad_accum_steps) to match")
+        ranks = f"{saved_world_size} rank{'s' * (saved_world_size > 1)}"
         raise ValueError(
-            f"checkpoint {checkpoint} was trained with {theirs} samples per step ({saved_world_size} rank{'s' * (saved_world_size > 1)} x "
+            f"checkpoint {checkpoint} was trained with {theirs} samples per step ({ranks} x "
             f"{saved_cfg['train']['micro_batch_size']} x {saved_cfg['train']['grad_accum_steps']} accumulated), "
             f"this run has {ours} ({world_size} x {t['micro_batch_size']} x {t['grad_accum_steps']}): set {hint}"
         )
@@ -77,7 +79,7 @@ def _convert(checkpoint: Path, target: Path, saved_world_size: int) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     # The converter would fail on a missing rank's partition deep inside, with a tensor-shape error.
-    missing = [r for r in range(saved_world_size) if not list(checkpoint.glob(f"*zero_pp_rank_{r}_*optim_states.pt"))]
+    missing = [r for r in range(saved_world_size) if not any(checkpoint.glob(f"*zero_pp_rank_{r}_*optim_states.pt"))]
     if missing:
         raise FileNotFoundError(f"no optimizer partition of rank(s) {missing} (*zero_pp_rank_N_*optim_states.pt)")
     partial = target.with_name(target.name + ".partial")
