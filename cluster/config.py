@@ -122,28 +122,47 @@ def derive_batch(cfg: dict) -> None:
     t["grad_accum_steps"] = accum
 
 
-def _check_elastic(cfg: dict) -> None:
-    """An elastic group keeps the samples per step on every size it may take: each must divide them."""
+def _samples_per_step(cfg: dict) -> str:
     c, t = cfg["cluster"], cfg["train"]
+    return (f"{c['num_workers'] * t['micro_batch_size'] * t['grad_accum_steps']} samples per step (cluster.num_workers="
+            f"{c['num_workers']} x train.micro_batch_size={t['micro_batch_size']} x {t['grad_accum_steps']} accumulated)")
+
+
+def sizes_that_cannot_train(cfg: dict) -> list[int]:
+    """Elastic group sizes among which the samples per step do not divide into whole micro-batches."""
+    c = cfg["cluster"]
     if c["min_workers"] is None:
-        return
-    samples = c["num_workers"] * t["micro_batch_size"] * t["grad_accum_steps"]
-    odd = [w for w in range(c["min_workers"], c["num_workers"] + 1) if samples % (w * t["micro_batch_size"])]
-    if odd:
+        return []
+    micro_steps = c["num_workers"] * cfg["train"]["grad_accum_steps"]
+    return [w for w in range(c["min_workers"], c["num_workers"] + 1) if micro_steps % w]
+
+
+def _check_elastic(cfg: dict) -> None:
+    """An elastic group keeps the samples per step at every size: the smallest must share them too.
+    (Sizes in between that cannot are named when the run starts: Ray may still pick one.)"""
+    c = cfg["cluster"]
+    if c["min_workers"] in sizes_that_cannot_train(cfg):
         raise ConfigError(
-            f"invalid config:\n  cluster.min_workers={c['min_workers']}: {samples} samples per step (cluster.num_workers="
-            f"{c['num_workers']} x train.micro_batch_size={t['micro_batch_size']} x {t['grad_accum_steps']} accumulated) "
-            f"do not divide into micro-batches on {', '.join(map(str, odd))} worker(s); raise min_workers or change "
-            "the batch so every size from min_workers to num_workers divides it"
+            f"invalid config:\n  cluster.min_workers={c['min_workers']}: {_samples_per_step(cfg)} do not divide "
+            f"into micro-batches on {c['min_workers']} workers; choose a min_workers that divides them"
         )
+
+
+def elastic_note(cfg: dict) -> str | None:
+    """What the driver says of an elastic group with sizes that cannot train."""
+    odd = sizes_that_cannot_train(cfg)
+    if not odd:
+        return None
+    return (f"[elmforge] elastic group of {cfg['cluster']['min_workers']}-{cfg['cluster']['num_workers']} workers: "
+            f"{_samples_per_step(cfg)} do not divide among {', '.join(map(str, odd))}; a group Ray starts at such a "
+            "size stops at once, as a failure (cluster.max_failures), until the cluster's room changes")
 
 
 def accumulation_for(cfg: dict, world_size: int) -> int:
     """The accumulation that keeps the run's samples per step on `world_size` workers (an elastic group)."""
-    micro_steps, rest = divmod(cfg["cluster"]["num_workers"] * cfg["train"]["grad_accum_steps"], world_size)
-    if rest:
-        raise ValueError(f"the run's samples per step do not divide among {world_size} workers (cluster.min_workers)")
-    return micro_steps
+    if world_size in sizes_that_cannot_train(cfg):
+        raise ValueError(f"Ray started {world_size} workers, and {_samples_per_step(cfg)} do not divide among them")
+    return cfg["cluster"]["num_workers"] * cfg["train"]["grad_accum_steps"] // world_size
 
 
 PATH_KEYS = (("storage_path",), ("data", "dir"), ("run", "dir"), ("tokenizer", "path"), ("train", "init_from"))

@@ -16,7 +16,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster.config import accumulation_for
+from cluster.config import accumulation_for, elastic_note
 from cluster.ray_runtime import connect
 from trainer import host_memory
 from trainer.errors import TrainingError
@@ -124,6 +124,8 @@ def launch_training(cfg: dict) -> dict:
     """Train under Ray Train; returns the run summary rank 0 wrote (run.dir/summary.json)."""
     cluster = cfg["cluster"]
     check_resume(cfg)  # before Ray starts: one clear line instead of every worker's traceback
+    if elastic_note(cfg):
+        print(elastic_note(cfg), flush=True)
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
     _forward_sigterm(cfg["run"]["dir"])

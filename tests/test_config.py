@@ -89,9 +89,9 @@ def test_every_model_composes(model):
         (["cluster.dashboard=true", "cluster.address=auto"], "cluster.dashboard=true: starts a dashboard for an embedded"),
         (["cluster.min_workers=3"], "cluster.min_workers=3: must be in [1, cluster.num_workers=2]"),
         (["cluster.min_workers=1", "cluster.launcher=local"], "cluster.min_workers=1: needs cluster.launcher=ray"),
-        (["cluster.num_workers=4", "cluster.min_workers=2"],  # 32 samples: 3 workers of 8 cannot share them
-         "cluster.min_workers=2: 32 samples per step (cluster.num_workers=4 x train.micro_batch_size=8 x 1 accumulated) "
-         "do not divide into micro-batches on 3 worker(s)"),
+        (["cluster.num_workers=4", "cluster.min_workers=3"],  # 32 samples: 3 workers of 8 cannot share them
+         "cluster.min_workers=3: 32 samples per step (cluster.num_workers=4 x train.micro_batch_size=8 x 1 accumulated) "
+         "do not divide into micro-batches on 3 workers"),
         (["sweep=lr_tiny", "sweep.name=???"],
          "sweep.name: no value; set sweep.name=... on the command line or in the sweep= option's file"),
         (["storage_path=???"], "storage_path: no value; set storage_path=... on the command line"),

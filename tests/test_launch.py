@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from cluster.config import accumulation_for, compose_config
+from cluster.config import accumulation_for, compose_config, elastic_note
 from cluster.launch import run_config, scaling_config, torch_backend
 from cluster.ray_runtime import init_kwargs
 
@@ -56,6 +56,15 @@ def test_min_workers_makes_the_group_elastic_with_the_samples_per_step_kept():
     assert scaling_config(cfg["cluster"]).num_workers == (2, 4)
     assert [accumulation_for(cfg, w) for w in (4, 2)] == [3, 6]
     assert scaling_config(compose_config([])["cluster"]).num_workers == 2  # fixed by default
+    assert elastic_note(cfg) is None  # 4 x 3 micro-batches share among 2, 3 and 4
+
+
+def test_an_elastic_group_at_a_size_that_cannot_share_the_batch_is_named_and_stops():
+    cfg = compose_config(["cluster.num_workers=4", "cluster.min_workers=2"])  # 4 micro-batches of 8 per step
+    assert "do not divide among 3; a group Ray starts at such a size stops at once" in elastic_note(cfg)
+    with pytest.raises(ValueError, match="Ray started 3 workers, and 32 samples per step .* do not divide among them"):
+        accumulation_for(cfg, 3)
+    assert accumulation_for(cfg, 2) == 2
 
 
 def test_cpu_workers_reserve_only_cpus():
