@@ -48,7 +48,7 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if cluster["use_gpu"]:
         env_vars["DS_ACCELERATOR"] = "cuda"
-    quiet = ray_worker_setup.quiet_cleaner_shutdown
+    quiet = ray_worker_setup.quiet_train_controller
     if cluster["address"] is None and not cluster["dashboard"]:
         quiet = ray_worker_setup.quiet_placement_group_cleaner
     kwargs = {"runtime_env": {"env_vars": env_vars, "worker_process_setup_hook": _hook(quiet)}}

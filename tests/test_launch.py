@@ -17,7 +17,7 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_placement_group_cleaner"
     with_dashboard = init_kwargs(compose_config(["cluster.dashboard=true"])["cluster"])
     assert with_dashboard["include_dashboard"] is True
-    assert with_dashboard["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_cleaner_shutdown"
+    assert with_dashboard["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_train_controller"
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
     assert torch_backend(cluster) == "gloo"
 
@@ -26,20 +26,22 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
 def test_an_existing_cluster_is_joined_as_is(address):
     kwargs = init_kwargs(compose_config([f"cluster.address={address}"])["cluster"])
     assert kwargs["address"] == address and "num_cpus" not in kwargs and "include_dashboard" not in kwargs
-    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_cleaner_shutdown"
+    assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_train_controller"
 
 
-def test_the_cleaners_stop_timeout_is_dropped_and_its_other_errors_kept():
-    from cluster.ray_worker_setup import CALLBACK, quiet_cleaner_shutdown
+def test_the_controllers_routine_messages_are_dropped_and_the_rest_kept():
+    from cluster.ray_worker_setup import CALLBACK, ELASTIC, quiet_train_controller
 
-    quiet_cleaner_shutdown()
-    logger = logging.getLogger(CALLBACK)
+    quiet_train_controller()
 
-    def shown(message: str) -> bool:
-        return bool(logger.filter(logging.LogRecord(CALLBACK, logging.ERROR, __file__, 1, message, None, None)))
+    def shown(logger: str, message: str) -> bool:
+        record = logging.LogRecord(logger, logging.ERROR, __file__, 1, message, None, None)
+        return bool(logging.getLogger(logger).filter(record))
 
-    assert not shown("Failed to stop PlacementGroupCleaner gracefully.")
-    assert shown("Failed to register placement group with cleaner: boom")
+    assert not shown(CALLBACK, "Failed to stop PlacementGroupCleaner gracefully.")
+    assert shown(CALLBACK, "Failed to register placement group with cleaner: boom")
+    assert not shown(ELASTIC, "Did not detect any changes in the cluster resources. Training will continue ...")
+    assert shown(ELASTIC, "Detected changes in the cluster resources. Deciding to resize the worker group from 1 -> 2")
 
 
 def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
