@@ -7,6 +7,7 @@ OMP_NUM_THREADS for it, and Ray Data's actors would pay for torch and DeepSpeed 
 """
 
 import logging
+import os
 
 CALLBACK = "ray.train.v2._internal.callbacks.placement_group_callback"
 ELASTIC = "ray.train.v2._internal.execution.scaling_policy.elastic"
@@ -22,9 +23,18 @@ ROUTINE = {
 }
 
 
+def report_logger() -> str:
+    """The logger of a worker's `ray.train.report`, which logs every result it reports (each rank, at
+    every validation) and is named by its module's file path."""
+    import ray  # loaded already in any Ray worker
+
+    return os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+
+
 def quiet_train_controller() -> None:
     """Every run's hook (a cluster's, or an embedded Ray with a dashboard)."""
-    for logger, message in ROUTINE.items():
+    routine = {**ROUTINE, report_logger(): "Reporting training result"}  # our progress lines say it already
+    for logger, message in routine.items():
         logging.getLogger(logger).addFilter(lambda record, m=message: not record.getMessage().startswith(m))
 
 

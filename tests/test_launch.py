@@ -30,7 +30,8 @@ def test_an_existing_cluster_is_joined_as_is(address):
 
 
 def test_the_controllers_routine_messages_are_dropped_and_the_rest_kept():
-    from cluster.ray_worker_setup import CALLBACK, ELASTIC, quiet_train_controller
+    from cluster.ray_worker_setup import CALLBACK, ELASTIC, quiet_train_controller, report_logger
+    from ray.train.v2._internal.execution import context
 
     quiet_train_controller()
 
@@ -42,6 +43,8 @@ def test_the_controllers_routine_messages_are_dropped_and_the_rest_kept():
     assert shown(CALLBACK, "Failed to register placement group with cleaner: boom")
     assert not shown(ELASTIC, "Did not detect any changes in the cluster resources. Training will continue ...")
     assert shown(ELASTIC, "Detected changes in the cluster resources. Deciding to resize the worker group from 1 -> 2")
+    assert report_logger() == context.logger.name  # the module names its logger by its file
+    assert not shown(report_logger(), "Reporting training result 1: TrainingReport(checkpoint=None, ...")
 
 
 def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
