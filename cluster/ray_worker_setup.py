@@ -1,6 +1,6 @@
 """Runs first in every worker process of a run's Ray job (its setup hook): quiets routine
-messages of Ray Train's controller and its placement-group cleaner, which say nothing to the
-user of a run that goes normally.
+messages of Ray Train (its controller, placement-group cleaner and report logging), which say
+nothing to the user of a run that goes normally.
 
 Imports nothing heavy: torch read here would fix each worker's thread count before Ray sets
 OMP_NUM_THREADS for it, and Ray Data's actors would pay for torch and DeepSpeed they never use.
