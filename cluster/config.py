@@ -288,10 +288,15 @@ def compose_config(overrides: list[str] = ()) -> dict:
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     cfg = finalise(cfg)
+    check_and_derive(cfg)
+    return cfg
+
+
+def check_and_derive(cfg: dict) -> None:
+    """Every check and derived value of a finalised config (a composed one, or a sweep trial's)."""
     validate(cfg)
     derive_batch(cfg)
     _check_elastic(cfg)
-    return cfg
 
 
 def to_yaml(cfg: dict) -> str:

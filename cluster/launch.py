@@ -124,8 +124,8 @@ def launch_training(cfg: dict) -> dict:
     """Train under Ray Train; returns the run summary rank 0 wrote (run.dir/summary.json)."""
     cluster = cfg["cluster"]
     check_resume(cfg)  # before Ray starts: one clear line instead of every worker's traceback
-    if elastic_note(cfg):
-        print(elastic_note(cfg), flush=True)
+    if note := elastic_note(cfg):
+        print(note, flush=True)
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
     _forward_sigterm(cfg["run"]["dir"])

@@ -8,8 +8,6 @@ machine. `auto` joins the cluster this machine belongs to and `ray://host:10001`
 connects as a client; an existing cluster brings its own resources.
 """
 
-import contextlib
-import logging
 import os
 import socket
 import sys
@@ -18,6 +16,7 @@ from typing import Optional
 import ray
 
 from cluster import ray_worker_setup
+from cluster.quiet_logs import errors_only
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
@@ -72,7 +71,7 @@ def connect(cluster: dict) -> None:
         check_reachable(cluster["address"])
     # Ray announces that a cluster uses token authentication (its default, kept): news for whoever
     # runs the cluster, noise for a run that starts or joins one.
-    with _quiet("ray._private.authentication.authentication_token_setup"):
+    with errors_only("ray._private.authentication.authentication_token_setup"):
         context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
@@ -111,17 +110,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"cluster.address={address}: no Ray cluster answers at {target}{source} ({str(e.strerror or e).lower()}): "
             "start it (`ray start --head`) or correct the address, or leave cluster.address unset for an embedded Ray"
         ) from None
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _start_embedded(cluster: dict):

@@ -13,22 +13,23 @@ comes from RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or
 ~/.ray/auth_token, and is sent as a bearer header.
 """
 
-import logging
 import os
 import re
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePath
 from secrets import token_hex
 from typing import Iterable, Optional
 
 from cluster.config import ConfigError
+from cluster.quiet_logs import errors_only
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 UNSUCCESSFUL = ("FAILED", "STOPPED")  # `submit --wait` and `jobs status` exit 1 on these
 AGENT_WAIT_S = 60
+PACKAGING_LOGGERS = tuple(f"ray.{name}" for name in (
+    "_private.runtime_env.packaging", "_private.runtime_env.working_dir", "dashboard.modules.dashboard_sdk"))
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or write it to ~/.ray/auth_token "
@@ -165,7 +166,9 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            with _quiet_packaging():
+            # Ray's SDK logs each step of packaging the working directory: ten lines per submission, among
+            # them warnings that .git and .venv are now left out by default (submit.excludes does anyway).
+            with errors_only(*PACKAGING_LOGGERS):
                 jobs.submit_job(
                     entrypoint=entrypoint(overrides),
                     submission_id=job_id,
@@ -181,23 +184,6 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
                 continue
             raise SubmitError(explain(e, resolve_address(submit_cfg))) from None
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
-
-
-@contextmanager
-def _quiet_packaging():
-    """Ray's SDK logs each step of packaging the working directory: ten lines on stderr per submission,
-    among them warnings that .git and .venv are now left out by default (submit.excludes leaves them out
-    anyway). Its errors still show."""
-    loggers = [logging.getLogger(f"ray.{name}") for name in (
-        "_private.runtime_env.packaging", "_private.runtime_env.working_dir", "dashboard.modules.dashboard_sdk")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:

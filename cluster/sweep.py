@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from cluster.config import ConfigError, derive_batch, validate
+from cluster.config import ConfigError, check_and_derive
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
@@ -113,8 +113,7 @@ def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
     trial["logger"]["group"] = cfg["sweep"]["name"]  # one W&B run per trial, grouped by the sweep
     if trial["train"]["global_batch_tokens"]:  # re-derived below, for the trial's own micro-batch
         trial["train"]["grad_accum_steps"] = None
-    validate(trial)
-    derive_batch(trial)
+    check_and_derive(trial)
     return trial
 
 
