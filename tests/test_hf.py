@@ -89,6 +89,34 @@ def test_export_writes_the_published_layout(exported):
     assert (out / "configuration_openelm.py").is_file() and (out / "modeling_openelm.py").is_file()
 
 
+def test_an_export_replaces_a_previous_one_whole_and_touches_nothing_else(tiny_dataset, tmp_path):
+    model = random_model(small_config(vocab_size=300))
+    out = save_hf_checkpoint(model, tmp_path / "hf", tokenizer_dir=tiny_dataset)
+    assert (out / "tokenizer.json").is_file()
+    save_hf_checkpoint(model, out)  # again, without a tokenizer: the old one must not stay behind
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # A failure midway (here: no tokenizer where one was promised) leaves the previous export as it was.
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        save_hf_checkpoint(random_model(small_config(vocab_size=300), seed=1), out, tokenizer_dir=tmp_path / "none")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial directory left
+
+    # Anything that is not an export is refused and left alone.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"x": 1}')
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"config.json \(not an OpenELM config\), notes.txt\): export to a new"):
+        save_hf_checkpoint(model, mine)
+    assert (mine / "config.json").read_text() == '{"x": 1}' and (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        save_hf_checkpoint(model, tmp_path / "file")
+
+
 # ---------------------------------------------------------------------------- (b) transformers remote code
 
 

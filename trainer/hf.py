@@ -27,6 +27,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 REMOTE_CODE_DIR = Path(__file__).parent / "hf_modeling"
 REMOTE_CODE_FILES = ("configuration_openelm.py", "modeling_openelm.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, *REMOTE_CODE_FILES, *TOKENIZER_FILES, "__pycache__"}  # what an export holds
 
 # What our model computes; a config.json asking for anything else cannot be loaded faithfully.
 # (hf_modeling/modeling_openelm.py keeps its own copy: remote code may not import elmforge.)
@@ -153,9 +155,53 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
 def save_hf_checkpoint(
     model: OpenELM, path: str | Path, tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Write config.json, model.safetensors, the remote code and (optionally) the tokenizer into `path`."""
+    """Write config.json, model.safetensors, the remote code and (optionally) the tokenizer as the directory
+    `path`: new, or replacing a previous export whole (a tokenizer it held goes with it). Anything else
+    there is refused, and a failure midway leaves `path` as it was."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        _write_export(model, partial, tokenizer_dir, dtype)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
+        path.rename(previous)
+        partial.rename(path)
+        shutil.rmtree(previous)
+    else:
+        partial.rename(path)
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory; export to a new or empty directory")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
+    config = path / CONFIG_FILE
+    if config.is_file() and not _is_openelm_config(config):
+        foreign.insert(0, f"{CONFIG_FILE} (not an OpenELM config)")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds files that are not a Hugging Face OpenELM export ({shown}): export to "
+                              "a new or empty directory, or remove them")
+
+
+def _is_openelm_config(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("model_type") == "openelm"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _write_export(model: OpenELM, path: Path, tokenizer_dir: str | Path | None, dtype: torch.dtype) -> None:
     config = hf_config_dict(model.cfg, model.plan, dtype)
     if tokenizer_dir is not None:  # generate() stops at eos_token_id: it must be this tokenizer's
         ids = save_tokenizer(tokenizer_dir, path, config["max_context_length"])
@@ -166,7 +212,6 @@ def save_hf_checkpoint(
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, path / name)
-    return path
 
 
 def load_hf_checkpoint(path: str | Path) -> OpenELM:
