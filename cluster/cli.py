@@ -5,6 +5,7 @@ validates it as a whole, and only then starts work.
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -60,17 +61,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="average the run's last K checkpoints (OpenELM: 5)")
     export.add_argument("--out", help="output directory (default: run.dir/hf)")
     ev = sub.choices["eval"]
-    ev.add_argument("--text", nargs="+", help=".txt/.jsonl files or globs to score instead of the val split")
-    ev.add_argument("--batch-size", type=_positive(int), default=8)
-    ev.add_argument("--max-batches", type=_positive(int), help="score at most this many batches")
+    ev.add_argument("--text", nargs="+", help="files or globs to score instead of the val split: .txt, .jsonl, "
+                                              ".json (JSON lines), .parquet, also .gz/.zst compressed")
+    ev.add_argument("--text-field", default="text", help="with --text: the JSON field or parquet column holding "
+                                                         "the text (default: text)")
+    ev.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward (default: 8)")
+    ev.add_argument("--max-batches", type=_positive(int), help="score at most this many batches (default: all)")
     ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: data.seq_len)")
     gen = sub.choices["generate"]
     gen.add_argument("--prompt", help="the text to continue (required)")
-    gen.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to add (default: 64)")
     gen.add_argument("--temperature", type=_positive(float), help="sampling temperature (default 1.0)")
     gen.add_argument("--top-k", type=_positive(int), help="sample among the k most likely tokens")
     gen.add_argument("--greedy", action="store_true", help="always the most likely token")
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--seed", type=int, help="makes sampling repeatable (default: a fresh draw each time)")
     rep = sub.choices["report"]
     rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs one or two levels down (a sweep dir)")
     rep.add_argument("--out", default="report", help="output directory (default: ./report)")
@@ -87,8 +91,8 @@ def _positive(kind):
 
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < math.inf:  # nan and inf too
+            raise argparse.ArgumentTypeError(f"must be {'finite and ' if kind is float else ''}> 0, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error
@@ -128,32 +132,35 @@ def _run(verb: str, fn, *fn_args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    verb_error = parser.verb_parsers[args.verb].error  # with the verb's own usage
     # Overrides after a flag (`jobs logs ID --follow submit.address=...`) land here: take them back.
     strays = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
-        parser.verb_parsers[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")  # with the verb's usage
+        verb_error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "text", None):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
         strays += [t for t in args.text if "=" in t]
-        args.text = [t for t in args.text if "=" not in t] or parser.error("--text: no file given")
+        args.text = [t for t in args.text if "=" not in t] or verb_error("--text: no file given")
     if strays:
         args.overrides += strays
     if args.verb == "generate" and args.prompt is None and args.cfg is None:
-        parser.error("the following arguments are required: --prompt")
+        verb_error("the following arguments are required: --prompt")
     if getattr(args, "greedy", False) and (args.temperature is not None or args.top_k is not None):
-        parser.error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
+        verb_error("--greedy always takes the most likely token: give it, or --temperature/--top-k, not both")
     if args.verb == "eval" and args.seq_len is not None and not args.text:
-        parser.error("--seq-len applies to --text only (the val split's samples have the dataset's length)")
+        verb_error("--seq-len applies to --text only (the val split's samples have the dataset's length)")
+    if args.verb == "eval" and args.text_field != "text" and not args.text:
+        verb_error("--text-field applies to --text only")
     if args.verb == "report":
         return _run("report", _report, args)
     if args.verb == "jobs" and args.action is None:
-        parser.verb_parsers["jobs"].error(f"an action is required: {', '.join(JOB_ACTIONS)}")
+        verb_error(f"an action is required: {', '.join(JOB_ACTIONS)}")
     if args.verb == "jobs" and args.job_id and "=" in args.job_id:  # `jobs list key=value`: no id given
         args.overrides.insert(0, args.job_id)
         args.job_id = None
     if args.verb == "jobs" and args.action != "list" and not args.job_id:
-        parser.verb_parsers["jobs"].error(f"jobs {args.action} needs a job id (see `elmforge jobs list`)")
+        verb_error(f"jobs {args.action} needs a job id (see `elmforge jobs list`)")
     if args.verb == "jobs" and args.follow and args.action != "logs":
-        parser.verb_parsers["jobs"].error("--follow applies to `jobs logs` only")
+        verb_error("--follow applies to `jobs logs` only")
     try:
         cfg = compose_config(args.overrides + _implicit_overrides(args))
     except ConfigError as e:

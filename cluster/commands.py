@@ -67,6 +67,11 @@ def cmd_train(cfg: dict, args) -> None:
     else:
         from cluster.launch import launch_training
 
+        cluster = cfg["cluster"]
+        if cluster["use_gpu"] and cluster["address"] is None:  # the embedded Ray has this machine's GPUs only
+            from trainer.distributed import require_gpus
+
+            require_gpus(cluster["min_workers"] or cluster["num_workers"], "on this machine (one per worker)")
         _prepare(cfg)
         summary = launch_training(cfg)
     _print_summary(cfg, summary)
@@ -97,7 +102,10 @@ def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
     from trainer.checkpoint import complete_checkpoints, require_complete
 
     if args.checkpoint:
-        return [require_complete(p) for p in args.checkpoint]
+        given = [require_complete(p) for p in args.checkpoint]
+        if len({p.resolve() for p in given}) < len(given):
+            raise ValueError(f"--checkpoint {' '.join(args.checkpoint)}: a checkpoint is given twice")
+        return given
     found = complete_checkpoints(Path(cfg["run"]["dir"], "checkpoints"))
     if not found:
         raise FileNotFoundError(f"no complete checkpoint under {cfg['run']['dir']}/checkpoints (is run.name right?)")
@@ -113,7 +121,13 @@ def cmd_export(cfg: dict, args) -> None:
     from trainer.model import OpenELMConfig
 
     checkpoints = _checkpoints_to_export(cfg, args)
-    client = read_client_state(checkpoints[-1])
+    clients = [read_client_state(c) for c in checkpoints]
+    tokenizers = {c.get("tokenizer_fingerprint") for c in clients}
+    if len(tokenizers) > 1:  # their embeddings' rows mean different tokens: an average is no model
+        raise ValueError("--checkpoint: these checkpoints were trained with different tokenizers (" + ", ".join(
+            f"{p} {(c.get('tokenizer_fingerprint') or 'unknown')[:12]}" for p, c in zip(checkpoints, clients))
+            + "); average checkpoints of one tokenizer only")
+    client = clients[-1]
     data_dir = client["config"]["data"]["dir"]
     found = dataset_tokenizer_file(data_dir, client.get("tokenizer_fingerprint"))
     out = Path(args.out or Path(cfg["run"]["dir"], "hf"))
@@ -127,7 +141,12 @@ def cmd_export(cfg: dict, args) -> None:
 def _device(cfg: dict):
     import torch
 
-    return torch.device("cuda") if cfg["cluster"]["use_gpu"] else torch.device("cpu")
+    from trainer.distributed import require_gpus
+
+    if cfg["cluster"]["use_gpu"]:
+        require_gpus(1, "to run the model on")
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _model_and_tokenizer(cfg: dict, args, required: bool):
@@ -165,12 +184,19 @@ def cmd_eval(cfg: dict, args) -> None:
     model, tokenizer = _model_and_tokenizer(cfg, args, required=need_tokenizer)
     if args.text:
         seq_len = args.seq_len or cfg["data"]["seq_len"]
-        batches = itertools.islice(text_batches(args.text, tokenizer, seq_len, args.batch_size), args.max_batches)
+        if seq_len > model.cfg.max_context_length:
+            raise ValueError(f"--seq-len {seq_len}: longer than the model's context ({model.cfg.max_context_length} "
+                             "tokens, max_context_length)")
+        texts = text_batches(args.text, tokenizer, seq_len, args.batch_size, args.text_field)
+        batches = itertools.islice(texts, args.max_batches)
         where = " ".join(args.text)
     else:
         data_dir = cfg["data"]["dir"]
         if is_checkpoint and not _data_dir_named(args):
             data_dir = read_client_state(args.path)["config"]["data"]["dir"]  # the run's own data by default
+        elif not _data_dir_named(args) and not Path(data_dir, "manifest.json").is_file():
+            raise FileNotFoundError(f"no prepared dataset at {data_dir} (the default data.dir) to score {args.path} "
+                                    "on: name one with data.dir=, or score files with --text")
         fingerprint = tokenizer.fingerprint if tokenizer else None
         batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, fingerprint)
         where = f"{data_dir} (val split)"

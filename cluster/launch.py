@@ -22,7 +22,7 @@ from trainer import host_memory
 from trainer.errors import TrainingError
 from trainer.preemption import request_stop
 from trainer.summary import read_summary
-from trainer.train_loop import check_resume, train
+from trainer.train_loop import check_start, train
 
 
 def use_allotted_threads() -> None:
@@ -123,7 +123,7 @@ def _forward_sigterm(run_dir: str) -> None:
 def launch_training(cfg: dict) -> dict:
     """Train under Ray Train; returns the run summary rank 0 wrote (run.dir/summary.json)."""
     cluster = cfg["cluster"]
-    check_resume(cfg)  # before Ray starts: one clear line instead of every worker's traceback
+    check_start(cfg)  # before Ray starts: one clear line instead of every worker's traceback
     if note := elastic_note(cfg):
         print(note, flush=True)
     connect(cluster)

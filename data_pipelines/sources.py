@@ -70,6 +70,8 @@ def resolve_path(path: str) -> str:
 def expand_files(pattern: str) -> list[str]:
     """All files a path or glob names, sorted so runs are reproducible."""
     resolved = resolve_path(pattern)
+    if os.path.isdir(resolved):
+        raise IsADirectoryError(f"data source {pattern!r} is a directory: name its files, e.g. {pattern.rstrip('/')}/*.jsonl")
     files = sorted(f for f in glob.glob(resolved, recursive=True) if os.path.isfile(f))
     if not files:
         raise FileNotFoundError(f"data source {pattern!r} matches no file (looked for {resolved})")
@@ -227,7 +229,7 @@ def _parquet_file(path: str, text_field: str):
     if text_field not in pf.schema_arrow.names:
         raise ValueError(
             f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names}); "
-            "set the source's text_field to the column that holds the text"
+            "name the column that holds the text (a data source's text_field, or eval's --text-field)"
         )
     return pf
 

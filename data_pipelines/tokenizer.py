@@ -73,6 +73,12 @@ class TextTokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.payload).hexdigest()
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id: what ties a model's embedding rows to text (two files can serialize one tokenizer)."""
+        if self.kind == "hf":
+            return self.impl.get_vocab(with_added_tokens=True)
+        return {self.impl.id_to_piece(i): i for i in range(self.impl.get_piece_size())}
+
     @property
     def file_name(self) -> str:
         return FILE_NAMES[self.kind]

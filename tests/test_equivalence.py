@@ -14,7 +14,7 @@ from corpus import make_documents, write_jsonl
 from distributed import RankFailed, run_ranks
 from test_train_loop import SMALL_MODEL
 from trainer.summary import read_summary
-from trainer.train_loop import check_resume, train
+from trainer.train_loop import check_start, train
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +90,11 @@ def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_
     with pytest.raises(RankFailed, match=batch + ": set train.grad_accum_steps=2"):
         run_ranks(1, train, one_rank)
     with pytest.raises(ValueError, match=batch):  # what `elmforge train` checks before starting Ray
-        check_resume(one_rank)
+        check_start(one_rank)
     with pytest.raises(RankFailed, match="step_2 was trained with another model config; use a new run.name"):
         run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
     with pytest.raises(ValueError, match="step_2 was saved under ZeRO-2, this run uses ZeRO-3: keep deepspeed=zero2"):
-        check_resume(cfg_for(tiny_dataset, tmp_path, *overrides, "deepspeed=zero3"))
+        check_start(cfg_for(tiny_dataset, tmp_path, *overrides, "deepspeed=zero3"))
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == files  # nothing lost
     # A checkpoint that cannot be converted for another world size (a rank's partition lost) fails every rank.
     broken = tmp_path / "broken"

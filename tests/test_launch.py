@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+import torch
 
 from cluster.config import accumulation_for, compose_config, elastic_note
 from cluster.launch import run_config, scaling_config, torch_backend
@@ -54,6 +55,23 @@ def test_use_gpu_selects_nccl_one_gpu_per_worker_and_the_cuda_accelerator():
     assert scaling.resources_per_worker == {"CPU": 6, "GPU": 1}
     assert torch_backend(cluster) == "nccl"
     assert init_kwargs(cluster)["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs shows the refusal")
+@pytest.mark.parametrize("argv, needs", [
+    (["train", "cluster.use_gpu=true", "cluster.num_workers=2"], "needs 2 GPUs on this machine (one per worker)"),
+    (["train", "cluster.use_gpu=true", "cluster.launcher=local", "cluster.num_workers=1"],
+     "needs 1 GPU here (local rank 0)"),
+])
+def test_use_gpu_without_a_gpu_fails_at_once_in_one_line(argv, needs, tmp_path, capsys):
+    from cluster.cli import main
+
+    # Before anything else starts: an embedded Ray would wait forever for GPUs, and nothing is prepared.
+    assert main([*argv, f"storage_path={tmp_path}", "logger=none"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "set ELMFORGE_DEBUG=1" in err, err
+    assert f"cluster.use_gpu=true {needs}, but this torch (" in err and "set cluster.use_gpu=false" in err, err
+    assert not (tmp_path / "data").exists()
 
 
 def test_min_workers_makes_the_group_elastic_with_the_samples_per_step_kept():

@@ -79,6 +79,24 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     assert "describes another model than model=openelm_tiny: layers 2 (model=openelm_tiny: 3)" in err
     assert not (root / "outputs/mismatch/checkpoints").exists()
 
+    # The directory's tokenizer must be the dataset's: the same file, or the same vocabulary saved otherwise.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = root / "hf_init/tokenizer.json"
+    same = Tokenizer.from_file(str(tokenizer))
+    tokenizer.write_text(same.to_str(pretty=False))  # other bytes, same tokens and ids
+    assert main(["train", *args, "run.name=resaved", f"train.init_from={root / 'hf_init'}"]) == 0
+    other = Tokenizer(models.BPE(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator(["another corpus altogether"] * 10,
+                              trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    other.save(str(tokenizer))
+    capsys.readouterr()
+    assert main(["train", *args, "run.name=other_tokenizer", f"train.init_from={root / 'hf_init'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"train.init_from: the model's tokenizer {tokenizer} (" in err and "is not the one" in err, err
+    assert not (root / "outputs/other_tokenizer/checkpoints").exists()
+
 
 def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, capsys):
     root, common = workspace
@@ -111,13 +129,16 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
     assert capsys.readouterr().out.rstrip().endswith("| 32 tokens")  # two batches of one 16-token sample
 
     for argv, message in [
-        (["generate", hf, "--prompt", "x", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+        (["generate", hf, "--prompt", "x", "--temperature", "0"], "argument --temperature: must be finite and > 0, got 0"),
         (["generate", hf, "--prompt", "x", "--top-k", "-1"], "argument --top-k: must be > 0, got -1"),
         (["generate", hf, "--prompt", "x", "--greedy", "--temperature", "0.7"], "--greedy always takes the most likely"),
         (["export", "run.name=base", "--average", "0"], "argument --average: must be > 0, got 0"),
         (["export", "--checkpoint", "step_6", "--average", "2"], "argument --average: not allowed with argument"),
         (["eval", hf, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
         (["eval", hf, "--seq-len", "16"], "--seq-len applies to --text only"),
+        (["eval", hf, "--text-field", "body"], "--text-field applies to --text only"),
+        (["generate", hf, "--prompt", "x", "--temperature", "nan"], "argument --temperature: must be finite and > 0"),
+        (["generate", hf, "--greedy", "--top-k", "2"], "elmforge generate: error: the following arguments are"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *common])
@@ -180,3 +201,53 @@ def test_export_refuses_an_unfinished_checkpoint_and_leaves_out_a_changed_tokeni
         assert "no tokenizer beside the model" in capsys.readouterr().err
     finally:
         manifest.write_text(original)
+
+
+def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    root, common = workspace
+    run = root / "outputs/base"
+
+    def fails(*argv) -> str:
+        assert main([*argv, *common]) == 1
+        return capsys.readouterr().err
+
+    assert f"{run}/checkpoints/step_99: does not exist ({run}/checkpoints holds step_2, step_4, step_6)" in fails(
+        "eval", str(run / "checkpoints/step_99"))
+    assert f"{run} is a run directory: give one of its checkpoints ({run}/checkpoints/step_6)" in fails(
+        "eval", str(run))
+    assert "no such checkpoint directory" in fails("export", "--checkpoint", str(run / "checkpoints/step_9"))
+    step6 = str(run / "checkpoints/step_6")
+    assert "a checkpoint is given twice" in fails("export", "--checkpoint", step6, step6, f"--out={tmp_path / 'x'}")
+
+    # Checkpoints of another tokenizer cannot be averaged in: their embedding rows mean other tokens.
+    other = tmp_path / "other/step_4"
+    shutil.copytree(run / "checkpoints/step_4", other)
+    states = other / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=True)
+    torch.save({**saved, "tokenizer_fingerprint": "f" * 64}, states)
+    err = fails("export", "--checkpoint", str(other), step6, f"--out={tmp_path / 'x'}")
+    assert f"trained with different tokenizers ({other} ffffffffffff, {step6} " in err, err
+    assert not (tmp_path / "x").exists()
+
+    # --text: a directory is named as one; a record without the text field names the fix.
+    assert main(["export", *common, "run.name=base", f"--out={tmp_path / 'hf'}"]) == 0
+    hf = str(tmp_path / "hf")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    assert f"data source '{texts}' is a directory: name its files, e.g. {texts}/*.jsonl" in fails(
+        "eval", hf, "--text", str(texts))
+    docs = make_documents(20, seed=4)
+    write_jsonl(texts / "body.jsonl", docs, field="body")
+    err = fails("eval", hf, "--text", str(texts / "body.jsonl"), "--seq-len=16")
+    assert f"{texts}/body.jsonl:1: bad record (missing_text_field: no field 'text'; its fields: body, id)" in err, err
+    assert "name the field that holds the text (--text-field)" in err
+    assert main(["eval", hf, "--text", str(texts / "body.jsonl"), "--text-field", "body", "--seq-len=16", *common]) == 0
+    if not torch.cuda.is_available():
+        assert "cluster.use_gpu=true needs 1 GPU to run the model on" in fails(
+            "generate", hf, "--prompt", "x", "cluster.use_gpu=true")
+    assert "--seq-len 4096: longer than the model's context" in fails(
+        "eval", hf, "--text", str(texts / "body.jsonl"), "--text-field", "body", "--seq-len=4096")

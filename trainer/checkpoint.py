@@ -37,6 +37,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return [p for p in checkpoint_dirs(root) if (p / COMPLETE).is_file()]
 
 
+def complete_ones_beside(path: Path) -> str:
+    """For a message about a checkpoint path that is not there: the complete ones beside it, if any."""
+    found = complete_checkpoints(path.parent) if path.parent.is_dir() else []
+    return f" ({path.parent} holds {', '.join(p.name for p in found)})" if found else ""
+
+
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
     found = complete_checkpoints(root)
     return found[-1] if found else None
@@ -104,7 +110,7 @@ def require_complete(checkpoint_dir: str | Path) -> Path:
     """The checkpoint directory, if all ranks finished writing it (a crash mid-save leaves it unmarked)."""
     path = Path(checkpoint_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        raise FileNotFoundError(f"{path}: no such checkpoint directory{complete_ones_beside(path)}")
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
     return path

@@ -37,16 +37,28 @@ def init_distributed(use_gpu: bool) -> DistEnv:
     # DeepSpeed still calls the old collective names; torch warns on every step.
     warnings.filterwarnings("ignore", message=r".*_into_tensor` is deprecated", category=FutureWarning)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_gpu:
+        require_gpus(local_rank + 1, f"here (local rank {local_rank})")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a single process with no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend="nccl" if use_gpu else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def require_gpus(count: int, where: str) -> None:
+    """One line instead of CUDA's assertion (or an embedded Ray waiting forever for GPUs it lacks)."""
+    found = torch.cuda.device_count()
+    if found < count:
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else f"{found} CUDA device{'s' * (found != 1)} visible")
+        raise ValueError(f"cluster.use_gpu=true needs {count} GPU{'s' * (count != 1)} {where}, but {why}; "
+                         "set cluster.use_gpu=false to run on the CPU")
 
 
 def mean_across_ranks(value: torch.Tensor) -> float:

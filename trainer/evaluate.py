@@ -22,7 +22,7 @@ from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.sources import read_unit, read_units
 from data_pipelines.tokenizer import TextTokenizer, find_tokenizer_file, load_tokenizer
-from trainer.checkpoint import read_client_state, require_complete
+from trainer.checkpoint import complete_ones_beside, latest_checkpoint, read_client_state, require_complete
 from trainer.hf import CONFIG_FILE, consolidated_state_dict, load_hf_checkpoint, load_weights
 from trainer.model import OpenELM, OpenELMConfig, build_model
 
@@ -133,7 +133,9 @@ def text_batches(
         for unit in units:
             for record in read_unit(unit, text_field):
                 if record.text is None:
-                    raise ValueError(f"{record.origin}: bad record ({record.bad}); fix it or remove it to evaluate")
+                    detail = f": {record.detail}" if record.detail else ""
+                    hint = ", or name the field that holds the text (--text-field)" if record.bad == "missing_text_field" else ""
+                    raise ValueError(f"{record.origin}: bad record ({record.bad}{detail}); fix it or remove it to evaluate{hint}")
                 yield from packer.add(tokenizer.encode_batch([record.text])[0])
 
     def batches() -> Iterator[torch.Tensor]:
@@ -182,6 +184,12 @@ def load_for_eval(
     always uses its own config.json.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist{complete_ones_beside(path)}")
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path / "checkpoints")
+        raise FileNotFoundError(f"{path} is a run directory: give one of its checkpoints ({newest or 'none complete yet'}) "
+                                "or a Hugging Face export of it (elmforge export)")
     if (path / CONFIG_FILE).is_file():
         if model_cfg is not None:
             raise ValueError(f"{path}: a Hugging Face directory carries its own {CONFIG_FILE}; do not pass model_cfg")

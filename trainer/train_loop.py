@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from data_pipelines.loader import TokenLoader
-from data_pipelines.manifest import read_manifest
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
+from data_pipelines.tokenizer import find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -73,13 +74,27 @@ def model_config(cfg: dict) -> OpenELMConfig:
     return replace(hf, name=composed.name, activation_checkpointing=composed.activation_checkpointing)
 
 
-def _check_data(model_cfg: OpenELMConfig, manifest) -> None:
+def _check_data(model_cfg: OpenELMConfig, manifest, init_from: str | None) -> None:
+    """The dataset suits the model, and a Hugging Face directory to start from that carries a tokenizer
+    (ours do; Apple's releases do not) carries the dataset's: its embedding rows are that tokenizer's ids."""
     if manifest.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"{manifest.root}: tokenizer vocabulary {manifest.vocab_size} exceeds model.vocab_size={model_cfg.vocab_size}"
         )
     if manifest.seq_len > model_cfg.rope_max_length:
         raise ValueError(f"{manifest.root}: seq_len {manifest.seq_len} exceeds model.rope_max_length")
+    theirs = find_tokenizer_file(init_from) if init_from else None
+    if theirs is None:
+        return
+    model_tokenizer, data_fp = load_tokenizer(theirs), manifest.data["tokenizer"]["fingerprint"]
+    if model_tokenizer.fingerprint != data_fp and (
+        model_tokenizer.vocabulary() != load_tokenizer(manifest.tokenizer_path).vocabulary()
+    ):
+        raise ValueError(
+            f"train.init_from: the model's tokenizer {theirs} ({model_tokenizer.fingerprint[:12]}) is not the one "
+            f"{manifest.root} was prepared with ({data_fp[:12]}): prepare the data with tokenizer.path={theirs} "
+            "(under another data.name=), or start from a model of this dataset's tokenizer"
+        )
 
 
 def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv, load_universal: bool = False):
@@ -191,12 +206,15 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
     check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
 
 
-def check_resume(cfg: dict) -> None:
-    """What _check_resumable refuses, for a launcher to say before it starts any worker (where the run's
-    directory is visible to it; the workers check again in any case)."""
+def check_start(cfg: dict) -> None:
+    """What train() refuses before its first step (a resume it cannot make, data that does not suit the
+    model), for a launcher to say before it starts any worker, where the run's directory and the data
+    are visible to it; the workers check again in any case."""
     resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
     if resume is not None:
         _check_resumable(read_client_state(resume), resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])
+    elif Path(cfg["data"]["dir"], MANIFEST_NAME).is_file():
+        _check_data(model_config(cfg), read_manifest(cfg["data"]["dir"]), cfg["train"]["init_from"])
 
 
 def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
@@ -236,9 +254,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     env = init_distributed(cfg["cluster"]["use_gpu"])
     manifest = read_manifest(cfg["data"]["dir"])
     model_cfg = model_config(cfg)
-    _check_data(model_cfg, manifest)
-
     resume = from_rank0(latest_checkpoint(ckpt_root))
+    _check_data(model_cfg, manifest, t_cfg["init_from"] if resume is None else None)
     load_from = resume  # or its universal form, on another world size
     if resume is not None:
         client = read_client_state(resume)
