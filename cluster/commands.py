@@ -45,6 +45,7 @@ def _train_here(cfg: dict) -> dict:
     import torch.distributed as dist
 
     from trainer.distributed import init_distributed
+    from trainer.preemption import clear_stop_request
     from trainer.train_loop import train
 
     env = init_distributed(cfg["cluster"]["use_gpu"])
@@ -55,6 +56,8 @@ def _train_here(cfg: dict) -> dict:
         )
     if env.is_main:
         _prepare(cfg, use_ray=False)
+        Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
+        clear_stop_request(cfg["run"]["dir"])
     dist.barrier()
     return train(cfg)
 

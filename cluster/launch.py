@@ -20,7 +20,7 @@ from cluster.config import accumulation_for, elastic_note
 from cluster.ray_runtime import connect
 from trainer import host_memory
 from trainer.errors import TrainingError
-from trainer.preemption import request_stop
+from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import read_summary
 from trainer.train_loop import check_start, train
 
@@ -98,9 +98,17 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
     )
 
 
+class _Trainer(TorchTrainer):
+    """Ray Train's fit() answers Ctrl-C by aborting the worker group, losing the steps since the last
+    checkpoint; the driver's own handler (_forward_stop_signals) asks the workers to checkpoint instead."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        pass
+
+
 def torch_trainer(cfg: dict, callbacks: list | None = None, launch_id: str | None = None) -> TorchTrainer:
     """The Ray Train trainer that runs the training loop on cluster.num_workers ranks."""
-    return TorchTrainer(
+    return _Trainer(
         _worker,
         train_loop_config={"cfg": cfg, "launch_id": launch_id or uuid.uuid4().hex[:12]},
         scaling_config=scaling_config(cfg["cluster"]),
@@ -109,15 +117,23 @@ def torch_trainer(cfg: dict, callbacks: list | None = None, launch_id: str | Non
     )
 
 
-def _forward_sigterm(run_dir: str) -> None:
-    """SIGTERM to the driver (a preempted Slurm job, a deleted pod) asks the workers to checkpoint and stop."""
+def _forward_stop_signals(run_dir: str) -> None:
+    """SIGTERM to the driver (a preempted Slurm job, a deleted pod) or Ctrl-C asks the workers to checkpoint
+    and stop, also while they start; Ctrl-C a second time quits at once."""
+    asked = set()
 
     def handle(signum, frame):
-        print("[elmforge] SIGTERM: asking the workers to checkpoint and stop", flush=True)
-        request_stop(run_dir, "SIGTERM to the driver")
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and signum in asked:
+            raise KeyboardInterrupt
+        asked.add(signum)
+        again = " (Ctrl-C again quits at once, losing the steps since the last checkpoint)" * (signum == signal.SIGINT)
+        print(f"[elmforge] {name}: asking the workers to checkpoint and stop{again}", flush=True)
+        request_stop(run_dir, f"{name} to the driver")
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handle)
 
 
 def launch_training(cfg: dict) -> dict:
@@ -126,9 +142,12 @@ def launch_training(cfg: dict) -> dict:
     check_start(cfg)  # before Ray starts: one clear line instead of every worker's traceback
     if note := elastic_note(cfg):
         print(note, flush=True)
+    clear_stop_request(cfg["run"]["dir"])
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
-    _forward_sigterm(cfg["run"]["dir"])
+    _forward_stop_signals(cfg["run"]["dir"])  # after ray.init, which installs its own; a request now stands
+    workers = f"{cluster['min_workers']}-{cluster['num_workers']}" if cluster["min_workers"] else cluster["num_workers"]
+    print(f"[elmforge] {cfg['run']['name']}: starting {workers} Ray Train worker(s)", flush=True)
     launch_id = uuid.uuid4().hex[:12]
     try:
         torch_trainer(cfg, launch_id=launch_id).fit()

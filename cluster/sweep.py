@@ -26,7 +26,7 @@ from cluster.config import ConfigError, check_and_derive
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
-from trainer.preemption import request_stop
+from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import SUMMARY_NAME, read_json, write_json
 
 CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
@@ -120,6 +120,7 @@ def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
 def _trial(params: dict, base: dict) -> None:
     """One trial: the training loop on Ray Train workers, validation reports forwarded to Tune."""
     cfg = trial_config(base, params, tune.get_context().get_trial_name())
+    clear_stop_request(cfg["run"]["dir"])  # the trial launches its workers (a restored sweep re-asks ASHA's stops)
     torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 

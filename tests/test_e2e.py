@@ -116,7 +116,7 @@ def test_an_elastic_run_trains_on_the_workers_that_fit_and_grows_when_relaunched
     assert losses == pytest.approx(expected, rel=1e-6)
 
 
-def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
+def test_sigterm_or_ctrl_c_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
     import signal
 
     from corpus import make_documents, write_jsonl
@@ -127,32 +127,49 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_a_rerun_resumes(tmp_path):
            f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=200",
            "train.warmup_steps=2", "train.micro_batch_size=4", "train.loader_workers=0", "train.log_every=1",
            "run.name=preempted", "cluster.dashboard=true"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    seen, dashboard = [], None
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("[ray] dashboard: "):
-            dashboard = line.split(": ", 1)[1].strip()
-        if "[train] step 3/200" in line:  # 200 steps: far more than the driver needs to pass the signal on
-            # Asked for, the embedded instance's dashboard serves while the run trains.
-            token = auth_token()  # the instance's own, as for any cluster Ray 2.60 starts
-            version = requests.get(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-            assert version.status_code == 200 and "ray_version" in version.json(), version.text
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=600)
-    out = "".join(seen) + rest
-    assert proc.returncode == 0, out[-3000:]
-    assert "stop requested (SIGTERM to the driver)" in out and "stopped on request (SIGTERM to the driver" in out
     run_dir = tmp_path / "outputs" / "preempted"
-    first = read_summary(run_dir)
-    assert first["stopped_by"] == "SIGTERM to the driver" and 3 <= first["steps"] < 200
-    assert first["checkpoint"].endswith(f"step_{first['steps']}")
+
+    def stopped(signum, when: str, on_line=lambda line: None) -> tuple[str, dict]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            on_line(line)
+            if when in line:
+                proc.send_signal(signum)
+                break
+        rest, _ = proc.communicate(timeout=600)
+        out = "".join(seen) + rest
+        assert proc.returncode == 0, out[-3000:]
+        name = signal.Signals(signum).name
+        assert f"stop requested ({name} to the driver)" in out and f"stopped on request ({name} to the driver" in out
+        summary = read_summary(run_dir)
+        assert summary["stopped_by"] == f"{name} to the driver" and summary["checkpoint"].endswith(f"step_{summary['steps']}")
+        assert not (run_dir / "STOP").exists()  # consumed: the next launch is not stopped by it
+        return out, summary
+
+    # Preempted as the workers start, before any trains: the request waits for the first step.
+    _, first = stopped(signal.SIGTERM, "[elmforge] preempted: starting 2 Ray Train worker(s)")
+    assert first["steps"] == 1
+
+    dashboard = []
+
+    def dashboard_serves(line: str) -> None:  # asked for, the embedded instance's dashboard serves while it trains
+        if line.startswith("[ray] dashboard: "):
+            dashboard.append(line.split(": ", 1)[1].strip())
+        if "[train] step 3/200" in line:
+            token = auth_token()  # the instance's own, as for any cluster Ray 2.60 starts
+            version = requests.get(f"{dashboard[0]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert version.status_code == 200 and "ray_version" in version.json(), version.text
+
+    # Ctrl-C (SIGINT) stops the same way; 200 steps are far more than the driver needs to pass it on.
+    _, second = stopped(signal.SIGINT, "[train] step 4/200", dashboard_serves)
+    assert second["resumed_from"] == "step_1" and 4 <= second["steps"] < 200
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    second = read_summary(run_dir)
-    assert second["resumed_from"] == f"step_{first['steps']}" and second["steps"] == 200
+    third = read_summary(run_dir)
+    assert third["resumed_from"] == f"step_{second['steps']}" and third["steps"] == 200
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 201))
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from distributed import run_ranks
 from trainer.distributed import init_distributed
-from trainer.preemption import STOP_FILE, PreemptionWatch, request_stop
+from trainer.preemption import STOP_FILE, PreemptionWatch, clear_stop_request, request_stop
 
 
 def _watch_through_requests(run_dir: str) -> list:
@@ -36,5 +36,35 @@ def _watch_through_requests(run_dir: str) -> list:
 
 def test_every_rank_agrees_on_whether_and_why_a_stop_was_requested(tmp_path):
     (tmp_path / STOP_FILE).write_text("left over from the attempt before\n")
+    clear_stop_request(tmp_path)  # as the launcher does, before any worker starts
     expected = [None, "STOP file", "stopped by the sweep's scheduler", "SIGTERM"]
     assert run_ranks(2, _watch_through_requests, str(tmp_path)) == [expected, expected]
+
+
+def _first_look_then_ctrl_c(run_dir: str) -> list:
+    init_distributed(use_gpu=False)
+    watch = PreemptionWatch(run_dir, is_main=dist.get_rank() == 0)
+    cpu = torch.device("cpu")
+    seen = [watch.any_rank_requested(cpu)]
+    watch.consume()  # the loop stopped for it: gone for the next launch
+    dist.barrier()
+    seen.append(os.path.exists(os.path.join(run_dir, STOP_FILE)))
+    if dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in a terminal without a launcher: a stop, not a traceback
+    seen.append(watch.any_rank_requested(cpu))
+    if dist.get_rank() == 0:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("still running")
+        except KeyboardInterrupt:  # the second Ctrl-C quits at once
+            seen.append("quit")
+    watch.close()
+    dist.destroy_process_group()
+    return seen
+
+
+def test_a_request_made_while_the_workers_start_stands_and_ctrl_c_stops_like_sigterm(tmp_path):
+    request_stop(tmp_path, "SIGTERM to the driver")  # the driver, preempted before the workers' first step
+    seen = run_ranks(2, _first_look_then_ctrl_c, str(tmp_path))
+    assert seen == [["SIGTERM to the driver", False, "SIGINT", "quit"],
+                    ["SIGTERM to the driver", False, "SIGINT"]]

@@ -378,6 +378,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
             if stopped_by or step == t_cfg["max_steps"] or (every and step % every == 0):
                 last_saved = checkpoint(step)
             if stopped_by:
+                preemption.consume()
                 if env.is_main:
                     print(f"[train] stop requested ({stopped_by}): saved {last_saved}, stopping at step {step}",
                           flush=True)
