@@ -148,6 +148,21 @@ def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dat
         assert rebuilt["num_params"] == written["num_params"]
 
 
+def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resumed_step(tiny_dataset, tmp_path):
+    from trainer.optim import warmup_cosine_lr
+
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=extended")
+    train(cfg)
+    longer = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=extended", "train.max_steps=10")
+    assert train(longer)["resumed_from"] == "step_6"
+    t = longer["train"]
+    lrs = [json.loads(line)["lr"] for line in open(Path(cfg["run"]["dir"], "metrics.jsonl"))]
+    # Step s (1-based) runs at the schedule's lr for optimizer step s - 1; from step 7 on, the 10-step one.
+    expected = [warmup_cosine_lr(s - 1, t["lr"], t["warmup_init_lr"], t["warmup_steps"], m, t["min_lr_ratio"])
+                for s, m in [(s, 6) for s in range(1, 7)] + [(s, 10) for s in range(7, 11)]]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
 def test_every_validation_shows_in_a_progress_line(tiny_dataset, tmp_path, capsys):
     cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.log_every=5", "train.eval_every=3",
                     "train.eval_batches=1")

@@ -39,6 +39,18 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict) -
 def rewind_one_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Undo a scheduler step taken for an update that was skipped, as DeepSpeed does for ZeRO 1-3."""
     scheduler.last_epoch -= 1
+    _set_lrs(scheduler)
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After loading a checkpoint: its lr is the schedule it was saved with, at its step; with train.lr,
+    max_steps or warmup changed since (a run extended on purpose), the next step takes this schedule's.
+    Unchanged, the values are the same ones (an exact resume stays bitwise)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    _set_lrs(scheduler)
+
+
+def _set_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

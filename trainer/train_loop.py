@@ -36,7 +36,7 @@ from trainer.host_memory import keep_freed_memory, release_freed_memory
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
-from trainer.optim import param_groups, rewind_one_step, warmup_cosine_scheduler
+from trainer.optim import follow_schedule, param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
 from trainer.reshard import check_same_global_batch, load_universal, needs_universal, universal_checkpoint
 from trainer.step_gc import StepCollector
@@ -282,6 +282,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
     if resume is not None:
         state = load_checkpoint(engine, resume) if load_from == resume else load_universal(engine, load_from)
+        follow_schedule(scheduler, t_cfg["lr"])
         tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
         release_freed_memory()  # what loading held: the steps' own peak is smaller
     loader = TokenLoader(
