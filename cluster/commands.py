@@ -3,6 +3,7 @@ data_pipelines/ and trainer/, printing what a user needs to see. Heavy imports (
 the verbs that need them, so `--help`, `jobs` and `report` start quickly."""
 
 import os
+import tempfile
 from pathlib import Path
 
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
@@ -27,11 +28,25 @@ def _prepare(cfg: dict, use_ray: bool = True) -> Path:
     return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"], before_build=start_ray)
 
 
+def require_writable(path: str, key: str) -> None:
+    """Before any work: a directory that will be written must be creatable where it is, or the run would
+    fail after preparing data and starting Ray with an errno that names no setting. Creates nothing."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{key}={path}: cannot be created, {existing} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".elmforge-write-check-", dir=existing))
+    except OSError as e:
+        raise PermissionError(f"{key}={path}: cannot be created or written ({existing}: {e.strerror})") from None
+
+
 def cmd_prepare(cfg: dict, args) -> None:
     from data_pipelines.integrity import verify_dataset
     from data_pipelines.prepare import describe_plan
 
     options = cfg["prepare"]
+    if not (options["dry_run"] or options["verify"]):
+        require_writable(cfg["data"]["dir"], "data.dir")
     if options["dry_run"]:
         print(describe_plan(cfg["data"], cfg["tokenizer"]))
     elif options["verify"]:
@@ -63,6 +78,9 @@ def _train_here(cfg: dict) -> dict:
 
 
 def cmd_train(cfg: dict, args) -> None:
+    for key in ("data.dir", "run.dir"):
+        section, name = key.split(".")
+        require_writable(cfg[section][name], key)
     if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
         summary = _train_here(cfg)
         if not (summary and int(os.environ.get("RANK", 0)) == 0):

@@ -198,6 +198,11 @@ def finalise(cfg: dict) -> dict:
     return cfg
 
 
+def _plain_name(name: str) -> bool:
+    """A name that becomes one directory under outputs/ or data/, not a path out of it."""
+    return bool(name) and name == name.strip() and name not in (".", "..") and not set(name) & {"/", "\\"}
+
+
 def validate(cfg: dict) -> None:
     """Checks the schema's types cannot express; all problems are reported at once."""
     errors = []
@@ -207,6 +212,8 @@ def validate(cfg: dict) -> None:
             errors.append(f"{key}: {problem}")
 
     t, m, d, c = cfg["train"], cfg["model"], cfg["data"], cfg["cluster"]
+    for key, name in (("run.name", cfg["run"]["name"]), ("data.name", d["name"])):
+        need(_plain_name(name), f"{key}={name!r}", "must be a plain directory name: not empty, no / or \\, not . or ..")
     for key in ("max_steps", "micro_batch_size", "log_every", "keep_checkpoints", "eval_batches", "max_skipped_in_row"):
         need(t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1")
     for key in ("grad_accum_steps", "checkpoint_every", "eval_every"):

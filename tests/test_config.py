@@ -95,6 +95,9 @@ def test_every_model_composes(model):
         (["sweep=lr_tiny", "sweep.name=???"],
          "sweep.name: no value; set sweep.name=... on the command line or in the sweep= option's file"),
         (["storage_path=???"], "storage_path: no value; set storage_path=... on the command line"),
+        (["run.name="], "run.name='': must be a plain directory name"),  # it would write into outputs/ itself
+        (["run.name=../elsewhere"], "run.name='../elsewhere': must be a plain directory name"),
+        (["data.name=a/b"], "data.name='a/b': must be a plain directory name"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):

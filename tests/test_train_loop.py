@@ -163,6 +163,27 @@ def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resum
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("damaged_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_dataset, tmp_path, damaged_file):
+    from trainer.errors import TrainingError
+
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=damaged", "train.checkpoint_every=2")
+    train(cfg)
+    run_dir = Path(cfg["run"]["dir"])
+    newest = run_dir / "checkpoints/step_6"
+    target = newest / damaged_file
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])  # as a full disk or a bad copy leaves it
+    before = {p: p.read_bytes() for p in (run_dir / "metrics.jsonl", run_dir / "summary.json")}
+    longer = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=damaged", "train.checkpoint_every=2",
+                       "train.max_steps=8")
+    with pytest.raises(TrainingError, match=f"checkpoint {newest} cannot be read .*; to resume from the one before "
+                                            f"it, remove {newest}/COMPLETE"):
+        train(longer)
+    assert {p: p.read_bytes() for p in before} == before
+    (newest / "COMPLETE").unlink()  # the fix the message names
+    assert train(longer)["resumed_from"] == "step_4"
+
+
 def test_every_validation_shows_in_a_progress_line(tiny_dataset, tmp_path, capsys):
     cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.log_every=5", "train.eval_every=3",
                     "train.eval_batches=1")

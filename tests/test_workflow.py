@@ -251,3 +251,11 @@ def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_pat
             "generate", hf, "--prompt", "x", "cluster.use_gpu=true")
     assert "--seq-len 4096: longer than the model's context" in fails(
         "eval", hf, "--text", str(texts / "body.jsonl"), "--text-field", "body", "--seq-len=4096")
+
+
+@pytest.mark.parametrize("verb, key", [("train", "run.dir"), ("train", "data.dir"), ("prepare", "data.dir")])
+def test_a_directory_that_cannot_be_created_is_named_before_any_work(verb, key, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert main([verb, f"storage_path={tmp_path}", f"{key}={tmp_path / 'a_file/sub'}", "logger=none"]) == 1
+    assert f"{key}={tmp_path / 'a_file/sub'}: cannot be created, {tmp_path / 'a_file'} is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing prepared, nothing started

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.errors import TrainingError
+
 COMPLETE = "COMPLETE"
 
 
@@ -98,12 +100,23 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_checkpoint(engine, path: Path) -> dict:
     """Restore model, optimizer and scheduler from a complete checkpoint; returns our client state."""
-    loaded, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    try:
+        loaded, client_state = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # a truncated or corrupt file
+        raise damaged(path, e) from e
     if loaded is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {path}: its files are missing or unreadable")
+        raise damaged(path, "DeepSpeed found its files missing or unreadable")
     return client_state
+
+
+def damaged(path: Path, why: str | BaseException) -> TrainingError:
+    """A checkpoint marked complete that cannot be read: retrying would fail alike; the fix is the user's."""
+    if isinstance(why, BaseException):
+        why = f"{type(why).__name__}: {(str(why).strip().splitlines() or [''])[0]}"
+    return TrainingError(f"checkpoint {path} cannot be read ({why}); to resume from the one before it, "
+                         f"remove {path / COMPLETE} (or the directory)")
 
 
 def require_complete(checkpoint_dir: str | Path) -> Path:
@@ -136,6 +149,8 @@ def read_client_state(checkpoint_dir: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: holds objects other than tensors and plain data; not loading it ({e})") from None
+    except (RuntimeError, OSError, EOFError) as e:  # truncated, or not a torch file at all
+        raise damaged(Path(checkpoint_dir), e) from None
     missing = [k for k in ("step", "config") if k not in state]
     if missing:
         raise ValueError(f"{path}: no {missing} in the client state (not an elmforge checkpoint?)")
