@@ -54,6 +54,12 @@ def test_elmforge_train_demo_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "data" / "sample" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] > 1000
 
+    # The same command again: the run is done, which the driver sees without starting Ray or workers.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"[train] e2e already finished at step 12 ({ckpt})" in again.stdout and "training finished" in again.stdout
+    assert "[ray]" not in again.stdout + again.stderr and read_summary(run_dir) == summary
+
 
 def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
     from cluster.config import compose_config

@@ -217,13 +217,24 @@ def check_start(cfg: dict) -> None:
         _check_data(model_config(cfg), read_manifest(cfg["data"]["dir"]), cfg["train"]["init_from"])
 
 
+def finished_run(cfg: dict) -> dict | None:
+    """The summary of a run already at train.max_steps, for a launcher to return without starting any
+    worker (one that would load nothing and train nothing); None for a run with steps to go."""
+    resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
+    client = read_client_state(resume) if resume is not None else None
+    if client is None or client["step"] < cfg["train"]["max_steps"]:
+        return None
+    return _finished_run(cfg, resume, client, model_config(cfg), is_main=True, report=None)
+
+
 def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
                   report: Callable[[dict], None] | None) -> dict:
     """A re-run of a run whose newest checkpoint is its last step: its summary, written anew if the run
-    ended before writing it (or the file is an earlier invocation's, say the one a stop left)."""
+    ended before writing it (or the file is an earlier invocation's, say the one a stop left, or one
+    stopped at the step that max_steps has since been lowered to)."""
     run_dir, step = cfg["run"]["dir"], client["step"]
     summary = read_json(Path(run_dir, SUMMARY_NAME)) or {}
-    if summary.get("steps") != step:
+    if summary.get("steps") != step or summary.get("stopped_by"):
         metrics = Path(run_dir, "metrics.jsonl")
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
         last = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
