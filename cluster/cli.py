@@ -126,6 +126,9 @@ def _run(verb: str, fn, *fn_args) -> int:
         hint = "" if isinstance(e, SubmitError) else "\n(set ELMFORGE_DEBUG=1 for a traceback)"
         print(f"elmforge {verb}: {e}{hint}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C twice while training (once asks for a checkpoint), or any other verb
+        print(f"\nelmforge {verb}: interrupted", file=sys.stderr)
+        return 130
     return status or 0  # a verb may return its own exit status (`jobs status` of a failed job)
 
 

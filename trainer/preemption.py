@@ -60,7 +60,9 @@ class PreemptionWatch:
         return self._file_reason() if reason == "STOP file" else reason
 
     def consume(self) -> None:
-        """The loop has stopped for the request: it must not stop the next launch too."""
+        """The loop has stopped for the request: it must not stop the next launch too. After every rank
+        has read its reason."""
+        dist.barrier()
         if self.is_main:
             self.stop_file.unlink(missing_ok=True)
 
