@@ -87,6 +87,8 @@ def test_export_writes_the_published_layout(exported):
     assert set(weights) == set(model.state_dict())  # the tied head is stored once, as the embedding
     assert "transformer.layers.2.attn.qkv_proj.weight" in weights
     assert (out / "configuration_openelm.py").is_file() and (out / "modeling_openelm.py").is_file()
+    modes = {p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {(out / "config.json").stat().st_mode & 0o777}  # the weights as readable as the rest
 
 
 def test_an_export_replaces_a_previous_one_whole_and_touches_nothing_else(tiny_dataset, tmp_path):

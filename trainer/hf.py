@@ -210,6 +210,8 @@ def _write_export(model: OpenELM, path: Path, tokenizer_dir: str | Path | None, 
     # The tied head is the embedding itself, so the state dict holds it once.
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors writes 0600; on shared storage the weights should be as readable as the rest (the umask's).
+    os.chmod(path / WEIGHTS_FILE, (path / CONFIG_FILE).stat().st_mode & 0o777)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, path / name)
 
