@@ -195,6 +195,7 @@ def _data_dir_named(args) -> bool:
 def cmd_eval(cfg: dict, args) -> None:
     import itertools
 
+    from data_pipelines.manifest import MANIFEST_NAME
     from trainer.checkpoint import read_client_state
     from trainer.evaluate import evaluate_loss, text_batches, validation_batches
 
@@ -215,7 +216,7 @@ def cmd_eval(cfg: dict, args) -> None:
         data_dir = cfg["data"]["dir"]
         if is_checkpoint and not _data_dir_named(args):
             data_dir = read_client_state(args.path)["config"]["data"]["dir"]  # the run's own data by default
-        elif not _data_dir_named(args) and not Path(data_dir, "manifest.json").is_file():
+        elif not _data_dir_named(args) and not Path(data_dir, MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"no prepared dataset at {data_dir} (the default data.dir) to score {args.path} "
                                     "on: name one with data.dir=, or score files with --text")
         fingerprint = tokenizer.fingerprint if tokenizer else None

@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.config import accumulation_for, elastic_note
 from cluster.ray_runtime import connect
 from trainer import host_memory
-from trainer.errors import TrainingError
+from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import read_summary
 from trainer.train_loop import check_start, finished_run, train
@@ -174,6 +174,4 @@ def _worker_errors(error: Exception) -> str:
 
 
 def _first_line(error: Exception) -> str:
-    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's own exception
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+    return one_line(getattr(error, "cause", None) or error)  # a RayTaskError wraps the worker's own exception

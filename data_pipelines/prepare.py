@@ -31,6 +31,7 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import ReadUnit, check_files, fingerprint_sources, read_unit, read_units, source_name
+from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
@@ -252,7 +253,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, out)
+    swap_into_place(tmp, out)
     splits, stats = manifest["splits"], manifest["stats"]
     print(
         f"[prepare] wrote {out}: {stats['documents_kept']}/{stats['documents_read']} documents kept "
@@ -403,12 +404,3 @@ def _remove_stale_builds(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         except PermissionError:  # alive, another user's
             pass
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished dataset into place; the old one is removed only after the swap."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

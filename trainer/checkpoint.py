@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.errors import TrainingError
+from trainer.errors import TrainingError, one_line
 
 COMPLETE = "COMPLETE"
 
@@ -114,7 +114,7 @@ def load_checkpoint(engine, path: Path) -> dict:
 def damaged(path: Path, why: str | BaseException) -> TrainingError:
     """A checkpoint marked complete that cannot be read: retrying would fail alike; the fix is the user's."""
     if isinstance(why, BaseException):
-        why = f"{type(why).__name__}: {(str(why).strip().splitlines() or [''])[0]}"
+        why = one_line(why)
     return TrainingError(f"checkpoint {path} cannot be read ({why}); to resume from the one before it, "
                          f"remove {path / COMPLETE} (or the directory)")
 

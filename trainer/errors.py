@@ -3,3 +3,9 @@
 
 class TrainingError(RuntimeError):
     pass
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`, for a message that quotes an error it cannot show whole."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
@@ -169,13 +170,7 @@ def save_hf_checkpoint(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if path.exists():
-        previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
-        path.rename(previous)
-        partial.rename(path)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(path)
+    swap_into_place(partial, path)
     return path
 
 
