@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from cluster.config import compose_config  # noqa: E402
 from test_model import released, small_config  # noqa: E402
@@ -82,6 +82,8 @@ def test_export_writes_the_published_layout(exported):
     assert config["num_query_heads"] == [2, 4, 6] and config["num_kv_heads"] == [1, 2, 3]
     assert config["num_transformer_layers"] == 3 and config["vocab_size"] == 97
     assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "float32")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
     assert config_from_hf(config).layer_plan() == plan
     weights = load_file(str(out / "model.safetensors"))
     assert set(weights) == set(model.state_dict())  # the tied head is stored once, as the embedding
@@ -134,26 +136,106 @@ def test_transformers_loads_the_export_with_the_same_logits_and_loss(exported):
     torch.testing.assert_close(result.loss, ce, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_generate_matches_our_argmax_loop(exported):
+def greedy_continuation(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The prompt and its greedy continuation by our model, each step re-reading the whole sequence."""
+    ids = prompt
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def load_export(out):
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generate_matches_our_argmax_loop(exported, use_cache):
     model, out = exported
-    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     prompt = tokens_for(model.cfg, batch=1, seq=6)
-    expected = prompt
-    for _ in range(5):
-        expected = torch.cat([expected, logits(model, expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    generated = hf.generate(prompt, max_new_tokens=5, do_sample=False)
-    assert torch.equal(generated, expected)
+    generated = load_export(out).generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache)
+    assert torch.equal(generated, greedy_continuation(model, prompt, 8))
 
 
 def test_left_padding_does_not_change_a_prompts_logits(exported):
     model, out = exported
-    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hf = load_export(out)
     prompt = tokens_for(model.cfg, batch=1, seq=7)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(prompt)], dim=1)
     with torch.no_grad():
         alone, with_padding = hf(prompt).logits, hf(padded, attention_mask=mask).logits
     torch.testing.assert_close(with_padding[:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(exported):
+    # A left-padded batch fed in three pieces, each reading the keys and values the pieces before left.
+    model, out = exported
+    hf = load_export(out)
+    tokens = tokens_for(model.cfg, batch=2, seq=10)
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    pieces, cache = [], DynamicCache()
+    with torch.no_grad():
+        whole = hf(tokens, attention_mask=mask, use_cache=False).logits
+        for start, end in ((0, 4), (4, 7), (7, 10)):
+            result = hf(tokens[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+            pieces.append(result.logits)
+        with pytest.raises(ValueError, match="attention_mask covers 3 positions; the cache holds 10"):
+            hf(tokens[:, :3], attention_mask=mask[:, :3], cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="only transformers' DynamicCache is supported, not tuple"):
+            hf(tokens, cache=((tokens, tokens),), use_cache=True)
+    assert cache.get_seq_length() == 10
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[0, 3:], whole[0, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[1], whole[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(exported):
+    model, out = exported
+    hf = load_export(out)
+    short, long = tokens_for(model.cfg, batch=1, seq=4), tokens_for(model.cfg, batch=1, seq=6) + 1
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    generated = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, 2:], greedy_continuation(model, short, 8)[0])
+    assert torch.equal(generated[1], greedy_continuation(model, long, 8)[0])
+
+
+def test_inputs_embeds_stand_for_their_tokens(exported):
+    model, out = exported
+    hf = load_export(out)
+    tokens = tokens_for(model.cfg, batch=2, seq=6)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(tokens)
+        torch.testing.assert_close(hf(inputs_embeds=embeds).logits, logits(model, tokens), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+            hf(tokens, inputs_embeds=embeds)
+    generated = hf.generate(inputs_embeds=embeds[:1], max_new_tokens=5, do_sample=False)  # the new tokens only
+    assert torch.equal(generated[0], greedy_continuation(model, tokens[:1], 5)[0, 6:])
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients(exported):
+    model, out = exported
+    hf = load_export(out).train()
+    tokens = tokens_for(model.cfg)
+    runs = []
+    hf.transformer.layers[1].attn.register_forward_hook(lambda *_: runs.append(1))
+
+    def gradients() -> dict:
+        hf.zero_grad()
+        runs.clear()
+        hf(tokens, labels=tokens).loss.backward()
+        return {name: p.grad.clone() for name, p in hf.named_parameters()}
+
+    plain = gradients()
+    assert len(runs) == 1
+    # transformers 5 names it activation checkpointing; 4.x gradient checkpointing
+    enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
+    enable()
+    recomputed = gradients()
+    assert len(runs) == 2  # the layer ran again in the backward
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, atol=1e-6, rtol=1e-6)
 
 
 def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
@@ -175,7 +257,8 @@ def test_config_json_carries_the_exported_tokenizers_own_bos_and_eos_ids(tmp_pat
     bpe.save(str(tmp_path / "tokenizer.json"))
     out = save_hf_checkpoint(random_model(small_config(vocab_size=300)), tmp_path / "hf", tokenizer_dir=tmp_path)
     config = json.loads((out / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)  # generate() stops at this EOS
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert (load_export(out).generation_config.eos_token_id, config["use_cache"]) == (1, True)  # generate() stops here
     bare = json.loads(save_hf_checkpoint(random_model(small_config()), tmp_path / "bare").joinpath(
         "config.json").read_text())
     assert (bare["bos_token_id"], bare["eos_token_id"]) == (1, 2)  # no tokenizer: LLaMA's, as released

@@ -26,10 +26,12 @@ from trainer.model import OpenELM, OpenELMConfig, build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
 REMOTE_CODE_DIR = Path(__file__).parent / "hf_modeling"
 REMOTE_CODE_FILES = ("configuration_openelm.py", "modeling_openelm.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, *REMOTE_CODE_FILES, *TOKENIZER_FILES, "__pycache__"}  # what an export holds
+EXPORT_FILES = {  # what an export holds
+    CONFIG_FILE, WEIGHTS_FILE, GENERATION_FILE, *REMOTE_CODE_FILES, *TOKENIZER_FILES, "__pycache__"}
 
 # What our model computes; a config.json asking for anything else cannot be loaded faithfully.
 # (hf_modeling/modeling_openelm.py keeps its own copy: remote code may not import elmforge.)
@@ -90,7 +92,7 @@ def hf_config_dict(cfg: OpenELMConfig, plan: LayerPlan, dtype: torch.dtype = tor
         "eos_token_id": 2,
         "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": False,  # our remote code keeps no KV cache; generate() reads this
+        "use_cache": True,  # generate() keeps a KV cache
     }
 
 
@@ -202,6 +204,9 @@ def _write_export(model: OpenELM, path: Path, tokenizer_dir: str | Path | None, 
         ids = save_tokenizer(tokenizer_dir, path, config["max_context_length"])
         config["bos_token_id"], config["eos_token_id"] = ids
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # generate()'s defaults, as save_pretrained writes them. No pad token: batches need an attention_mask.
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "use_cache")}
+    (path / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
     # The tied head is the embedding itself, so the state dict holds it once.
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -45,6 +45,7 @@ class OpenELMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -67,8 +68,7 @@ class OpenELMConfig(PretrainedConfig):
         self.rope_max_length = rope_max_length
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        self.use_cache = False  # the model keeps no KV cache; generate() re-runs the whole prefix
-        kwargs.pop("use_cache", None)
+        self.use_cache = use_cache  # generate() keeps the keys and values rather than re-running the prefix
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
     def ffn_dims(self) -> list[int]:

@@ -3,13 +3,15 @@
 A pre-norm decoder whose layers differ in width (heads and FFN size per layer).
 Parameter names match Apple's published layout (transformer.layers.{i}.attn.qkv_proj, ...).
 The output head is the token embedding itself (logits = x @ E^T), so there is no
-lm_head parameter to tie. No KV cache: generate() re-runs the prefix each step.
+lm_head parameter to tie. generate() keeps each layer's keys and values in transformers'
+cache, which transformers 5 passes as `cache` and 4.x as `past_key_values`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_openelm import OpenELMConfig
@@ -21,6 +23,8 @@ SUPPORTED = {  # config key -> the only value this implementation computes
     "normalize_qk_projections": True,
     "share_input_output_layers": True,
 }
+# The output's field for the cache: `cache` from transformers 5, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def check_supported(config: OpenELMConfig) -> None:
@@ -61,6 +65,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class OpenELMAttention(nn.Module):
     def __init__(self, config: OpenELMConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.q_heads, self.kv_heads = config.num_query_heads[layer], config.num_kv_heads[layer]
         self.head_dim = config.head_dim
         self.qkv_proj = nn.Linear(config.model_dim, (self.q_heads + 2 * self.kv_heads) * self.head_dim, bias=False)
@@ -68,12 +73,14 @@ class OpenELMAttention(nn.Module):
         self.k_norm = OpenELMRMSNorm(self.head_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.q_heads * self.head_dim, config.model_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, cache: Cache | None):
         b, s, _ = x.shape
         qkv = self.qkv_proj(x).view(b, s, self.q_heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
+        if cache is not None:  # keys and values of every position so far, these included
+            k, v = cache.update(k, v, self.layer)
         # Each KV head serves g consecutive query heads (enable_gqa's repeat_interleave order).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.q_heads != self.kv_heads
@@ -103,26 +110,36 @@ class OpenELMDecoderLayer(nn.Module):
         self.ffn_norm = OpenELMRMSNorm(config.model_dim, config.rms_norm_eps)
         self.ffn = OpenELMFeedForward(config, layer)
 
-    def forward(self, x, rope, mask):
-        x = x + self.attn(self.attn_norm(x), rope, mask)
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
-def positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """RoPE positions (B, S) and a boolean SDPA mask, or None when plain causal attention will do.
+def positions_and_mask(b: int, s: int, past: int, attention_mask: torch.Tensor | None, device: torch.device):
+    """RoPE positions (B, S) of S new tokens after `past` cached ones, and a boolean SDPA mask
+    (B, 1, S, past + S), or None when plain causal attention from position 0 will do.
 
-    With padding (0s in attention_mask), positions count only real tokens (left padding keeps
-    the prompt's positions) and padded keys are hidden; each query still sees itself so no
-    attention row is empty (an empty row would give NaN).
+    With padding (0s in attention_mask, which covers the cached tokens too), positions count only
+    real tokens (left padding keeps the prompt's positions) and padded keys are hidden; each query
+    still sees itself so no attention row is empty (an empty row would give NaN).
     """
-    b, s = input_ids.shape
-    if attention_mask is None or bool(attention_mask.all()):
-        return torch.arange(s, device=input_ids.device).expand(b, s), None
-    keep = attention_mask.bool()
-    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
-    eye = torch.eye(s, dtype=torch.bool, device=input_ids.device)
-    return positions, ((causal & keep[:, None, :]) | eye)[:, None]
+    total = past + s
+    if attention_mask is not None and attention_mask.shape[-1] != total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; the cache holds {past} "
+                         f"and the input adds {s}, so it must cover {total}")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded:
+        positions = torch.arange(past, total, device=device).expand(b, s)
+        if past == 0:
+            return positions, None
+    query = torch.arange(past, total, device=device)[:, None]
+    key = torch.arange(total, device=device)
+    mask = key <= query
+    if padded:
+        keep = attention_mask.bool()
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        mask = (mask & keep[:, None, :]) | (key == query)
+    return positions, mask.expand(b, s, total)[:, None]
 
 
 class OpenELMModel(nn.Module):
@@ -132,13 +149,19 @@ class OpenELMModel(nn.Module):
         self.token_embeddings = nn.Embedding(config.vocab_size, config.model_dim)
         self.layers = nn.ModuleList(OpenELMDecoderLayer(config, i) for i in range(config.num_transformer_layers))
         self.norm = OpenELMRMSNorm(config.model_dim, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # gradient_checkpointing_enable() sets this and the function below
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        positions, mask = positions_and_mask(input_ids, attention_mask)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        """Hidden states of the embedded tokens x (B, S, model_dim)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        positions, mask = positions_and_mask(x.shape[0], x.shape[1], past, attention_mask, x.device)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_freq_constant)
-        x = self.token_embeddings(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope, mask)
+            if recompute:  # the backward runs the layer again rather than keeping its activations
+                x = self._gradient_checkpointing_func(layer.__call__, x, rope, mask)
+            else:
+                x = layer(x, rope, mask, cache)
         return self.norm(x)
 
 
@@ -146,6 +169,8 @@ class OpenELMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = OpenELMConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["OpenELMDecoderLayer"]
+    supports_gradient_checkpointing = True
+    _supports_cache_class = True  # transformers 4.x: generate() gives a DynamicCache, not tuples
 
     def __init__(self, config: OpenELMConfig):
         super().__init__(config)
@@ -161,21 +186,41 @@ class OpenELMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,  # generate() passes cache/position/logits_to_keep arguments this model does not use
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,  # generate() may pass position arguments: positions follow from the cache and attention_mask
     ) -> CausalLMOutputWithPast:
-        hidden = self.transformer(input_ids, attention_mask)
+        """Logits (B, S, vocab) of input_ids (B, S) or inputs_embeds (B, S, model_dim); `loss` with labels.
+
+        With use_cache (config.use_cache by default; never while training), the keys and values are
+        kept in `cache` (a transformers Cache; one is made when none is given) and returned, so the
+        next call passes only the new tokens, with attention_mask covering the cached ones too.
+        logits_to_keep=k computes the logits of the last k positions only (0: all).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, DynamicCache):  # a static cache's keys have a fixed length
+            raise ValueError(f"cache: only transformers' DynamicCache is supported, not {type(cache).__name__}")
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        x = self.transformer.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.transformer(x, attention_mask, cache if use_cache else None)
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
         logits = hidden @ self.transformer.token_embeddings.weight.T  # tied output head
         loss = None
         if labels is not None:  # token t predicts label t+1; -100 is ignored
             loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs) -> dict:
-        # Without a KV cache every step needs the whole sequence, not just the newest token.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
