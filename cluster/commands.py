@@ -78,9 +78,12 @@ def _train_here(cfg: dict) -> dict:
 
 
 def cmd_train(cfg: dict, args) -> None:
+    from trainer.run_data import check_data_settings
+
     for key in ("data.dir", "run.dir"):
         section, name = key.split(".")
         require_writable(cfg[section][name], key)
+    check_data_settings(cfg)  # before prepare, which would rebuild the run's dataset for other settings
     if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
         summary = _train_here(cfg)
         if not (summary and int(os.environ.get("RANK", 0)) == 0):

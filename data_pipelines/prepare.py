@@ -67,6 +67,12 @@ class SourceStats:
             self.skipped_examples.append(f"{origin}: {reason}")
 
 
+def build_settings(data_cfg: dict, tokenizer_cfg: dict) -> dict:
+    """The settings that change the shards, as {"data.seq_len": 2048, ..., "tokenizer.kind": "bpe", ...}."""
+    return {**{f"data.{k}": data_cfg.get(k) for k in FINGERPRINT_KEYS},
+            **{f"tokenizer.{k}": v for k, v in tokenizer_cfg.items()}}
+
+
 def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
     """Everything that changes the shards: input bytes, data settings and the tokenizer."""
     spec = {"data": {k: data_cfg.get(k) for k in FINGERPRINT_KEYS}, "tokenizer": tokenizer_cfg}

@@ -107,6 +107,36 @@ def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, caps
     assert len(open(root / "outputs/base/metrics.jsonl").readlines()) == 6
 
 
+def test_a_run_resumes_only_on_the_data_it_trained_on(workspace, capsys):
+    from cluster.config import compose_config
+    from trainer.train_loop import check_start
+
+    root, common = workspace
+    run = [*common, "run.name=base", "train.max_steps=8", "train.checkpoint_every=2", "logger=none"]
+    dataset = next(root.glob("data/*/manifest.json")).parent
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dataset.iterdir() if p.is_file()}
+    # Other data settings are refused before prepare could rebuild the run's dataset for them.
+    assert main(["train", *run, "data.val_fraction=0.3", "data.seq_len=16"]) == 1
+    err = capsys.readouterr().err
+    assert ("run base resumes from step_6 on the data it trained on, but this launch asks for other data: "
+            "data.seq_len=16 (it trained with 32), data.val_fraction=0.3 (it trained with 0.2)") in err, err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dataset.iterdir() if p.is_file()} == before
+
+    # The dataset rebuilt since the checkpoint (say, from a corpus that changed) is refused at resume.
+    manifest = dataset / "manifest.json"
+    original = manifest.read_text()
+    rebuilt = json.loads(original)
+    rebuilt["source"]["fingerprint"] = "0123456789ab" + rebuilt["source"]["fingerprint"][12:]
+    try:
+        manifest.write_text(json.dumps(rebuilt))
+        with pytest.raises(ValueError, match=r"step_6 was trained on the dataset in .* as it was built then "
+                                             r"\(fingerprint [0-9a-f]{12}\); it has been rebuilt since .*\(0123456789ab\)"):
+            check_start(compose_config(run))
+    finally:
+        manifest.write_text(original)
+    check_start(compose_config(run))  # as built: resumable
+
+
 def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, capsys, tmp_path):
     root, common = workspace
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_flags'}"]) == 0

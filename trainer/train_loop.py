@@ -38,6 +38,7 @@ from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import follow_schedule, param_groups, rewind_one_step, warmup_cosine_scheduler
 from trainer.preemption import PreemptionWatch
+from trainer.run_data import check_dataset_unchanged, dataset_fingerprint_of
 from trainer.reshard import check_same_global_batch, load_universal, needs_universal, universal_checkpoint
 from trainer.step_gc import StepCollector
 from trainer.summary import SUMMARY_NAME, read_json, write_summary
@@ -211,10 +212,14 @@ def check_start(cfg: dict) -> None:
     model), for a launcher to say before it starts any worker, where the run's directory and the data
     are visible to it; the workers check again in any case."""
     resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
+    manifest = read_manifest(cfg["data"]["dir"]) if Path(cfg["data"]["dir"], MANIFEST_NAME).is_file() else None
     if resume is not None:
-        _check_resumable(read_client_state(resume), resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])
-    elif Path(cfg["data"]["dir"], MANIFEST_NAME).is_file():
-        _check_data(model_config(cfg), read_manifest(cfg["data"]["dir"]), cfg["train"]["init_from"])
+        state = read_client_state(resume)
+        _check_resumable(state, resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])
+        if manifest is not None:
+            check_dataset_unchanged(state, resume, manifest)
+    elif manifest is not None:
+        _check_data(model_config(cfg), manifest, cfg["train"]["init_from"])
 
 
 def finished_run(cfg: dict) -> dict | None:
@@ -271,6 +276,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     if resume is not None:
         client = read_client_state(resume)
         _check_resumable(client, resume, model_cfg, cfg, env.world_size)
+        check_dataset_unchanged(client, resume, manifest)
         if client["step"] >= t_cfg["max_steps"]:  # a finished run, re-run: nothing to do, its summary stands
             return _finished_run(cfg, resume, client, model_cfg, env.is_main, report)
         saved_world = client["loader"]["world_size"]
@@ -338,6 +344,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     def checkpoint(at_step: int) -> Path:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
                   "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
+                  "dataset_fingerprint": dataset_fingerprint_of(manifest),
                   "skipped_in_row": skipped_in_row, "skipped_total": skipped_total}
         path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
         release_freed_memory()
