@@ -6,6 +6,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Ray Train's controller collects a worker's report when it polls, every 2 s by default, and a
+# worker's next report waits for that: the tests' steps take milliseconds and report often. Every
+# Ray process started here (embedded, a head, a CLI subprocess) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402
 

@@ -222,7 +222,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
         sys.executable, "-m", "cluster.cli", "sweep", *SMALL_MODEL, f"storage_path={tmp_path}",
         f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "data.val_fraction=0.2", "sweep=lr_tiny",
         "sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2},train.warmup_steps:{type:choice,values:[1,2]}}",
-        "sweep.num_samples=3", "sweep.max_concurrent_trials=1", "sweep.grace_period=6", "train.max_steps=6",
+        "sweep.num_samples=2", "sweep.max_concurrent_trials=1", "sweep.grace_period=6", "train.max_steps=6",
         "train.eval_every=3", "train.eval_batches=1", "train.warmup_steps=1", "train.micro_batch_size=4",
         "train.loader_workers=0", "cluster.num_workers=1", "logger=none",
     ]
@@ -241,15 +241,15 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     changed = subprocess.run([*cmd, "sweep.num_samples=6", "train.max_steps=8"], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path)
     assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
-    assert "sweep.num_samples=6 (it started with 3), train.max_steps=8 (it started with 6)" in changed.stderr
+    assert "sweep.num_samples=6 (it started with 2), train.max_steps=8 (it started with 6)" in changed.stderr
     assert "choose another sweep.name" in changed.stderr and "[sweep] resuming" not in changed.stdout
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
-    assert "[sweep] resuming" in out and "[sweep] lr_tiny: 3 trials" in out
+    assert "[sweep] resuming" in out and "[sweep] lr_tiny: 2 trials" in out
     assert "_00000 started" not in out  # the finished trial is not run again
     rows = list(csv.DictReader(open(tmp_path / "sweeps/lr_tiny/results.csv")))
-    assert len(rows) == 3 and all(r["error"] == "" and int(r["last_step"]) == 6 for r in rows)
+    assert len(rows) == 2 and all(r["error"] == "" and int(r["last_step"]) == 6 for r in rows)
     first_trial = next((tmp_path / "sweeps/lr_tiny").glob("*_00000"))
     assert [json.loads(x)["step"] for x in open(first_trial / "metrics.jsonl")] == list(range(1, 7))
