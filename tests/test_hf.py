@@ -185,6 +185,9 @@ def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(exported):
         with pytest.raises(ValueError, match="only transformers' DynamicCache is supported, not tuple"):
             hf(tokens, cache=((tokens, tokens),), use_cache=True)
     assert cache.get_seq_length() == 10
+    with torch.no_grad():  # what generate() asks for: the last position's logits only
+        last = hf(tokens, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+    torch.testing.assert_close(last, whole[:, -1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(pieces, dim=1)[0, 3:], whole[0, 3:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(pieces, dim=1)[1], whole[1], atol=1e-5, rtol=1e-5)
 
