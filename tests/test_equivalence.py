@@ -202,19 +202,35 @@ def test_a_compiled_run_matches_the_eager_one_and_resumes_eagerly(tiny_dataset, 
     assert second["resumed_from"] == "step_3" and second["losses"] == pytest.approx(eager[3:], rel=1e-4)
 
 
-def test_torchrun_runs_the_same_loop(tmp_path):
+def test_torchrun_runs_the_same_loop_and_ctrl_c_stops_it_for_a_resume(tmp_path):
+    import signal
     import subprocess
     import sys
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=11))
     overrides = [*SMALL_MODEL, f"storage_path={tmp_path}", f"data.sources=[{{name:gen,path:{corpus}}}]",
-                 "data.workers=0", "logger=none", "train.max_steps=4", "train.warmup_steps=2",
-                 "train.micro_batch_size=4", "train.loader_workers=0"]
+                 "data.workers=0", "logger=none", "train.max_steps=30", "train.warmup_steps=2",
+                 "train.micro_batch_size=4", "train.loader_workers=0", "train.log_every=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "cluster.cli", "train", *overrides, "run.name=torchrun"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "2 ranks, ZeRO-2" in proc.stdout and proc.stdout.count("training finished") == 1
-    torchrun = read_summary(tmp_path / "outputs/torchrun")["losses"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    # Ctrl-C in a terminal reaches torchrun (its workers run in their own session), which passes it on.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[train] step 2/30" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert "2 ranks, ZeRO-2" in out and "training stopped on request (SIGINT;" in out, out[-3000:]
+    stopped = read_summary(tmp_path / "outputs/torchrun")
+    assert stopped["stopped_by"] == "SIGINT" and 2 <= stopped["steps"] < 30
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming from step_{stopped['steps']}" in resumed.stdout
+    assert resumed.stdout.count("training finished") == 1
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "outputs/torchrun/metrics.jsonl")]
     cfg = compose_config([*overrides, "run.name=spawned", "cluster.num_workers=2"])
-    assert run_ranks(2, train, cfg)[0]["losses"] == torchrun
+    assert run_ranks(2, train, cfg)[0]["losses"] == losses
