@@ -13,7 +13,7 @@ def launched_by_torchrun() -> bool:
     return TORCHRUN_ENV in os.environ
 
 
-def _prepare(cfg: dict, use_ray: bool = True) -> Path:
+def _prepare(cfg: dict, use_ray: bool = True, fingerprint: str | None = None) -> Path:
     from data_pipelines.prepare import prepare
 
     data, start_ray = dict(cfg["data"]), None
@@ -25,7 +25,8 @@ def _prepare(cfg: dict, use_ray: bool = True) -> Path:
                 connect(cfg["cluster"])
         elif data["workers"] is None:
             data["workers"] = 0  # no Ray on this path unless asked for
-    return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"], before_build=start_ray)
+    return prepare(data, cfg["tokenizer"], force=cfg["prepare"]["force"], before_build=start_ray,
+                   fingerprint=fingerprint)
 
 
 def require_writable(path: str, key: str) -> None:
@@ -70,7 +71,9 @@ def _train_here(cfg: dict) -> dict:
             f"set cluster.num_workers={env.world_size}"
         )
     if env.is_main:
-        _prepare(cfg, use_ray=False)
+        from trainer.run_data import check_run_data
+
+        _prepare(cfg, use_ray=False, fingerprint=check_run_data(cfg))  # what a resume needs, unchanged
         Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
         clear_stop_request(cfg["run"]["dir"])
     dist.barrier()
@@ -78,12 +81,15 @@ def _train_here(cfg: dict) -> dict:
 
 
 def cmd_train(cfg: dict, args) -> None:
-    from trainer.run_data import check_data_settings
+    from trainer.train_loop import finished_run
 
     for key in ("data.dir", "run.dir"):
         section, name = key.split(".")
         require_writable(cfg[section][name], key)
-    check_data_settings(cfg)  # before prepare, which would rebuild the run's dataset for other settings
+    # A finished run needs neither its data nor workers (under torchrun every rank would answer).
+    if not launched_by_torchrun() and (summary := finished_run(cfg)) is not None:
+        _print_summary(cfg, summary)
+        return
     if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
         summary = _train_here(cfg)
         if not (summary and int(os.environ.get("RANK", 0)) == 0):
@@ -96,7 +102,9 @@ def cmd_train(cfg: dict, args) -> None:
             from trainer.distributed import require_gpus
 
             require_gpus(cluster["min_workers"] or cluster["num_workers"], "on this machine (one per worker)")
-        _prepare(cfg)
+        from trainer.run_data import check_run_data
+
+        _prepare(cfg, fingerprint=check_run_data(cfg))  # what a resume needs, unchanged
         summary = launch_training(cfg)
     _print_summary(cfg, summary)
 

@@ -22,7 +22,7 @@ from trainer import host_memory
 from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import read_summary
-from trainer.train_loop import check_start, finished_run, train
+from trainer.train_loop import check_start, train
 
 
 def use_allotted_threads() -> None:
@@ -140,8 +140,6 @@ def launch_training(cfg: dict) -> dict:
     """Train under Ray Train; returns the run summary rank 0 wrote (run.dir/summary.json)."""
     cluster = cfg["cluster"]
     check_start(cfg)  # before Ray starts: one clear line instead of every worker's traceback
-    if (summary := finished_run(cfg)) is not None:  # nothing to train: no Ray, no workers
-        return summary
     if note := elastic_note(cfg):
         print(note, flush=True)
     clear_stop_request(cfg["run"]["dir"])

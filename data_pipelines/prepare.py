@@ -234,12 +234,13 @@ def _write_shards(documents, data_cfg, tokenizer, out, dtype, expected_tokens) -
 
 
 def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
-            before_build: Optional[Callable[[], None]] = None) -> Path:
+            before_build: Optional[Callable[[], None]] = None, fingerprint: Optional[str] = None) -> Path:
     """Build (or reuse) the dataset at data_cfg['dir']; returns its directory. `before_build` runs only
-    when there is something to build (say, starting Ray for the tokenizer actors)."""
+    when there is something to build (say, starting Ray for the tokenizer actors). `fingerprint`:
+    dataset_fingerprint(data_cfg, tokenizer_cfg) if the caller has just computed it."""
     out = Path(data_cfg["dir"])
     check_replaceable(out)
-    fp = dataset_fingerprint(data_cfg, tokenizer_cfg)
+    fp = fingerprint or dataset_fingerprint(data_cfg, tokenizer_cfg)
     if not force and (out / MANIFEST_NAME).is_file():
         built, why = _built_fingerprint(out)
         if built == fp:

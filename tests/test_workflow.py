@@ -122,6 +122,20 @@ def test_a_run_resumes_only_on_the_data_it_trained_on(workspace, capsys):
             "data.seq_len=16 (it trained with 32), data.val_fraction=0.3 (it trained with 0.2)") in err, err
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dataset.iterdir() if p.is_file()} == before
 
+    # So are changed input files; a finished run, which needs no data, still answers.
+    corpus = root / "corpus.jsonl"
+    original_corpus = corpus.read_bytes()
+    try:
+        corpus.write_bytes(original_corpus + b'{"text": "a document added since"}\n')
+        assert main(["train", *run]) == 1
+        assert "run base resumes from step_6 on the data it trained on, but its input files have changed since (" \
+            in capsys.readouterr().err
+        assert main(["train", *run, "train.max_steps=6"]) == 0
+        assert "already finished at step 6" in capsys.readouterr().out
+    finally:
+        corpus.write_bytes(original_corpus)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in dataset.iterdir() if p.is_file()} == before
+
     # The dataset rebuilt since the checkpoint (say, from a corpus that changed) is refused at resume.
     manifest = dataset / "manifest.json"
     original = manifest.read_text()

@@ -223,12 +223,14 @@ def check_start(cfg: dict) -> None:
 
 
 def finished_run(cfg: dict) -> dict | None:
-    """The summary of a run already at train.max_steps, for a launcher to return without starting any
-    worker (one that would load nothing and train nothing); None for a run with steps to go."""
+    """The summary of a run already at train.max_steps, for a launcher to return without preparing
+    data or starting any worker (one that would load nothing and train nothing); None for a run with
+    steps to go."""
     resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
     client = read_client_state(resume) if resume is not None else None
     if client is None or client["step"] < cfg["train"]["max_steps"]:
         return None
+    _check_resumable(client, resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])  # the same run?
     return _finished_run(cfg, resume, client, model_config(cfg), is_main=True, report=None)
 
 
