@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "the text (default: text)")
     ev.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward (default: 8)")
     ev.add_argument("--max-batches", type=_positive(int), help="score at most this many batches (default: all)")
-    ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: data.seq_len)")
+    ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: the length a checkpoint trained "
+                                                       "at; data.seq_len for a Hugging Face directory)")
     gen = sub.choices["generate"]
     gen.add_argument("--prompt", help="the text to continue (required)")
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to add (default: 64)")

@@ -216,7 +216,9 @@ def cmd_eval(cfg: dict, args) -> None:
     need_tokenizer = bool(args.text) or not (is_checkpoint or _data_dir_named(args))
     model, tokenizer = _model_and_tokenizer(cfg, args, required=need_tokenizer)
     if args.text:
-        seq_len = args.seq_len or cfg["data"]["seq_len"]
+        # The length the checkpoint trained at; a Hugging Face directory records none.
+        trained = read_client_state(args.path)["config"]["data"]["seq_len"] if is_checkpoint else None
+        seq_len = args.seq_len or trained or cfg["data"]["seq_len"]
         if seq_len > model.cfg.max_context_length:
             raise ValueError(f"--seq-len {seq_len}: longer than the model's context ({model.cfg.max_context_length} "
                              "tokens, max_context_length)")

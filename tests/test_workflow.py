@@ -171,6 +171,10 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
     assert main(["eval", hf, "--text", *map(str, files), "--seq-len=16", "--batch-size=1", "--max-batches=2",
                  *common]) == 0
     assert capsys.readouterr().out.rstrip().endswith("| 32 tokens")  # two batches of one 16-token sample
+    # A checkpoint is scored at the length it trained at (32, where the default data.seq_len is 128).
+    step = str(root / "outputs/base/checkpoints/step_6")
+    assert main(["eval", step, "--text", *map(str, files), "--batch-size=1", "--max-batches=2"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("| 64 tokens")
 
     for argv, message in [
         (["generate", hf, "--prompt", "x", "--temperature", "0"], "argument --temperature: must be finite and > 0, got 0"),
