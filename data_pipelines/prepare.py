@@ -84,8 +84,9 @@ def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
 
 
 def _corpus_texts(sources: list[dict]) -> Iterator[tuple[str, Optional[float]]]:
-    """(cleaned non-empty text, fraction of the local input bytes read so far) of every source in turn."""
-    units = [u for i, spec in enumerate(sources) for u in read_units(spec, i)]
+    """(cleaned non-empty text, fraction of the local input bytes read so far) of every source in turn,
+    weight-0 ones left out: their documents are never trained on, so they do not shape the vocabulary."""
+    units = [u for i, spec in enumerate(sources) if spec.get("weight", 1.0) != 0 for u in read_units(spec, i)]
     total, before = sum(u.size for u in units), 0
     for unit in units:
         for record in read_unit(unit, sources[unit.source].get("text_field", "text")):

@@ -92,3 +92,13 @@ def test_a_weight_zero_source_is_not_read(tmp_path):
     cfg = two_sources(tmp_path, (1, 0))
     stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]["sources"]
     assert stats[1]["documents_read"] == 0 and stats[1]["tokens_used"] == 0 and stats[0]["share"] == 1.0
+
+
+def test_a_weight_0_source_does_not_shape_the_vocabulary(tmp_path):
+    from data_pipelines.prepare import build_tokenizer
+
+    cfg = two_sources(tmp_path, (1, 0))
+    alone = {**cfg, "sources": cfg["sources"][:1]}
+    assert build_tokenizer(cfg, TOKENIZER_CFG).vocabulary() == build_tokenizer(alone, TOKENIZER_CFG).vocabulary()
+    with_both = {**cfg, "sources": [cfg["sources"][0], {**cfg["sources"][1], "weight": 1}]}
+    assert build_tokenizer(with_both, TOKENIZER_CFG).vocabulary() != build_tokenizer(alone, TOKENIZER_CFG).vocabulary()
