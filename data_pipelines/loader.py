@@ -104,6 +104,9 @@ class RankBatches(IterableDataset):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         n = read_manifest(root).num_samples(split)
         self.per_rank = n // world_size
+        if n == 0:
+            fix = " (raise data.val_fraction and prepare it again)" if split == "val" else ""
+            raise ValueError(f"split {split!r} of {root} has no sample{fix}")
         if self.per_rank == 0:
             raise ValueError(f"split {split!r} of {root} has {n} samples, fewer than the {world_size} ranks")
         self.start = 0  # stream offset (samples already consumed by this rank)

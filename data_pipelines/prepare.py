@@ -269,6 +269,10 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
         f"{splits['train']['samples']} train / {splits['val']['samples']} val samples of {data_cfg['seq_len'] + 1} tokens",
         flush=True,
     )
+    if splits["val"]["samples"] == 0 and data_cfg["val_fraction"] > 0:
+        print(f"[prepare] warning: no val sample (data.val_fraction={data_cfg['val_fraction']} of "
+              f"{stats['documents_kept']} documents): validation (train.eval_every, eval) needs some; raise "
+              "data.val_fraction", flush=True)
     return out
 
 

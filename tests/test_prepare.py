@@ -251,3 +251,13 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["prepare", f"storage_path={tmp_path}", "prepare.verify=true"]) == 1
     err = capsys.readouterr().err
     assert "manifest.json not found" in err and "Traceback" not in err
+
+
+def test_a_corpus_too_small_for_a_val_sample_is_told_and_the_loader_names_the_fix(tmp_path, capsys):
+    from data_pipelines.loader import RankBatches
+
+    corpus = write_jsonl(tmp_path / "small.jsonl", make_documents(12, seed=4))
+    out = prepare(data_cfg(corpus, tmp_path / "ds", val_fraction=0.02), TOKENIZER_CFG)
+    assert "[prepare] warning: no val sample (data.val_fraction=0.02 of 12 documents)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"split 'val' of .* has no sample \(raise data.val_fraction and prepare"):
+        RankBatches(str(out), "val", 0, 1, 4, seed=0, shuffle=False)
