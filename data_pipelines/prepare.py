@@ -30,7 +30,9 @@ from data_pipelines.packing import Packer, token_dtype
 from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
-from data_pipelines.sources import ReadUnit, check_files, fingerprint_sources, read_unit, read_units, source_name
+from data_pipelines.sources import (
+    ReadUnit, bad_record_error, check_files, fingerprint_sources, read_unit, read_units, source_name,
+)
 from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_bpe
@@ -83,13 +85,16 @@ def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
     return digest.hexdigest()
 
 
-def _corpus_texts(sources: list[dict]) -> Iterator[tuple[str, Optional[float]]]:
+def _corpus_texts(sources: list[dict], on_bad_record: str) -> Iterator[tuple[str, Optional[float]]]:
     """(cleaned non-empty text, fraction of the local input bytes read so far) of every source in turn,
-    weight-0 ones left out: their documents are never trained on, so they do not shape the vocabulary."""
+    weight-0 ones left out: their documents are never trained on, so they do not shape the vocabulary.
+    With on_bad_record "error", the first bad record stops it (rather than after this whole pass)."""
     units = [u for i, spec in enumerate(sources) if spec.get("weight", 1.0) != 0 for u in read_units(spec, i)]
     total, before = sum(u.size for u in units), 0
     for unit in units:
         for record in read_unit(unit, sources[unit.source].get("text_field", "text")):
+            if record.bad and on_bad_record == "error":
+                raise bad_record_error(record)
             if record.text and record.text.strip():
                 yield clean_text(record.text), (before + record.pos) / total if total else None
         before += unit.size
@@ -99,7 +104,7 @@ def _training_texts(data_cfg: dict, limit: Optional[int]) -> Iterator[str]:
     """The BPE's training texts, with a progress line: reading a large corpus takes a while."""
     progress = Progress("prepare tokenizer")
     n = 0
-    for n, (text, fraction) in enumerate(_corpus_texts(data_cfg["sources"]), 1):
+    for n, (text, fraction) in enumerate(_corpus_texts(data_cfg["sources"], data_cfg["on_bad_record"]), 1):
         yield text
         if limit:
             fraction = max(fraction or 0, n / limit)

@@ -182,7 +182,7 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 except json.JSONDecodeError as e:
                     if line_no == 1:  # not JSON at all: the wrong file, not a bad record
                         raise ValueError(f"{origin}: not JSON lines ({e.msg}){_json_array_hint(line)}") from None
-                    yield Record(None, origin, bad="invalid_json", detail=e.msg, pos=pos)
+                    yield Record(None, origin, bad="invalid_json", detail=f"{e.msg} at column {e.colno}", pos=pos)
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field), pos=pos)
@@ -190,6 +190,13 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 yield Record(record[text_field], origin, replaced, pos=pos)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
+
+
+def bad_record_error(record: Record) -> ValueError:
+    """What data.on_bad_record=error raises for the first bad record."""
+    detail = f": {record.detail}" if record.detail else ""
+    return ValueError(f"{record.origin}: bad record ({record.bad}{detail}); set data.on_bad_record=skip to skip such "
+                      "records")
 
 
 def _json_array_hint(first_line: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipelines.cleaning import clean_text, dedup_key, filter_length
-from data_pipelines.sources import ReadUnit, read_unit
+from data_pipelines.sources import ReadUnit, bad_record_error, read_unit
 from data_pipelines.tokenizer import TextTokenizer
 
 BATCH = 1024
@@ -47,10 +47,7 @@ def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_ba
 
     for record in read_unit(units[unit_index], text_field):
         if record.bad and on_bad_record == "error":
-            detail = f": {record.detail}" if record.detail else ""
-            raise ValueError(
-                f"{record.origin}: bad record ({record.bad}{detail}); set data.on_bad_record=skip to skip such records"
-            )
+            raise bad_record_error(record)
         columns["text"].append(record.text or "")
         columns["bad"].append(record.bad)
         columns["origin"].append(record.origin)

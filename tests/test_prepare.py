@@ -110,7 +110,8 @@ def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"text": "fine"}\n{not json\n', r"c\.jsonl:2: bad record \(invalid_json: Expecting property name"),
+        ('{"text": "fine"}\n{not json\n',
+         r"c\.jsonl:2: bad record \(invalid_json: Expecting property name enclosed in double quotes at column 2\)"),
         ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: bad record \(missing_text_field: no field 'text'"),
         ('{"text": "   "}\n', r"kept none of its 1 documents \(dropped: {'empty': 1}\): its documents are empty"),
         ("not json at all\n", r"c\.jsonl:1: not JSON lines"),
