@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 import conf
 from cluster import config_schema
 from cluster.config_schema import ElmConfig
+from data_pipelines.sources import PACKAGE_SCHEME
 from trainer.model_config import OpenELMConfig
 
 ConfigStore.instance().store(name="elmforge_schema", node=ElmConfig)
@@ -165,16 +166,18 @@ def accumulation_for(cfg: dict, world_size: int) -> int:
     return cfg["cluster"]["num_workers"] * cfg["train"]["grad_accum_steps"] // world_size
 
 
+URI = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 PATH_KEYS = (("storage_path",), ("data", "dir"), ("run", "dir"), ("tokenizer", "path"), ("train", "init_from"))
 
 
 def _refuse_uris(cfg: dict) -> None:
     """Paths must be POSIX paths: os.path.abspath would quietly turn s3://b/x into ./s3:/b/x."""
+    paths = [(".".join(keys), cfg[keys[0]] if len(keys) == 1 else cfg[keys[0]][keys[1]]) for keys in PATH_KEYS]
+    paths += [(f"data.sources.{i}.path", s.get("path")) for i, s in enumerate(cfg["data"]["sources"])]
     uris = []
-    for keys in PATH_KEYS:
-        value = cfg[keys[0]] if len(keys) == 1 else cfg[keys[0]][keys[1]]
-        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-            uris.append(f"{'.'.join(keys)}={value}")
+    for key, value in paths:
+        if isinstance(value, str) and not value.startswith(PACKAGE_SCHEME) and re.match(URI, value):
+            uris.append(f"{key}={value}")
     if uris:
         raise ConfigError(f"{', '.join(uris)}: URIs are not supported; mount the storage on every node "
                           "(a shared file system, or a bucket through s3fs / gcsfuse) and give its path")
@@ -195,6 +198,9 @@ def finalise(cfg: dict) -> dict:
     for section, key in (("tokenizer", "path"), ("train", "init_from"), ("submit", "working_dir")):
         if cfg[section][key]:
             cfg[section][key] = os.path.abspath(os.path.expanduser(cfg[section][key]))
+    for source in cfg["data"]["sources"]:  # package:// stays: where the package lies differs between machines
+        if source.get("path") and not source["path"].startswith(PACKAGE_SCHEME):
+            source["path"] = os.path.abspath(os.path.expanduser(source["path"]))
     return cfg
 
 

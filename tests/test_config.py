@@ -34,6 +34,9 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert cfg["data"]["dir"] == str(tmp_path / "store/data/sample")
     assert cfg["run"]["dir"] == os.path.join(tmp_path, "store/outputs", cfg["run"]["name"])
     assert cfg["submit"]["working_dir"] == str(tmp_path)  # "." where the command ran
+    assert cfg["data"]["sources"][0]["path"].startswith("package://")  # the same on every machine
+    sources = compose_config(["data.sources=[{path:corpus/*.jsonl},{path:'~/web.jsonl'}]"])["data"]["sources"]
+    assert [s["path"] for s in sources] == [str(tmp_path / "corpus/*.jsonl"), os.path.expanduser("~/web.jsonl")]
 
 
 def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
@@ -71,6 +74,7 @@ def test_every_model_composes(model):
         (["model=openelm_9b"], "openelm_270m"),
         (["model.num_layer=3"], "model.num_layer"),
         (["storage_path=s3://bucket/elm"], "storage_path=s3://bucket/elm: URIs are not supported; mount"),
+        (["data.sources=[{path:'s3://b/web.jsonl'}]"], "data.sources.0.path=s3://b/web.jsonl: URIs are not supported"),
         (["data.sources=[{name:x,path:/a.jsonl,txt_field:body}]"],  # OmegaConf names neither list nor override
          "'txt_field' in override data.sources=[{name:x,path:/a.jsonl,txt_field:body}]: SourceConfig has name, path"),
         (["train.max_steps=0"], "train.max_steps=0: must be at least 1"),
