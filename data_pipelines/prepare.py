@@ -247,12 +247,18 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     out = Path(data_cfg["dir"])
     check_replaceable(out)
     fp = fingerprint or dataset_fingerprint(data_cfg, tokenizer_cfg)
-    if not force and (out / MANIFEST_NAME).is_file():
+    rebuilding = None
+    if (out / MANIFEST_NAME).is_file():
         built, why = _built_fingerprint(out)
-        if built == fp:
+        if built == fp and not force:
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
             return out
-        print(f"[prepare] {out} {why}; rebuilding", flush=True)
+        rebuilding = f"{out}: prepare.force=true" if built == fp else f"{out} {why}"
+    for i, spec in enumerate(data_cfg["sources"]):  # cheap checks of every file, before any work (or Ray)
+        if not spec.get("hf"):
+            check_files(spec, i)
+    if rebuilding:
+        print(f"[prepare] {rebuilding}; rebuilding", flush=True)
     if before_build is not None:
         before_build()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,9 +292,6 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     names = [source_name(s, i) for i, s in enumerate(sources)]
     shares = normalised_weights([s.get("weight", 1.0) for s in sources])
     target = data_cfg.get("target_tokens")
-    for i, spec in enumerate(sources):
-        if not spec.get("hf"):
-            check_files(spec, i)
     tokenizer = build_tokenizer(data_cfg, tokenizer_cfg)
     tokenizer.save(tmp)
     dtype = token_dtype(tokenizer.vocab_size)
