@@ -256,6 +256,8 @@ def validate(cfg: dict) -> None:
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
     need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
     need(0 <= d["val_fraction"] < 1, f"data.val_fraction={d['val_fraction']}", "must be in [0, 1)")
+    for key in ("min_chars", "min_tokens"):
+        need(d["filters"][key] >= 0, f"data.filters.{key}={d['filters'][key]}", "must be 0 or more")
     need(d["samples_per_shard"] >= 1, f"data.samples_per_shard={d['samples_per_shard']}", "must be at least 1")
     need(d["shard_bytes"] is None or d["shard_bytes"] > 0, f"data.shard_bytes={d['shard_bytes']}", "must be positive")
     need(d["target_tokens"] is None or d["target_tokens"] > 0, f"data.target_tokens={d['target_tokens']}", "must be positive")

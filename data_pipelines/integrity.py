@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from data_pipelines.manifest import read_manifest
+from data_pipelines.manifest import REBUILD_FIX, read_manifest
 from data_pipelines.progress import Progress
 from data_pipelines.shard_writer import sha256_file
 
@@ -15,10 +15,11 @@ def verify_dataset(root: str | Path) -> int:
     for i, shard in enumerate(shards, 1):
         path = manifest.root / shard.name
         if not path.is_file():
-            raise ValueError(f"shard {path} listed in the manifest is missing")
+            raise ValueError(f"shard {path} listed in the manifest is missing: {REBUILD_FIX}")
         actual = sha256_file(path)
         if actual != shard.sha256:
-            raise ValueError(f"shard {path} is corrupt: sha256 {actual[:16]}..., manifest says {shard.sha256[:16]}...")
+            raise ValueError(f"shard {path} is corrupt: sha256 {actual[:16]}..., manifest says {shard.sha256[:16]}...: "
+                             f"{REBUILD_FIX}")
         progress.update({"shards": i}, done_fraction=i / len(shards))
     tokenizer = manifest.tokenizer_path
     if not tokenizer.is_file():

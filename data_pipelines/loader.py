@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.manifest import Manifest, read_manifest
+from data_pipelines.manifest import REBUILD_FIX, Manifest, read_manifest
 from data_pipelines.shard_writer import sha256_file
 
 
@@ -62,12 +62,13 @@ class SampleIndex:
     def _check_shard(self, shard) -> list[tuple[int, int]]:
         path = self.manifest.root / shard.name
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing: {REBUILD_FIX}")
         size = path.stat().st_size
         if size != shard.bytes:
-            raise ValueError(f"shard {path} is truncated or altered: {size} bytes, the manifest says {shard.bytes}")
+            raise ValueError(f"shard {path} is truncated or altered: {size} bytes, the manifest says {shard.bytes}: "
+                             f"{REBUILD_FIX}")
         if sha256_file(path) != shard.sha256:
-            raise ValueError(f"shard {path} does not match its checksum in the manifest")
+            raise ValueError(f"shard {path} does not match its checksum in the manifest: {REBUILD_FIX}")
         with tarfile.open(path) as tar:
             members = tar.getmembers()
         for m in members:

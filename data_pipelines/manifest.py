@@ -14,6 +14,9 @@ from pathlib import Path
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
+# What a damaged or missing shard's error ends with: the build is deterministic, so the same settings rebuild it.
+REBUILD_FIX = "rebuild the dataset with the same data settings and prepare.force=true"
+
 
 @dataclass(frozen=True)
 class ShardInfo:

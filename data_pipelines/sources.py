@@ -225,8 +225,8 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
     yield Record(text, f"{path}:1", replaced, pos=pos)
 
 
-def _parquet_file(path: str, text_field: str):
-    """The open file, once its footer shows the text column."""
+def _parquet_file(path: str, text_field: str, key: str = "a data source's text_field, or eval's --text-field"):
+    """The open file, once its footer shows the text column (`key`: the setting that names it)."""
     import pyarrow.parquet as pq
 
     try:
@@ -236,7 +236,7 @@ def _parquet_file(path: str, text_field: str):
     if text_field not in pf.schema_arrow.names:
         raise ValueError(
             f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names}); "
-            "name the column that holds the text (a data source's text_field, or eval's --text-field)"
+            f"name the column that holds the text ({key})"
         )
     return pf
 
@@ -287,12 +287,13 @@ def check_files(spec: dict, index: int) -> list[str]:
     text_field = spec.get("text_field", "text")
     for path in files:
         fmt, compression = _format_of(path)
+        key = f"data.sources.{index}.text_field"
         if fmt == "parquet":
-            _parquet_file(path, text_field)
+            _parquet_file(path, text_field, key)
         elif fmt == "txt":
             _probe_compression(path, compression)
         else:
-            _probe_json_lines(path, compression, text_field, f"data.sources.{index}.text_field")
+            _probe_json_lines(path, compression, text_field, key)
     return files
 
 
@@ -300,6 +301,8 @@ def _probe_json_lines(path: str, compression: str, text_field: str, key: str) ->
     records = list(islice(_read_lines(path, compression, text_field), PROBE_RECORDS))
     if records and not any(r.text is not None for r in records):
         first = next((r for r in records if r.bad == "missing_text_field"), None)
+        if first is not None and first.detail == _no_text([], text_field):  # a whole JSON array on line 1
+            raise ValueError(f"{path}: not JSON lines (line 1 is a JSON list){_json_array_hint('[')}")
         if first is not None:
             raise ValueError(
                 f"{path}: none of the first {len(records)} records has a string {text_field!r} "

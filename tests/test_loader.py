@@ -147,7 +147,8 @@ def test_checksum_mismatch_is_named(tiny_dataset, tmp_path):
     data = bytearray(shard.read_bytes())
     data[700] ^= 0x01  # inside the first sample's data: same size, different bytes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"shard-000000.tar does not match its checksum"):
+    with pytest.raises(ValueError, match=r"shard-000000.tar does not match its checksum in the manifest: rebuild the dataset with the same data "
+                                         r"settings and prepare.force=true"):
         _first_batch(copy)
 
 

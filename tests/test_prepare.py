@@ -233,7 +233,7 @@ def test_verify_accepts_a_good_dataset_and_names_a_corrupt_shard(tmp_path, tiny_
     data = bytearray(shard.read_bytes())
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt"):
+    with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt: .*: rebuild the dataset with the same data settings and prepare.force=true"):
         verify_dataset(copy)
 
 

@@ -82,6 +82,17 @@ def test_parquet_without_the_text_column_is_named(tmp_path):
         texts({"path": str(tmp_path / "a.parquet")})
 
 
+def test_the_checks_before_a_build_name_the_setting_and_a_one_line_json_array(tmp_path):
+    from data_pipelines.sources import check_files
+
+    (tmp_path / "arr.json").write_text('[{"text": "a"}, {"text": "b"}]')
+    with pytest.raises(ValueError, match=r"arr\.json: not JSON lines \(line 1 is a JSON list\); it looks like one JSON"):
+        check_files({"path": str(tmp_path / "arr.json")}, 0)
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"name the column that holds the text \(data.sources.1.text_field\)"):
+        check_files({"path": str(tmp_path / "a.parquet")}, 1)
+
+
 def test_hugging_face_datasets_stream_local_files_by_shard(tmp_path, monkeypatch):
     """The real `datasets` streaming path, offline: a dataset directory with two data files."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
