@@ -14,10 +14,12 @@ trial resumes its training from its newest checkpoint.
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from ray import tune
+from ray.tune.error import TuneError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -27,7 +29,9 @@ from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
 from trainer.preemption import clear_stop_request, request_stop
+from trainer.errors import TrainingError, one_line
 from trainer.summary import SUMMARY_NAME, read_json, write_json
+from trainer.train_loop import REPORTED_METRICS
 
 CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
 # What a restored sweep may take from a new command line: where Ray runs, data preparation, and
@@ -44,16 +48,30 @@ DISTRIBUTIONS = {
 
 def search_space(space: dict) -> dict:
     """Tune's space from the config's: {"train.lr": {"type": "loguniform", "low": .., "high": ..}, ...}."""
-    out = {}
-    for key, spec in space.items():
-        kind = spec.get("type")
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"sweep.space.{key}.type={kind!r}: expected one of {sorted(DISTRIBUTIONS)}")
-        try:
-            out[key] = DISTRIBUTIONS[kind](spec)
-        except KeyError as e:
-            raise ConfigError(f"sweep.space.{key}: {kind} needs {e.args[0]!r}") from None
-    return out
+    return {key: _distribution(f"sweep.space.{key}", spec) for key, spec in space.items()}
+
+
+def _distribution(where: str, spec):
+    example = "e.g. 'sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2}}' (keys are dotted)"
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in DISTRIBUTIONS:
+        got = f".type={kind!r}" if isinstance(spec, dict) else f"={spec!r}"
+        raise ConfigError(f"{where}{got}: expected a distribution of type {' / '.join(sorted(DISTRIBUTIONS))}, {example}")
+    need = ("values",) if kind == "choice" else ("low", "high")
+    missing = [k for k in need if k not in spec]
+    if missing:
+        raise ConfigError(f"{where}: {kind} needs {missing[0]!r}")
+    if kind == "choice":
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise ConfigError(f"{where}.values={spec['values']!r}: choice needs a non-empty list, e.g. values:[1,2]")
+    else:
+        low, high = spec["low"], spec["high"]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+        if not numbers or not low < high:
+            raise ConfigError(f"{where}: {kind} needs numbers low < high, got low={low!r}, high={high!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got low={low!r}")
+    return DISTRIBUTIONS[kind](spec)
 
 
 def apply(cfg: dict, params: dict) -> dict:
@@ -66,6 +84,8 @@ def apply(cfg: dict, params: dict) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or last not in node:
             raise ConfigError(f"sweep.space: {dotted} is not a config key")
+        if isinstance(node[last], dict):
+            raise ConfigError(f"sweep.space: {dotted} is a section, not a value; search its keys ({dotted}.<key>)")
         node[last] = value
     return cfg
 
@@ -93,6 +113,11 @@ def check_space(cfg: dict) -> None:
 def check_schedule(cfg: dict) -> None:
     """Trials are compared at validation steps and ASHA's first rung is grace_period: both within max_steps."""
     s, t = cfg["sweep"], cfg["train"]
+    if s["mode"] not in ("min", "max"):
+        raise ConfigError(f"sweep.mode={s['mode']!r}: expected min or max")
+    if s["metric"] not in REPORTED_METRICS:
+        raise ConfigError(f"sweep.metric={s['metric']!r}: not a metric the training loop reports at a validation "
+                          f"({', '.join(REPORTED_METRICS)})")
     if not t["eval_every"]:
         raise ConfigError("a sweep compares trials on validation loss: set train.eval_every (e.g. in the sweep config)")
     for key, value in (("train.eval_every", t["eval_every"]), ("sweep.grace_period", s["grace_period"])):
@@ -198,6 +223,10 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
     out = sweep_dir(cfg)
     experiment = out / "tune"
     restoring = tune.Tuner.can_restore(str(experiment))
+    if restoring and not _trial_dirs(out):  # it failed before its first trial: nothing to resume
+        print(f"[sweep] {out} holds no trial: starting it anew", flush=True)
+        shutil.rmtree(experiment)
+        restoring = False
     if restoring:
         check_restorable(cfg, out)
     # Tune still ends a trial's actor, and with it its Ray Train controller, when the sweep is interrupted:
@@ -213,12 +242,32 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_NAME, cfg)
         tuner = _new_tuner(cfg, trainable, out)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except TuneError as e:
+        raise TrainingError(f"sweep {s['name']} failed: {one_line(e)}") from e
+    # Tune marks the trials it ends on Ctrl-C (or SIGTERM) terminated too: a finished trial wrote its summary.
+    finished = sum(bool(r.error) or (out / _trial_name(r) / SUMMARY_NAME).is_file() for r in grid)
+    if finished < s["num_samples"]:  # Tune saved its state, for the same command to resume
+        print(f"[sweep] {s['name']} interrupted with {finished} of {s['num_samples']} trials finished; re-run the "
+              "same command to resume it", flush=True)
+        raise KeyboardInterrupt
     rows = _table(grid, s, out)
     _write_csv(rows, out / "results.csv")
     _print_table(rows, s)
     print(f"[sweep] results: {out / 'results.csv'}\n[sweep] compare the trials: elmforge report {out}", flush=True)
+    if cfg["logger"]["mode"] == "offline":  # each trial's runs, in start order (the shell sorts them so)
+        print(f"[sweep] upload the trials' W&B runs: wandb sync {out}/*/wandb/offline-run-*", flush=True)
     return rows
+
+
+def _trial_name(result) -> str:
+    return Path(result.path).name if result.path else "?"
+
+
+def _trial_dirs(out: Path) -> list[Path]:
+    """The run directories of the trials that started (each writes its metrics.jsonl)."""
+    return [p.parent for p in out.glob("*/metrics.jsonl")]
 
 
 def _new_tuner(cfg: dict, trainable, out: Path) -> tune.Tuner:
@@ -250,7 +299,7 @@ def _table(grid, s: dict, runs_root: Path) -> list[dict]:
         best = None  # a trial that failed before its first validation has no history
         if history is not None and s["metric"] in history:
             best = float(history[s["metric"]].min() if s["mode"] == "min" else history[s["metric"]].max())
-        name = Path(result.path).name if result.path else "?"
+        name = _trial_name(result)
         summary = read_json(runs_root / name / SUMMARY_NAME)
         rows.append({
             "trial": name,

@@ -21,6 +21,16 @@ def test_the_search_space_is_read_from_config():
         search_space({"train.lr": {"type": "gauss"}})
     with pytest.raises(ConfigError, match=r"sweep.space.train.lr: loguniform needs 'high'"):
         search_space({"train.lr": {"type": "loguniform", "low": 1e-4}})
+    for space, message in [
+        ({"train.lr": 0.01}, r"sweep.space.train.lr=0.01: expected a distribution of type choice / loguniform"),
+        ({"train": {"lr": {"type": "uniform"}}}, r"sweep.space.train.type=None: .*\(keys are dotted\)"),
+        ({"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}, r"loguniform needs low > 0, got low=0"),
+        ({"train.lr": {"type": "uniform", "low": 0.1, "high": 0.01}}, r"uniform needs numbers low < high"),
+        ({"train.warmup_steps": {"type": "choice", "values": []}}, r"values=\[\]: choice needs a non-empty list"),
+        ({"train.warmup_steps": {"type": "choice", "values": 5}}, r"values=5: choice needs a non-empty list"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            search_space(space)
 
 
 def test_trial_parameters_must_be_config_keys():
@@ -30,6 +40,8 @@ def test_trial_parameters_must_be_config_keys():
         apply(cfg, {"train.lrr": 0.5})
     with pytest.raises(ConfigError, match="train.lr.low is not a config key"):
         apply(cfg, {"train.lr.low": 0.5})
+    with pytest.raises(ConfigError, match=r"model is a section, not a value; search its keys \(model.<key>\)"):
+        apply(cfg, {"model": "openelm_270m"})
 
 
 def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_path, capsys):
@@ -53,6 +65,8 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
      "sweep.grace_period=10 is above train.max_steps=8: trials would end before ASHA could compare them"),
     (["train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "sweep.grace_period=4"],  # lr_tiny's 10
      "sweep.space.train.warmup_steps: a trial with train.warmup_steps=10 would fail: train.warmup_steps=10: must be"),
+    (["sweep.metric=val_los"], "sweep.metric='val_los': not a metric the training loop reports at a validation"),
+    (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
     (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],
      "sweep.space.train.lr: a trial with train.lr=-1.0 would fail: train.lr=-1.0: must be positive"),
 ])
@@ -156,6 +170,7 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     ray.shutdown()
     out = capsys.readouterr().out
     assert "[sweep] lr_tiny: 4 trials" in out
+    assert f"[sweep] upload the trials' W&B runs: wandb sync {tmp_path}/sweeps/lr_tiny/*/wandb/offline-run-*" in out
     rows = list(csv.DictReader(open(tmp_path / "sweeps/lr_tiny/results.csv")))
     assert len(rows) == 4 and all(r["error"] == "" for r in rows)
     losses = [float(r["val_loss"]) for r in rows]
@@ -236,6 +251,9 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     rest, _ = proc.communicate(timeout=300)
     first_out = "".join(seen) + rest
     assert "_00000 completed" in first_out, first_out[-3000:]
+    # Interrupted, not finished: no results table, and a status that says so.
+    assert proc.returncode == 130 and "[sweep] lr_tiny interrupted with 1 of 2 trials finished; re-run" in first_out
+    assert not (tmp_path / "sweeps/lr_tiny/results.csv").exists()
 
     # A restored sweep keeps the settings it started with: an override that differs is refused, named.
     changed = subprocess.run([*cmd, "sweep.num_samples=6", "train.max_steps=8"], capture_output=True, text=True,

@@ -71,9 +71,11 @@ def test_a_resumed_offline_run_prints_one_sync_command_for_all_its_wandb_directo
 
     first = train(small_cfg(tiny_dataset, tmp_path, "run.name=twice", "train.max_steps=2", "train.warmup_steps=1"))
     cfg = small_cfg(tiny_dataset, tmp_path, "run.name=twice", "train.max_steps=4", "train.warmup_steps=1")
+    capsys.readouterr()
     second = train(cfg)
     assert second["resumed_from"] == "step_2" and second["wandb_dir"] != first["wandb_dir"]
-    capsys.readouterr()
+    both = f"wandb sync {first['wandb_dir']} {second['wandb_dir']}"
+    assert f"[wandb] offline run {second['wandb_dir']} (upload: {both})" in capsys.readouterr().out  # at its start
     _print_summary(cfg, second)
     assert f"upload with  wandb sync {first['wandb_dir']} {second['wandb_dir']}\n" in capsys.readouterr().out
     assert [h["_step"] for h in run_history(first["wandb_dir"]) + run_history(second["wandb_dir"])] == [1, 2, 3, 4]
@@ -187,11 +189,16 @@ def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_da
 def test_every_validation_shows_in_a_progress_line(tiny_dataset, tmp_path, capsys):
     cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "train.log_every=5", "train.eval_every=3",
                     "train.eval_batches=1")
-    train(cfg)
+    reports = []
+    train(cfg, report=reports.append)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step ")]
     # Steps 3 and 6 validate, 5 is a log step, 6 the last.
     assert [line.split()[2] for line in lines] == ["3/6", "5/6", "6/6"]
     assert ["val_loss" in line for line in lines] == [True, False, True]
+    # What a sweep may name as its metric (sweep.metric is checked against this list before Ray starts).
+    from trainer.train_loop import REPORTED_METRICS
+
+    assert [r["step"] for r in reports] == [3, 6] and all(set(r) == {"step", *REPORTED_METRICS} for r in reports)
 
 
 def test_python_collects_garbage_only_at_every_nth_step_while_training(tiny_dataset, tmp_path):

@@ -46,7 +46,9 @@ class MetricsLogger:
             )
             self.wandb_dir = Path(self._wandb.dir).parent
             url = self._wandb.get_url() if log_cfg["mode"] == "online" else None
-            where = f"run {url}" if url else f"offline run {self.wandb_dir} (upload: wandb sync {self.wandb_dir})"
+            # A resumed run's earlier invocations wrote their own offline directories: upload them all.
+            upload = " ".join(map(str, offline_runs(self.wandb_dir)))
+            where = f"run {url}" if url else f"offline run {self.wandb_dir} (upload: wandb sync {upload})"
             print(f"[wandb] {where}", flush=True)
 
     def _keep_until(self, step: int) -> None:

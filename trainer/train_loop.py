@@ -207,6 +207,11 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
     check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
 
 
+# What `report` gets at each validation besides the step: what a sweep may compare trials on.
+REPORTED_METRICS = ("val_loss", "val_perplexity", "loss", "ce_loss", "lr", "grad_norm", "tokens_per_s",
+                    "step_time_s", "memory_gb", "tokens", "skipped", "mfu")
+
+
 def check_start(cfg: dict) -> None:
     """What train() refuses before its first step (a resume it cannot make, data that does not suit the
     model), for a launcher to say before it starts any worker, where the run's directory and the data
