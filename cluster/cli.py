@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--greedy", action="store_true", help="always the most likely token")
     gen.add_argument("--seed", type=int, help="makes sampling repeatable (default: a fresh draw each time)")
     rep = sub.choices["report"]
-    rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs one or two levels down (a sweep dir)")
+    rep.add_argument("paths", nargs="+", help="run dirs, or dirs holding run dirs up to three levels down (a sweep dir, "
+                     "storage_path)")
     rep.add_argument("--out", default="report", help="output directory (default: ./report)")
     sub.choices["submit"].add_argument("--wait", action="store_true", help="follow the job; exit non-zero if it fails")
     jobs = sub.choices["jobs"]

@@ -1,8 +1,8 @@
 """`elmforge report`: plots and one self-contained HTML page comparing runs (or a sweep's trials).
 
 Input: run dirs (holding metrics.jsonl, summary.json once the run ended, and scheduler_stop.json
-when a sweep's scheduler stopped it early) or directories that contain run dirs one or two levels
-down (a sweep dir, `${storage_path}/outputs`).
+when a sweep's scheduler stopped it early) or directories that contain run dirs one to three levels
+down (a sweep dir, `${storage_path}/outputs`, or `${storage_path}` itself: its runs and sweep trials).
 Output, in out_dir: one PNG per metric vs step, every run overlaid in its own colour (the same
 colour in every chart), and report.html with the PNGs embedded as base64 data URIs and a table
 of runs. Nothing is fetched from the network; the page opens from disk or an email attachment.
@@ -62,7 +62,7 @@ class Run:
 # ---------------------------------------------------------------- finding and reading runs
 
 def find_run_dirs(paths: list[str]) -> list[Path]:
-    """Run dirs (holding metrics.jsonl) at each path or one or two levels below it, in argument order."""
+    """Run dirs (holding metrics.jsonl) at each path or one to three levels below it, in argument order."""
     found: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
@@ -77,15 +77,15 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
         elif (path / METRICS_NAME).is_file():
             candidates = [path]
         else:
-            candidates = sorted({m.parent for pattern in (f"*/{METRICS_NAME}", f"*/*/{METRICS_NAME}")
-                                 for m in path.glob(pattern) if m.is_file()})
+            patterns = (f"*/{METRICS_NAME}", f"*/*/{METRICS_NAME}", f"*/*/*/{METRICS_NAME}")
+            candidates = sorted({m.parent for pattern in patterns for m in path.glob(pattern) if m.is_file()})
         for c in candidates:
             if c.resolve() not in {f.resolve() for f in found}:
                 found.append(c)
     if not found:
         raise FileNotFoundError(
             f"no runs found under {', '.join(paths)}: no {METRICS_NAME} in these directories "
-            f"or one or two levels below them"
+            f"or one to three levels below them"
         )
     return found
 

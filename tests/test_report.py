@@ -192,13 +192,17 @@ def test_status_says_how_the_run_ended(tmp_path, summary, scheduler_stop, status
     assert row["status"] == status and row["steps"] == "6"  # as far as metrics.jsonl goes, at least
 
 
-def test_runs_found_two_levels_down_deduplicated_and_same_names_told_apart(tmp_path):
+def test_runs_found_up_to_three_levels_down_deduplicated_and_same_names_told_apart(tmp_path):
     write_run(tmp_path / "a" / "outputs" / "run", 3, seed=0.0)
     write_run(tmp_path / "b" / "outputs" / "run", 3, seed=0.5)
     metrics_file = tmp_path / "a" / "outputs" / "run" / "metrics.jsonl"
     out = build_report([str(tmp_path / "a"), str(tmp_path / "b" / "outputs"), str(metrics_file)],
                        str(tmp_path / "out"))
     assert list(parse_page(out["html"]).rows) == ["a/outputs/run", "b/outputs/run"]
+    # A storage path takes in its runs and every sweep's trials, three levels down.
+    write_run(tmp_path / "a" / "sweeps" / "lr" / "_trial_1", 3, seed=0.2)
+    out = build_report([str(tmp_path / "a")], str(tmp_path / "out2"))
+    assert list(parse_page(out["html"]).rows) == ["run", "_trial_1"]
 
 
 def test_many_runs_keep_the_image_size(tmp_path):
@@ -245,8 +249,8 @@ def test_bad_line_names_file_and_line(tmp_path):
 
 def test_no_runs_names_the_paths(tmp_path):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "deep" / "a" / "b" / "c").mkdir(parents=True)
-    (tmp_path / "deep" / "a" / "b" / "c" / "metrics.jsonl").write_text("")  # three levels down: not searched
+    (tmp_path / "deep" / "a" / "b" / "c" / "d").mkdir(parents=True)
+    (tmp_path / "deep" / "a" / "b" / "c" / "d" / "metrics.jsonl").write_text("")  # four levels down: not searched
     with pytest.raises(FileNotFoundError, match="no runs found under .*empty.*, .*deep"):
         build_report([str(tmp_path / "empty"), str(tmp_path / "deep")], str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="missing: no such file"):
