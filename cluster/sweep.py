@@ -222,11 +222,7 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
     check_space(cfg)
     out = sweep_dir(cfg)
     experiment = out / "tune"
-    restoring = tune.Tuner.can_restore(str(experiment))
-    if restoring and not _trial_dirs(out):  # it failed before its first trial: nothing to resume
-        print(f"[sweep] {out} holds no trial: starting it anew", flush=True)
-        shutil.rmtree(experiment)
-        restoring = False
+    restoring = resumable(out)
     if restoring:
         check_restorable(cfg, out)
     # Tune still ends a trial's actor, and with it its Ray Train controller, when the sweep is interrupted:
@@ -259,6 +255,20 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
     if cfg["logger"]["mode"] == "offline":  # each trial's runs, in start order (the shell sorts them so)
         print(f"[sweep] upload the trials' W&B runs: wandb sync {out}/*/wandb/offline-run-*", flush=True)
     return rows
+
+
+def resumable(out: Path) -> bool:
+    """Whether the sweep in `out` resumes: Tune saved its state and a trial started. A sweep that stopped
+    before its first trial (Ray could not start, say) holds nothing to resume: its state goes, so that
+    the same command, corrected, starts it anew."""
+    experiment = out / "tune"
+    if not tune.Tuner.can_restore(str(experiment)):
+        return False
+    if _trial_dirs(out):
+        return True
+    print(f"[sweep] {out} holds no trial: starting it anew", flush=True)
+    shutil.rmtree(experiment)
+    return False
 
 
 def _trial_name(result) -> str:

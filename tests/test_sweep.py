@@ -209,6 +209,25 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert all(run_summary(p)["config"]["logger"]["group"] == "lr_tiny" for p in wandb_runs)
 
 
+def test_a_sweep_resumes_only_once_a_trial_started(tmp_path, capsys):
+    from ray import tune
+
+    from cluster.sweep import resumable
+
+    experiment = tmp_path / "tune"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"")  # what Tune writes as the sweep starts, what it restores from
+    assert tune.Tuner.can_restore(str(experiment))
+    assert not resumable(tmp_path) and not experiment.exists()  # stopped before its first trial: starts anew
+    assert f"[sweep] {tmp_path} holds no trial: starting it anew" in capsys.readouterr().out
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"")
+    (tmp_path / "_trial_a_00000").mkdir()
+    (tmp_path / "_trial_a_00000/metrics.jsonl").write_text("")
+    assert resumable(tmp_path) and experiment.exists()
+    assert not resumable(tmp_path / "new")
+
+
 def test_a_trial_that_failed_before_reporting_is_listed_with_its_error(tmp_path):
     from types import SimpleNamespace
 
