@@ -13,8 +13,13 @@ def launched_by_torchrun() -> bool:
     return TORCHRUN_ENV in os.environ
 
 
-def _prepare(cfg: dict, use_ray: bool = True, fingerprint: str | None = None) -> Path:
+def _prepare(cfg: dict, use_ray: bool = True, for_run: bool = False) -> Path:
+    """The dataset, built or reused. for_run: the run's own, checked first against what its newest
+    checkpoint trained on (which computes the fingerprint prepare then takes)."""
     from data_pipelines.prepare import prepare
+    from trainer.run_data import check_run_data
+
+    fingerprint = check_run_data(cfg) if for_run else None
 
     data, start_ray = dict(cfg["data"]), None
     if data["workers"] != 0:
@@ -71,9 +76,7 @@ def _train_here(cfg: dict) -> dict:
             f"set cluster.num_workers={env.world_size}"
         )
     if env.is_main:
-        from trainer.run_data import check_run_data
-
-        _prepare(cfg, use_ray=False, fingerprint=check_run_data(cfg))  # what a resume needs, unchanged
+        _prepare(cfg, use_ray=False, for_run=True)
         Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
         clear_stop_request(cfg["run"]["dir"])
     dist.barrier()
@@ -102,9 +105,7 @@ def cmd_train(cfg: dict, args) -> None:
             from trainer.distributed import require_gpus
 
             require_gpus(cluster["min_workers"] or cluster["num_workers"], "on this machine (one per worker)")
-        from trainer.run_data import check_run_data
-
-        _prepare(cfg, fingerprint=check_run_data(cfg))  # what a resume needs, unchanged
+        _prepare(cfg, for_run=True)
         summary = launch_training(cfg)
     _print_summary(cfg, summary)
 
