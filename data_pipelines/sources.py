@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -71,11 +72,28 @@ def expand_files(pattern: str) -> list[str]:
     """All files a path or glob names, sorted so runs are reproducible."""
     resolved = resolve_path(pattern)
     if os.path.isdir(resolved):
-        raise IsADirectoryError(f"data source {pattern!r} is a directory: name its files, e.g. {pattern.rstrip('/')}/*.jsonl")
+        raise IsADirectoryError(f"data source {pattern!r} is a directory: name its files, e.g. {_glob_hint(pattern, resolved)}")
     files = sorted(f for f in glob.glob(resolved, recursive=True) if os.path.isfile(f))
     if not files:
         raise FileNotFoundError(f"data source {pattern!r} matches no file (looked for {resolved})")
     return files
+
+
+def _glob_hint(pattern: str, directory: str) -> str:
+    """A glob for the readable files the directory holds most of (recursive when some lie deeper)."""
+    count, deeper = Counter(), set()
+    for root, _, names in os.walk(directory):
+        for name in names:
+            try:
+                fmt, compression = _format_of(name)
+            except ValueError:
+                continue
+            suffix = f".{fmt}{compression}"
+            count[suffix] += 1
+            if root != directory:
+                deeper.add(suffix)
+    suffix = count.most_common(1)[0][0] if count else ".jsonl"
+    return f"{pattern.rstrip('/')}/{'**/' if suffix in deeper else ''}*{suffix}"
 
 
 def _hf_dataset(hf: dict):
@@ -281,23 +299,35 @@ def read_unit(unit: ReadUnit, text_field: str = "text") -> Iterator[Record]:
 
 def check_files(spec: dict, index: int) -> list[str]:
     """A local source's files, each checked cheaply before any work, so that a wrong file or text_field
-    is found before hours of tokenizing: a supported type, readable compression, and the text field
-    present (the parquet column; in JSON lines, a string in one of the first PROBE_RECORDS records)."""
+    is found before hours of tokenizing: a supported type, readable compression, the text field
+    present (the parquet column; in JSON lines, a string in one of the first PROBE_RECORDS records),
+    and some content in at least one file of a source that is read (weight above 0)."""
     files = expand_files(spec["path"])
     text_field = spec.get("text_field", "text")
+    key = f"data.sources.{index}.text_field"
+    filled = 0
     for path in files:
         fmt, compression = _format_of(path)
-        key = f"data.sources.{index}.text_field"
         if fmt == "parquet":
-            _parquet_file(path, text_field, key)
+            filled += _parquet_file(path, text_field, key).metadata.num_rows > 0
         elif fmt == "txt":
-            _probe_compression(path, compression)
+            filled += _probe_compression(path, compression)
         else:
-            _probe_json_lines(path, compression, text_field, key)
+            filled += _probe_json_lines(path, compression, text_field, key)
+    if not filled and spec.get("weight", 1.0) > 0:
+        raise no_document_error(source_name(spec, index), index, "its file is empty" if len(files) == 1 else f"its {len(files)} files are empty")
     return files
 
 
-def _probe_json_lines(path: str, compression: str, text_field: str, key: str) -> None:
+def no_document_error(name: str, index: int, why: str = "") -> ValueError:
+    return ValueError(
+        f"data source {name!r} holds no document{f' ({why})' if why else ''}; give it data, or remove it "
+        f"or give it weight 0 (data.sources.{index}.weight=0)"
+    )
+
+
+def _probe_json_lines(path: str, compression: str, text_field: str, key: str) -> bool:
+    """Whether the file holds a record; raises when none of the first ones has the text field."""
     records = list(islice(_read_lines(path, compression, text_field), PROBE_RECORDS))
     if records and not any(r.text is not None for r in records):
         first = next((r for r in records if r.bad == "missing_text_field"), None)
@@ -308,12 +338,14 @@ def _probe_json_lines(path: str, compression: str, text_field: str, key: str) ->
                 f"{path}: none of the first {len(records)} records has a string {text_field!r} "
                 f"(line {first.origin[len(path) + 1:]}: {first.detail}); set {key} to the field that holds the text"
             )
+    return bool(records)
 
 
-def _probe_compression(path: str, compression: str) -> None:
+def _probe_compression(path: str, compression: str) -> bool:
+    """Whether the file holds a byte once decompressed."""
     try:
         with _open_binary(path, compression) as (f, _):
-            f.read(1)
+            return bool(f.read(1))
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
 

@@ -46,6 +46,25 @@ def test_txt_files_are_one_document_each_and_globs_are_sorted(tmp_path):
     assert texts({"path": str(tmp_path / "doc*")}) == DOCS[:4]
 
 
+def test_a_directory_is_refused_with_a_glob_for_the_files_it_holds(tmp_path):
+    def hint(directory) -> str:
+        with pytest.raises(IsADirectoryError) as e:
+            read_units({"path": str(directory)}, 0)
+        return str(e.value).rsplit("e.g. ", 1)[1]
+
+    (tmp_path / "books").mkdir()
+    for i in range(2):
+        (tmp_path / f"books/b{i}.txt.zst").write_bytes(zstandard.compress(DOCS[i].encode()))
+    (tmp_path / "books/README.md").write_text("not data")
+    (tmp_path / "books/index.jsonl").write_bytes(jsonl_bytes(DOCS[:1]))
+    assert hint(tmp_path / "books") == f"{tmp_path}/books/*.txt.zst"
+    (tmp_path / "crawl/2024").mkdir(parents=True)
+    (tmp_path / "crawl/2024/part.parquet").write_bytes(b"")
+    assert hint(tmp_path / "crawl") == f"{tmp_path}/crawl/**/*.parquet"
+    (tmp_path / "empty").mkdir()
+    assert hint(tmp_path / "empty") == f"{tmp_path}/empty/*.jsonl"
+
+
 def test_text_field_is_configurable(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS, field="content"))
     assert texts({"path": str(tmp_path / "a.jsonl"), "text_field": "content"}) == DOCS
