@@ -31,7 +31,7 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import (
-    ReadUnit, bad_record_error, check_files, fingerprint_sources, read_unit, read_units, source_name,
+    ReadUnit, bad_record_error, check_files, no_document_error, fingerprint_sources, read_unit, read_units, source_name,
 )
 from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
@@ -201,10 +201,7 @@ def _check_kept(stats: SourceStats, index: int) -> None:
     if stats.documents_kept:
         return
     if not stats.documents_read:
-        raise ValueError(
-            f"data source {stats.name!r} holds no document; give it data, or remove it or give it "
-            f"weight 0 (data.sources.{index}.weight=0)"
-        )
+        raise no_document_error(stats.name, index)
     reason = max(stats.dropped, key=stats.dropped.get)
     raise ValueError(
         f"data source {stats.name!r} kept none of its {stats.documents_read} documents "

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from corpus import TOKENIZER_CFG, data_cfg, make_documents, write_jsonl
 from data_pipelines.manifest import read_manifest
 from data_pipelines.packing import Packer, token_dtype
-from data_pipelines.prepare import prepare
+from data_pipelines.prepare import describe_plan, prepare
 
 
 def test_manifest_describes_every_shard(tiny_dataset):
@@ -158,8 +158,9 @@ def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
 @pytest.mark.parametrize(
     "second, filters, message",
     [
-        ("", {}, r"data source 'quiet' holds no document; give it data, or remove it or give it weight 0 "
-         r"\(data.sources.1.weight=0\)"),
+        ("", {}, r"data source 'quiet' holds no document \(its file is empty\); give it data, or remove it or "
+         r"give it weight 0 \(data.sources.1.weight=0\)"),
+        ("\n\n", {}, r"data source 'quiet' holds no document \(its file is empty\)"),
         ('{"text": "short"}\n{"text": "tiny"}\n', {"min_chars": 10},
          r"data source 'quiet' kept none of its 2 documents \(dropped: {'too_few_characters': 2}\): "
          r"lower data.filters.min_chars"),
@@ -170,8 +171,14 @@ def test_a_source_that_keeps_no_document_is_an_error(tmp_path, second, filters, 
     (tmp_path / "quiet.jsonl").write_text(second)
     cfg = data_cfg(good, tmp_path / "ds", filters={"min_chars": 0, "min_tokens": 0, "dedup": True, **filters})
     cfg["sources"].append({"name": "quiet", "path": str(tmp_path / "quiet.jsonl")})
+    if not filters:  # found by the checks before any work, the dry run's too
+        with pytest.raises(ValueError, match=message):
+            describe_plan(cfg, TOKENIZER_CFG)
     with pytest.raises(ValueError, match=message):
         prepare(cfg, TOKENIZER_CFG)
+    assert not (tmp_path / "ds").exists()
+    cfg["sources"][1]["weight"] = 0  # as the message says: a source given weight 0 is not read
+    assert (prepare(cfg, TOKENIZER_CFG) / "manifest.json").is_file()
 
 
 def test_training_the_tokenizer_shows_progress(tmp_path, capsys):
