@@ -1,7 +1,9 @@
 """The Ray-free training loop in this process (a world of one, gloo, DeepSpeed on CPU)."""
 
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,18 @@ def test_a_resumed_offline_run_prints_one_sync_command_for_all_its_wandb_directo
     _print_summary(cfg, second)
     assert f"upload with  wandb sync {first['wandb_dir']} {second['wandb_dir']}\n" in capsys.readouterr().out
     assert [h["_step"] for h in run_history(first["wandb_dir"]) + run_history(second["wandb_dir"])] == [1, 2, 3, 4]
+    ids = {f.name for run in (first, second) for f in Path(run["wandb_dir"]).glob("run-*.wandb")}
+    assert ids == {f"run-twice-{hashlib.sha256(cfg['run']['dir'].encode()).hexdigest()[:8]}.wandb"}, ids
+
+
+def test_one_run_name_under_two_storage_paths_is_two_wandb_runs(tmp_path):
+    from trainer.metrics import wandb_run_id
+
+    mine, theirs = wandb_run_id("demo", str(tmp_path / "a/outputs/demo")), wandb_run_id("demo", str(tmp_path / "b/outputs/demo"))
+    assert mine != theirs and mine.startswith("demo-") and theirs.startswith("demo-")
+    assert wandb_run_id("demo", str(tmp_path / "a/outputs/demo")) == mine  # every invocation of the run: one id
+    odd = wandb_run_id("lr=3e-4 / seed 1" + "x" * 200, str(tmp_path))
+    assert len(odd) <= 128 and re.fullmatch(r"lr-3e-4---seed-1x+-[0-9a-f]{8}", odd), odd
 
 
 def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):

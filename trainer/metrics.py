@@ -2,18 +2,23 @@
 
 W&B is offline by default (files under run.dir/wandb, `wandb sync` uploads them);
 the API key, when online, comes from the environment or `wandb login`, never
-from the config. The run id derives from run.name so a re-run continues its run.
+from the config. The run id derives from run.name and run.dir, so a re-run continues its run.
 """
 
+import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Optional
 
 
-def wandb_run_id(run_name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", run_name)[:128]
+def wandb_run_id(run_name: str, run_dir: str) -> str:
+    """Readable, and the same for every invocation of one run; with the run's directory in it, two runs
+    of one config (one name) by two people, or under two storage paths, are two W&B runs, not one."""
+    where = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '-', run_name)[:119]}-{where}"
 
 
 class MetricsLogger:
@@ -37,7 +42,7 @@ class MetricsLogger:
                 group=log_cfg["group"],
                 tags=list(log_cfg["tags"]),
                 name=cfg["run"]["name"],
-                id=wandb_run_id(cfg["run"]["name"]),
+                id=wandb_run_id(cfg["run"]["name"], run_dir),
                 resume="allow",
                 dir=run_dir,
                 mode=log_cfg["mode"],
