@@ -7,6 +7,9 @@ Output, in out_dir: one PNG per metric vs step, every run overlaid in its own co
 colour in every chart), and report.html with the PNGs embedded as base64 data URIs and a table
 of runs. Nothing is fetched from the network; the page opens from disk or an email attachment.
 
+With two runs or more, the table says how their configs differ (run_config.json, which training writes
+into every run dir): each run's values of the settings that are not the same in all of them.
+
 Every numeric field of metrics.jsonl is charted: the known ones (loss with val_loss, lr,
 tokens/s, MFU, memory, grad norm) first with their own titles, any other under its field name.
 NaN and infinite values (a skipped step's grad_norm) are left out of charts and statistics.
@@ -24,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.metrics import RUN_CONFIG_NAME
 from trainer.summary import SUMMARY_NAME, read_json
 
 METRICS_NAME = "metrics.jsonl"
@@ -46,6 +50,9 @@ KNOWN_CHARTS = {
 # Not charted on their own: the x axis, bookkeeping, and fields that repeat a charted one.
 NOT_CHARTED = {"step", "time", "tokens", "skipped", "ce_loss", "val_loss", "val_perplexity", "step_time_s"}
 LEGEND_INSIDE_MAX = 6  # more runs than this: the legend goes beside the axes
+# Config groups that name, place or watch a run without changing it: left out of "settings that differ".
+NOT_COMPARED = ("run", "storage_path", "submit", "prepare", "sweep", "logger")
+SETTINGS_SHOWN = 8  # per run; more are counted
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Run:
     summary: dict | None = None
     scheduler_stop: dict | None = None  # see stopped_by_scheduler
     stale_summary: dict | None = None  # an earlier invocation's summary.json, of a run resumed since
+    config: dict | None = None  # run_config.json: the config its latest invocation trained with
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # field -> (steps, finite values)
 
 
@@ -149,6 +157,7 @@ def load_runs(paths: list[str]) -> list[Run]:
             summary, stale = None, summary
         name = (summary or stale or {}).get("run_name") or d.name
         runs.append(Run(name=str(name), dir=d, records=records, summary=summary, stale_summary=stale,
+                        config=read_json(d / RUN_CONFIG_NAME),
                         scheduler_stop=stopped_by_scheduler(d, summary), series=_series(records)))
     _unique_names(runs)
     return runs
@@ -199,6 +208,40 @@ def run_row(run: Run) -> dict:
         "mfu_median": statistics.median(mfu) if mfu else None,
         "status": run_status(run),
     }
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def differing_settings(runs: list[Run]) -> list[dict | None]:
+    """Per run, {setting: value} of the settings whose values are not the same in every run with a
+    run_config.json (a setting one run lacks reads "unset"); None for a run without one."""
+    flats = [None if r.config is None else
+             _flat({k: v for k, v in r.config.items() if k not in NOT_COMPARED}) for r in runs]
+    known = [f for f in flats if f is not None]
+    keys = sorted({k for f in known for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k, "unset"), sort_keys=True) for f in known}) > 1]
+    return [None if f is None else {k: f.get(k, "unset") for k in differ} for f in flats]
+
+
+def _setting(key: str, value) -> str:
+    shown = value if isinstance(value, str) else json.dumps(value)
+    return f"{key}={shown}"
+
+
+def settings_text(settings: dict | None) -> str | None:
+    if settings is None:
+        return None
+    items = [_setting(k, v) for k, v in settings.items()]
+    more = len(items) - SETTINGS_SHOWN
+    return ", ".join(items[:SETTINGS_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
 
 
 def run_status(run: Run) -> str:
@@ -282,8 +325,10 @@ def _fmt(v, spec: str) -> str:
 
 def _html(runs: list[Run], rows: list[dict], charts: dict[str, Path], inputs: list[str]) -> str:
     show_mfu = any(r["mfu_median"] is not None for r in rows)
+    show_settings = len(rows) > 1 and any(r["settings"] for r in rows)
     head = ["run", "steps", "final loss", "best val loss (step)", "median tokens/s"]
     head += ["median MFU"] if show_mfu else []
+    head += ["settings that differ"] if show_settings else []
     head += ["status", "dir"]
     body = []
     for r in rows:
@@ -299,6 +344,9 @@ def _html(runs: list[Run], rows: list[dict], charts: dict[str, Path], inputs: li
         ]
         if show_mfu:
             cells.append(("mfu_median", _fmt(r["mfu_median"], ".1%")))  # as the progress line prints it
+        if show_settings:
+            text = settings_text(r["settings"])
+            cells.append(("settings", "&ndash;" if text is None else f"<code>{html.escape(text)}</code>"))
         cells += [("status", html.escape(r["status"])), ("dir", f"<code>{html.escape(r['dir'])}</code>")]
         tds = "".join(f'<td class="{c}">{v}</td>' for c, v in cells)
         body.append(f'<tr data-run="{html.escape(r["name"], quote=True)}">{tds}</tr>')
@@ -319,7 +367,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 2em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f3f3f3; }}
-td.name, td.status, td.dir {{ text-align: left; }}
+td.name, td.settings, td.status, td.dir {{ text-align: left; }}
 figure {{ margin: 0 0 2em 0; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ color: #666; font-size: small; }}
@@ -360,5 +408,6 @@ def build_report(paths: list[str], out_dir: str) -> dict:
         _plot(runs, colors, key, path)
         charts[key] = path
     html_path = out / HTML_NAME
-    html_path.write_text(_html(runs, [run_row(r) for r in runs], charts, list(paths)), encoding="utf-8")
+    rows = [{**run_row(r), "settings": settings} for r, settings in zip(runs, differing_settings(runs))]
+    html_path.write_text(_html(runs, rows, charts, list(paths)), encoding="utf-8")
     return {"html": str(html_path), **{k: str(p) for k, p in charts.items()}}

@@ -158,6 +158,26 @@ def test_report_of_a_sweep_and_a_run(sweep_and_run, tmp_path):
     assert page.rows["lonely_run"]["mfu_median"] == "\u2013"
 
 
+def test_the_table_shows_the_settings_in_which_runs_differ(tmp_path):
+    base = {"model": {"name": "openelm_tiny", "num_layers": 4}, "train": {"lr": 3e-4, "betas": [0.9, 0.95]},
+            "run": {"name": "x"}, "logger": {"project": "p"}, "storage_path": "/s"}
+    configs = {
+        "a": base,
+        "b": {**base, "train": {"lr": 1e-3, "betas": [0.9, 0.95]}, "run": {"name": "y"}, "storage_path": "/t"},
+        "c": {**base, "model": {"name": "openelm_tiny", "num_layers": 6}, "train": {"betas": [0.9, 0.99]}},
+        "old": None,  # trained before runs recorded their config
+    }
+    for name, config in configs.items():
+        write_run(tmp_path / name, 4, seed=0.1)
+        if config is not None:
+            (tmp_path / name / "run_config.json").write_text(json.dumps(config))
+    rows = parse_page(build_report([str(tmp_path)], str(tmp_path / "report"))["html"]).rows
+    assert rows["a"]["settings"] == "model.num_layers=4, train.betas=[0.9, 0.95], train.lr=0.0003"
+    assert rows["b"]["settings"] == "model.num_layers=4, train.betas=[0.9, 0.95], train.lr=0.001"
+    assert rows["c"]["settings"] == "model.num_layers=6, train.betas=[0.9, 0.99], train.lr=unset"
+    assert rows["old"]["settings"] == "\u2013"
+
+
 def test_summary_json_wins_over_metrics(tmp_path):
     records = write_run(tmp_path / "r", 5, seed=0.1, summary=True)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -276,17 +296,27 @@ def test_report_of_a_real_training_run(tiny_dataset, tmp_path):
     from cluster.config import compose_config
     from trainer.train_loop import train
 
-    cfg = compose_config([
+    overrides = [
         "model.num_layers=2", "model.model_dim=64", "model.head_dim=16", "model.ffn_dim_divisor=16",
         "tokenizer.vocab_size=300", "data.seq_len=32", f"data.dir={tiny_dataset}", f"storage_path={tmp_path}",
         "train.max_steps=4", "train.warmup_steps=1", "train.micro_batch_size=4", "train.eval_every=2",
         "train.eval_batches=2", "logger=none",
-    ])
+    ]
+    cfg = compose_config(overrides)
     result = train(cfg)
     out = build_report([str(tmp_path / "outputs")], str(tmp_path / "report"))
     for key in ("loss", "lr", "tokens_per_s"):
         assert_png(out[key])
     records = [json.loads(line) for line in open(result["metrics"])]
-    row = parse_page(out["html"]).rows[cfg["run"]["name"]]
+    page = parse_page(out["html"])
+    row = page.rows[cfg["run"]["name"]]
     assert row["final_loss"] == f"{result['final_loss']:.4f}" and row["status"] == "finished"
     assert "val_loss" in records[1] and row["best_val_loss"] == expected_row(records)["best_val_loss"]
+    assert "settings" not in row  # one run: nothing to tell apart
+
+    # A second run of another learning rate and logging: the table names the setting that changes the result.
+    other = compose_config([*overrides, "train.lr=0.01", "train.log_every=2", "logger.project=elsewhere"])
+    train(other)
+    page = parse_page(build_report([str(tmp_path / "outputs")], str(tmp_path / "report"))["html"])
+    assert page.rows[cfg["run"]["name"]]["settings"] == f"train.log_every={cfg['train']['log_every']}, train.lr={cfg['train']['lr']}"
+    assert page.rows[other["run"]["name"]]["settings"] == "train.log_every=2, train.lr=0.01"

@@ -1,4 +1,5 @@
-"""Per-step metrics from rank 0: appended to run.dir/metrics.jsonl and logged to W&B.
+"""Per-step metrics from rank 0: appended to run.dir/metrics.jsonl and logged to W&B; the config
+the run (its latest invocation) trains with, in run.dir/run_config.json, for `elmforge report`.
 
 W&B is offline by default (files under run.dir/wandb, `wandb sync` uploads them);
 the API key, when online, comes from the environment or `wandb login`, never
@@ -13,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trainer.summary import write_json
+
+RUN_CONFIG_NAME = "run_config.json"
 
 def wandb_run_id(run_name: str, run_dir: str) -> str:
     """Readable, and the same for every invocation of one run; with the run's directory in it, two runs
@@ -32,6 +36,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._keep_until(resume_step)
         self._file = open(self.path, "a", buffering=1)
+        write_json(self.path.with_name(RUN_CONFIG_NAME), cfg)
         log_cfg = cfg["logger"]
         if log_cfg["wandb"] and log_cfg["mode"] != "disabled":
             import wandb
