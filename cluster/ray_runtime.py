@@ -31,6 +31,23 @@ WORKER_ENV = {
 }
 
 
+# An embedded Ray is one node that ends with the run, so it leaves out what only a lasting cluster
+# uses: Python workers prestarted for jobs to come (this job's actors cannot use them: they lack its
+# runtime_env), Ray Train's watcher for nodes being drained, and, without a dashboard to show them,
+# Ray Train's metrics. Each is a process or periodic work on the cores the workers train on: about
+# 4 s of a 2-worker start on 2 cores (docs/benchmarks.md).
+EMBEDDED_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
+def embedded_env(cluster: dict) -> dict:
+    """Settings Ray Train reads from the environment (in the driver, the controller and the workers,
+    which an embedded instance's processes inherit from the driver)."""
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    if not cluster["dashboard"]:
+        env["RAY_TRAIN_METRICS_ENABLED"] = "0"
+    return env
+
+
 def _hook(function) -> str:
     return f"{ray_worker_setup.__name__}.{function.__name__}"
 
@@ -56,7 +73,7 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
             env_vars["RAY_ADDRESS"] = embedded_gcs
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
-                "include_dashboard": cluster["dashboard"]}
+                "include_dashboard": cluster["dashboard"], "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}  # ray.init adds to it
     return {**kwargs, "address": cluster["address"]}
 
 
@@ -114,6 +131,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def _start_embedded(cluster: dict):
     # The GCS port is chosen here, before the start, so the workers can be told the address.
+    for key, value in embedded_env(cluster).items():
+        os.environ.setdefault(key, value)  # a user's own setting wins
     port = free_port("")
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)

@@ -128,7 +128,14 @@ def test_ray_train_workers_start_with_the_settings_and_nothing_else_does(tmp_pat
         TorchTrainer(read_env, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling_config(cfg["cluster"]),
                      run_config=run_config(cfg)).fit()
         assert ray.get(other_task.remote()) == {k: None for k in ENV}
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     finally:
         ray.shutdown()
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ENV
+    # The embedded instance started no process it had no use for (cluster/ray_runtime.py): every Python
+    # worker it started belongs to this job (none prestarted), and Ray Train watched no node for draining.
+    started = {f: f.read_text() for f in logs.glob("worker-*.out")}
+    assert sum(":actor_name:RayTrainWorker" in text for text in started.values()) == 2
+    assert not [f.name for f, text in started.items() if ":actor_name:PreemptionWatcher" in text]
+    assert not [f.name for f in started if "-ffffffff-" in f.name], sorted(f.name for f in started)

@@ -7,7 +7,7 @@ import torch
 
 from cluster.config import accumulation_for, compose_config, elastic_note
 from cluster.launch import run_config, scaling_config, torch_backend
-from cluster.ray_runtime import init_kwargs
+from cluster.ray_runtime import embedded_env, init_kwargs
 
 
 def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
@@ -21,12 +21,19 @@ def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
     assert with_dashboard["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_train_controller"
     assert kwargs["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
     assert torch_backend(cluster) == "gloo"
+    # One node that ends with the run: no workers prestarted for later jobs, no drain watcher, and
+    # Ray Train's metrics only for a dashboard to show.
+    assert kwargs["_system_config"] == {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+    assert embedded_env(cluster) == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+    assert embedded_env(compose_config(["cluster.dashboard=true"])["cluster"]) == {
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @pytest.mark.parametrize("address", ["auto", "ray://head.example:10001"])
 def test_an_existing_cluster_is_joined_as_is(address):
     kwargs = init_kwargs(compose_config([f"cluster.address={address}"])["cluster"])
     assert kwargs["address"] == address and "num_cpus" not in kwargs and "include_dashboard" not in kwargs
+    assert "_system_config" not in kwargs  # a cluster's own settings stand
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == "cluster.ray_worker_setup.quiet_train_controller"
 
 
