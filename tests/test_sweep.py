@@ -202,6 +202,8 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
     assert set(page.rows) == set(trial_dirs)
     assert {name for name, r in page.rows.items() if r["status"].startswith("stopped early by ASHA at step ")} == {
         r["trial"] for r in rows if r["stopped_early"] == "True"}
+    for r in rows:  # the report tells the trials apart by the values the sweep chose (run_config.json)
+        assert f"train.lr={r['train.lr']}" in page.rows[r["trial"]]["settings"], page.rows[r["trial"]]
     wandb_runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(wandb_runs) == 4
     from wandb_offline import run_summary
