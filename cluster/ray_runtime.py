@@ -34,8 +34,8 @@ WORKER_ENV = {
 # An embedded Ray is one node that ends with the run, so it leaves out what only a lasting cluster
 # uses: Python workers prestarted for jobs to come (this job's actors cannot use them: they lack its
 # runtime_env), Ray Train's watcher for nodes being drained, and, without a dashboard to show them,
-# Ray Train's metrics. Each is a process or periodic work on the cores the workers train on: about
-# 4 s of a 2-worker start on 2 cores (docs/benchmarks.md).
+# Ray Train's metrics. Each is a process or periodic work on the cores the workers train on: Ray's
+# own processes took a fifth less CPU per step without them (docs/benchmarks.md).
 EMBEDDED_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
@@ -73,7 +73,8 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
             env_vars["RAY_ADDRESS"] = embedded_gcs
         # "local": always a new instance here, never a cluster someone else started on this machine.
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
-                "include_dashboard": cluster["dashboard"], "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}  # ray.init adds to it
+                "include_dashboard": cluster["dashboard"],
+                "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}  # a copy: ray.init adds to it
     return {**kwargs, "address": cluster["address"]}
 
 

@@ -27,8 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.metrics import RUN_CONFIG_NAME
-from trainer.summary import SUMMARY_NAME, read_json
+from trainer.summary import RUN_CONFIG_NAME, SUMMARY_NAME, flat_config, read_json
 
 METRICS_NAME = "metrics.jsonl"
 # Written by `elmforge sweep` into a trial's run dir when ASHA stops the trial early:
@@ -210,36 +209,21 @@ def run_row(run: Run) -> dict:
     }
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def differing_settings(runs: list[Run]) -> list[dict | None]:
     """Per run, {setting: value} of the settings whose values are not the same in every run with a
     run_config.json (a setting one run lacks reads "unset"); None for a run without one."""
     flats = [None if r.config is None else
-             _flat({k: v for k, v in r.config.items() if k not in NOT_COMPARED}) for r in runs]
+             flat_config({k: v for k, v in r.config.items() if k not in NOT_COMPARED}) for r in runs]
     known = [f for f in flats if f is not None]
     keys = sorted({k for f in known for k in f})
     differ = [k for k in keys if len({json.dumps(f.get(k, "unset"), sort_keys=True) for f in known}) > 1]
     return [None if f is None else {k: f.get(k, "unset") for k in differ} for f in flats]
 
 
-def _setting(key: str, value) -> str:
-    shown = value if isinstance(value, str) else json.dumps(value)
-    return f"{key}={shown}"
-
-
 def settings_text(settings: dict | None) -> str | None:
     if settings is None:
         return None
-    items = [_setting(k, v) for k, v in settings.items()]
+    items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
     more = len(items) - SETTINGS_SHOWN
     return ", ".join(items[:SETTINGS_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
 

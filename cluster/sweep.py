@@ -30,7 +30,7 @@ from cluster.ray_runtime import connect
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.errors import TrainingError, one_line
-from trainer.summary import SUMMARY_NAME, read_json, write_json
+from trainer.summary import SUMMARY_NAME, flat_config, read_json, write_json
 from trainer.train_loop import REPORTED_METRICS
 
 CONFIG_NAME = "config.json"  # the config a sweep started with, beside tune/
@@ -185,16 +185,6 @@ def _ask_to_stop(run_dir: Path, stop: dict) -> None:
     request_stop(run_dir, f"stopped early by {stop['scheduler']} at step {stop['step']}")  # summary.json says so
 
 
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_restorable(cfg: dict, out: Path) -> None:
     """A restored sweep runs as it started (Tune restores its space, ASHA and trials): an override
     that differs from the config it started with would be ignored, so it is refused, named."""
@@ -203,7 +193,7 @@ def check_restorable(cfg: dict, out: Path) -> None:
         print(f"[sweep] {out / CONFIG_NAME} not found: overrides cannot be checked against the sweep's own",
               flush=True)
         return
-    before, now, unset = _flat(started), _flat(json.loads(json.dumps(cfg))), "<unset>"
+    before, now, unset = flat_config(started), flat_config(json.loads(json.dumps(cfg))), "<unset>"
     changed = [k for k in sorted(before.keys() | now.keys())
                if not k.startswith(RESTORE_MAY_CHANGE) and before.get(k, unset) != now.get(k, unset)]
     if changed:

@@ -31,7 +31,8 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import (
-    ReadUnit, bad_record_error, check_files, no_document_error, fingerprint_sources, read_unit, read_units, source_name,
+    ReadUnit, bad_record_error, check_files, fingerprint_sources, no_document_error, read_unit, read_units,
+    source_name,
 )
 from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches

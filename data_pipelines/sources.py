@@ -315,7 +315,8 @@ def check_files(spec: dict, index: int) -> list[str]:
         else:
             filled += _probe_json_lines(path, compression, text_field, key)
     if not filled and spec.get("weight", 1.0) > 0:
-        raise no_document_error(source_name(spec, index), index, "its file is empty" if len(files) == 1 else f"its {len(files)} files are empty")
+        empty = "its file is empty" if len(files) == 1 else f"its {len(files)} files are empty"
+        raise no_document_error(source_name(spec, index), index, empty)
     return files
 
 

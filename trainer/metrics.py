@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.summary import write_json
+from trainer.summary import RUN_CONFIG_NAME, write_json
 
-RUN_CONFIG_NAME = "run_config.json"
 
 def wandb_run_id(run_name: str, run_dir: str) -> str:
     """Readable, and the same for every invocation of one run; with the run's directory in it, two runs

@@ -1,5 +1,6 @@
 """The small JSON files of runs and sweeps: run.dir/summary.json (what a finished run produced: losses,
-checkpoint, metrics and W&B paths), a trial's scheduler_stop.json, a sweep's config.json. Written whole,
+checkpoint, metrics and W&B paths), run.dir/run_config.json (the config it trains with), a trial's
+scheduler_stop.json, a sweep's config.json. Written whole,
 so a reader never sees half a file; read with errors that name the file."""
 
 import json
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 SUMMARY_NAME = "summary.json"
+RUN_CONFIG_NAME = "run_config.json"
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -28,6 +30,17 @@ def read_json(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    """{"train.lr": 0.001, ...}: a stored config by dotted key, for telling two apart."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> None:
