@@ -10,6 +10,7 @@ newest complete one. Only the newest K complete checkpoints are kept.
 import json
 import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,14 +25,17 @@ from trainer.errors import TrainingError, one_line
 COMPLETE = "COMPLETE"
 
 
+_NAME = re.compile(r"step_(\d+)")
+
+
 def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
+    return int(_NAME.fullmatch(path.name).group(1))
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
-    """Every step_N directory, complete or not, oldest first."""
+    """Every step_N directory, complete or not, oldest first (a user's `step_6_backup` is not one)."""
     root = Path(root)
-    return sorted((p for p in root.glob("step_*") if p.name.split("_")[1].isdigit()), key=_step_of)
+    return sorted((p for p in root.glob("step_*") if _NAME.fullmatch(p.name)), key=_step_of)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -95,6 +99,7 @@ def _prune(root: Path, keep: int) -> None:
         if path in complete[-keep:]:
             continue
         if (path / COMPLETE).is_file() or _step_of(path) < newest:
+            (path / COMPLETE).unlink(missing_ok=True)  # first: a crash mid-delete leaves no half "complete" one
             shutil.rmtree(path, ignore_errors=True)
 
 
