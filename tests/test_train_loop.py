@@ -179,6 +179,26 @@ def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resum
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+def test_a_run_resumed_with_other_adamw_settings_on_purpose_trains_with_them(tiny_dataset, tmp_path, monkeypatch, zero):
+    import trainer.train_loop as loop
+
+    seen = []
+    step = loop._train_step
+
+    def recording(engine, *args, **kwargs):  # the optimizer's groups as each step starts
+        seen.append([(g["betas"], g["eps"], g["weight_decay"]) for g in engine.optimizer.param_groups])
+        return step(engine, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", recording)
+    base = ("logger=none", "run.name=retuned", f"deepspeed={zero}")
+    train(small_cfg(tiny_dataset, tmp_path, *base, "train.max_steps=2"))
+    assert seen[-1] == [((0.9, 0.95), 1e-8, 0.1), ((0.9, 0.95), 1e-8, 0.0)]  # the recipe's; norms never decay
+    changed = ("train.max_steps=4", "train.betas=[0.5,0.6]", "train.eps=0.001", "train.weight_decay=0.02")
+    assert train(small_cfg(tiny_dataset, tmp_path, *base, *changed))["resumed_from"] == "step_2"
+    assert seen[2] == [((0.5, 0.6), 0.001, 0.02), ((0.5, 0.6), 0.001, 0.0)]
+
+
 @pytest.mark.parametrize("damaged_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_dataset, tmp_path, damaged_file):
     from trainer.errors import TrainingError

@@ -1,6 +1,7 @@
 """AdamW parameter groups and the warmup-cosine learning-rate schedule of the OpenELM recipe."""
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -40,6 +41,17 @@ def rewind_one_step(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Undo a scheduler step taken for an update that was skipped, as DeepSpeed does for ZeRO 1-3."""
     scheduler.last_epoch -= 1
     _set_lrs(scheduler)
+
+
+@contextmanager
+def keeping_configured_hyperparameters(optimizer: torch.optim.Optimizer):
+    """Loading a checkpoint puts back the AdamW betas, eps and weight decay it was saved with (DeepSpeed's
+    universal loader even gives every group the first group's); a run resumed with other values on
+    purpose trains with the configured ones, which unchanged are the same values."""
+    configured = [{k: group[k] for k in ("betas", "eps", "weight_decay")} for group in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
 
 
 def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:

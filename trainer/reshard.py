@@ -99,13 +99,11 @@ def _convert(checkpoint: Path, target: Path, saved_world_size: int) -> None:
 
 
 def load_universal(engine, universal: Path) -> dict:
-    """load_checkpoint from a universal checkpoint, mending two things DeepSpeed's ZeRO-3 loader gets
-    wrong: it gives every parameter group group 0's hyperparameters (the no-decay group would decay),
-    and one step-count tensor to all of them, which AdamW then advances once per group and step."""
-    decays = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    """load_checkpoint from a universal checkpoint, mending what DeepSpeed's ZeRO-3 loader gets wrong:
+    one step-count tensor for all parameter groups, which AdamW then advances once per group and step.
+    (It also gives every group group 0's hyperparameters: train() puts back the configured ones after
+    any load, optim.keeping_configured_hyperparameters.)"""
     state = load_checkpoint(engine, universal)
-    for group, decay in zip(engine.optimizer.param_groups, decays):
-        group["weight_decay"] = decay
     torch_optimizer = engine.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO wrapper
     for param_state in torch_optimizer.state.values():
         if torch.is_tensor(param_state.get("step")):

@@ -36,7 +36,8 @@ from trainer.host_memory import keep_freed_memory, release_freed_memory
 from trainer.loss import lm_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import OpenELMConfig, build_model
-from trainer.optim import follow_schedule, param_groups, rewind_one_step, warmup_cosine_scheduler
+from trainer.optim import (follow_schedule, keeping_configured_hyperparameters, param_groups, rewind_one_step,
+                          warmup_cosine_scheduler)
 from trainer.preemption import PreemptionWatch
 from trainer.run_data import check_dataset_unchanged, dataset_fingerprint_of
 from trainer.reshard import check_same_global_batch, load_universal, needs_universal, universal_checkpoint
@@ -305,7 +306,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         loss_fn = torch.compile(lm_loss)
     tokenizer_fp, state = manifest.data["tokenizer"]["fingerprint"], None
     if resume is not None:
-        state = load_checkpoint(engine, resume) if load_from == resume else load_universal(engine, load_from)
+        with keeping_configured_hyperparameters(engine.optimizer):  # a resume with other values on purpose
+            state = load_checkpoint(engine, resume) if load_from == resume else load_universal(engine, load_from)
         follow_schedule(scheduler, t_cfg["lr"])
         tokenizer_fp = state["tokenizer_fingerprint"]  # the data must still be what the run trained on
         release_freed_memory()  # what loading held: the steps' own peak is smaller
