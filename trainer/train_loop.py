@@ -205,6 +205,13 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
             f"deepspeed=zero{saved_stage} (offload may change), or start a new run.name from its export "
             "(train.init_from)"
         )
+    saved_precision, precision = state["config"]["train"]["precision"], cfg["train"]["precision"]
+    if saved_precision != precision:  # DeepSpeed keeps (and names) the optimizer state of each its own way
+        raise ValueError(
+            f"checkpoint {checkpoint} was saved with train.precision={saved_precision}, this run uses "
+            f"{precision}: keep train.precision={saved_precision}, or start a new run.name from its export "
+            "(train.init_from)"
+        )
     check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
 
 
