@@ -411,6 +411,18 @@ def test_every_zero_stage_consolidates_to_the_same_trained_weights(trained):
             torch.testing.assert_close(weights[stage][name], weights[2][name], atol=2e-7, rtol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_bf16_run_consolidates_to_its_fp32_master_weights(tiny_dataset, tmp_path, stage):
+    cfg = compose_config(
+        [*SMALL_MODEL, f"data.dir={tiny_dataset}", f"storage_path={tmp_path}", f"deepspeed=zero{stage}",
+         "logger=none", "train.max_steps=2", "train.warmup_steps=1", "train.micro_batch_size=4", "train.precision=bf16"]
+    )
+    weights = consolidated_state_dict(train(cfg)["checkpoint"])
+    assert weights.keys() == build_model(OpenELMConfig(**cfg["model"])).state_dict().keys()
+    for name, w in weights.items():  # trained in fp32 by AdamW: not all of them bf16 values any more
+        assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float()), name
+
+
 def test_exported_checkpoint_loads_as_the_consolidated_weights(trained, tiny_dataset, tmp_path):
     cfg, ckpt = trained[3]
     out = export_checkpoints([ckpt], tmp_path / "hf", cfg, tokenizer_dir=tiny_dataset)

@@ -23,6 +23,7 @@ from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
+from trainer.optim import decayed
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -275,11 +276,21 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
 
 def _stage0_state_dict(model_states: Path) -> dict[str, torch.Tensor]:
-    """ZeRO-0 saves the whole module in one file under "module"."""
+    """ZeRO-0 saves the whole module in one file under "module"; in bf16 those are the rounded weights,
+    and the fp32 master weights are the optimizer's, one list per parameter group."""
     if not model_states.is_file():
         raise FileNotFoundError(f"{model_states}: not found (not a DeepSpeed checkpoint?)")
     # Tensors and plain containers only (optimizer and scheduler state dicts, our client state): no unpickling.
-    return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+    states = torch.load(model_states, map_location="cpu", weights_only=True)
+    module, masters = states["module"], (states.get("optimizer") or {}).get("fp32_groups")
+    if not masters:
+        return module
+    names = [n for n in module if n not in set(states.get("buffer_names") or ())]
+    names = [n for n in names if decayed(module[n])] + [n for n in names if not decayed(module[n])]  # optim.param_groups
+    flat = [t for group in masters for t in group]
+    if [tuple(module[n].shape) for n in names] != [tuple(t.shape) for t in flat]:
+        raise ValueError(f"{model_states}: the optimizer's fp32 weights do not match the module's parameters")
+    return {**module, **dict(zip(names, flat))}
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -7,12 +7,17 @@ import torch
 from torch import nn
 
 
+def decayed(param: torch.Tensor) -> bool:
+    """Matrices (embeddings included) decay; 1-D parameters (norm weights) never do."""
+    return param.ndim >= 2
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (embeddings included); never decay 1-D parameters (norm weights)."""
+    """The decayed parameters, then the others, each in the model's order."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if decayed(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0},
     ]
 
 
