@@ -244,7 +244,9 @@ def validate(cfg: dict) -> None:
         "must be fp32, bf16 or fp16 (or null)",
     )
     if t["init_from"]:
-        need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}", "must be a Hugging Face directory with config.json")
+        need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}",
+             "must be a Hugging Face directory with config.json (a run that has a checkpoint resumes without it: "
+             "leave train.init_from out and keep its run.name)")
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
     if c["min_workers"] is not None:
         need(1 <= c["min_workers"] <= c["num_workers"], f"cluster.min_workers={c['min_workers']}",

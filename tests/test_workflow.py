@@ -98,6 +98,26 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     assert not (root / "outputs/other_tokenizer/checkpoints").exists()
 
 
+def test_a_run_started_from_a_hugging_face_directory_resumes_without_it(workspace, capsys):
+    import shutil
+
+    root, common = workspace
+    source = root / "hf_moved_away"
+    assert main(["export", *common, "run.name=base", f"--out={source}"]) == 0
+    args = [*common, "train.warmup_steps=1", "logger=none", "run.name=tuned"]
+    assert main(["train", *args, "train.max_steps=2", f"train.init_from={source}"]) == 0
+    shutil.rmtree(source)
+    capsys.readouterr()
+    assert main(["train", *args, "train.max_steps=4", f"train.init_from={source}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.init_from={source}: must be a Hugging Face directory with config.json" in err
+    assert "a run that has a checkpoint resumes without it: leave train.init_from out" in err
+    # Its layers were listed one by one in the directory's config.json; model= scales the same ones.
+    assert main(["train", *args, "train.max_steps=4"]) == 0
+    summary = read_summary(root / "outputs/tuned")
+    assert summary["resumed_from"] == "step_2" and summary["steps"] == 4
+
+
 def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, capsys):
     root, common = workspace
     assert main(["train", *common, "run.name=base", "train.max_steps=6", "train.checkpoint_every=2",

@@ -46,3 +46,9 @@ class OpenELMConfig:
             tuple(self.ffn_multipliers),
             self.ffn_dim_divisor,
         )
+
+    def architecture(self) -> tuple:
+        """What the weights' shapes and the computation depend on: two configs with the same architecture
+        describe one model, whether their layers are listed one by one (a Hugging Face config) or scaled."""
+        return (self.num_layers, self.model_dim, self.head_dim, self.vocab_size, self.max_context_length,
+                self.rope_theta, self.rope_max_length, self.norm_eps, self.layer_plan())

@@ -193,10 +193,9 @@ class NonFiniteTraining(TrainingError):
 
 def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cfg: dict, world_size: int) -> None:
     """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
-    # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit).
-    ignored = ("name", "activation_checkpointing")
-    theirs, ours = ({k: v for k, v in m.items() if k not in ignored} for m in (state["model"], asdict(model_cfg)))
-    if theirs != ours:
+    # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit);
+    # a run started from train.init_from (its layers listed one by one) resumes under the model= it names too.
+    if OpenELMConfig(**state["model"]).architecture() != model_cfg.architecture():
         raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
     saved_stage, stage = state["config"]["deepspeed"]["stage"], cfg["deepspeed"]["stage"]
     if saved_stage != stage:  # DeepSpeed lays out (and names) each stage's files its own way
