@@ -4,6 +4,7 @@ The loop itself (trainer.train_loop.train) knows nothing of Ray; this wrapper
 gives it the rank environment DeepSpeed expects and reports its result back.
 """
 
+import contextlib
 import copy
 import os
 import signal
@@ -100,7 +101,7 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
 
 class _Trainer(TorchTrainer):
     """Ray Train's fit() answers Ctrl-C by aborting the worker group, losing the steps since the last
-    checkpoint; the driver's own handler (_forward_stop_signals) asks the workers to checkpoint instead."""
+    checkpoint; the driver's own handler (stop_signals_forwarded) asks the workers to checkpoint instead."""
 
     def _register_sigint_handler(self, controller) -> None:
         pass
@@ -117,9 +118,11 @@ def torch_trainer(cfg: dict, callbacks: list | None = None, launch_id: str | Non
     )
 
 
-def _forward_stop_signals(run_dir: str) -> None:
-    """SIGTERM to the driver (a preempted Slurm job, a deleted pod) or Ctrl-C asks the workers to checkpoint
-    and stop, also while they start; Ctrl-C a second time quits at once."""
+@contextlib.contextmanager
+def stop_signals_forwarded(run_dir: str):
+    """While it lasts, SIGTERM to the driver (a preempted Slurm job, a deleted pod) or Ctrl-C asks the workers
+    to checkpoint and stop, also while they start; Ctrl-C a second time quits at once. Then the handlers
+    before it (Ray's) are back: a later Ctrl-C in the same process interrupts it."""
     asked = set()
 
     def handle(signum, frame):
@@ -131,9 +134,15 @@ def _forward_stop_signals(run_dir: str) -> None:
         print(f"[elmforge] {name}: asking the workers to checkpoint and stop{again}", flush=True)
         request_stop(run_dir, f"{name} to the driver")
 
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, handle)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def launch_training(cfg: dict) -> dict:
@@ -145,12 +154,12 @@ def launch_training(cfg: dict) -> dict:
     clear_stop_request(cfg["run"]["dir"])
     connect(cluster)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
-    _forward_stop_signals(cfg["run"]["dir"])  # after ray.init, which installs its own; a request now stands
     workers = f"{cluster['min_workers']}-{cluster['num_workers']}" if cluster["min_workers"] else cluster["num_workers"]
-    print(f"[elmforge] {cfg['run']['name']}: starting {workers} Ray Train worker(s)", flush=True)
     launch_id = uuid.uuid4().hex[:12]
     try:
-        torch_trainer(cfg, launch_id=launch_id).fit()
+        with stop_signals_forwarded(cfg["run"]["dir"]):  # after ray.init, which installs its own; a request now stands
+            print(f"[elmforge] {cfg['run']['name']}: starting {workers} Ray Train worker(s)", flush=True)
+            torch_trainer(cfg, launch_id=launch_id).fit()
     except TrainingFailedError as e:
         gave_up = _gave_up_path(cfg, launch_id)
         if gave_up.exists():  # the first failure is the one to report, not the restarts' "not retried"

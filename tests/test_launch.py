@@ -130,3 +130,21 @@ def test_a_submitted_job_carries_the_working_directory_without_data_outputs_or_v
     env = runtime_env(compose_config([])["submit"])
     assert env["working_dir"] == str(tmp_path)
     assert {"/data", "/outputs", "/sweeps", "/.venv"} <= set(env["excludes"]) and "env_vars" not in env
+
+
+def test_stop_signals_ask_the_workers_to_stop_while_training_and_the_handlers_before_come_back(tmp_path, capsys):
+    import os
+    import signal
+
+    from cluster.launch import stop_signals_forwarded
+    from trainer.preemption import STOP_FILE
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with stop_signals_forwarded(str(tmp_path)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (tmp_path / STOP_FILE).read_text() == "elmforge stop: SIGTERM to the driver\n"
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C asks too; the second quits at once
+        assert "Ctrl-C again quits at once" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {signum: signal.getsignal(signum) for signum in before} == before
