@@ -95,8 +95,9 @@ def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_
         run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
     with pytest.raises(ValueError, match="step_2 was saved under ZeRO-2, this run uses ZeRO-3: keep deepspeed=zero2"):
         check_start(cfg_for(tiny_dataset, tmp_path, *overrides, "deepspeed=zero3"))
-    with pytest.raises(ValueError, match="saved with train.precision=fp32, this run uses bf16: keep train.precision=fp32"):
-        check_start(cfg_for(tiny_dataset, tmp_path, *overrides, "train.precision=bf16"))
+    for key, saved, ours in (("precision", "fp32", "bf16"), ("seed", 0, 1)):
+        with pytest.raises(ValueError, match=f"saved with train.{key}={saved}, this run has {ours}: keep train.{key}={saved} "):
+            check_start(cfg_for(tiny_dataset, tmp_path, *overrides, f"train.{key}={ours}"))
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == files  # nothing lost
     # A checkpoint that cannot be converted for another world size (a rank's partition lost) fails every rank.
     broken = tmp_path / "broken"

@@ -191,6 +191,13 @@ class NonFiniteTraining(TrainingError):
     pass
 
 
+# Train settings a resume cannot change, and why (the rest it takes as given: training on, changed on purpose).
+_KEPT_ON_RESUME = {
+    "precision": "DeepSpeed keeps fp32 and bf16 optimizer state in other files",
+    "seed": "it fixes the data order that the loader's saved position counts in",
+}
+
+
 def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cfg: dict, world_size: int) -> None:
     """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
     # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit);
@@ -204,13 +211,11 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
             f"deepspeed=zero{saved_stage} (offload may change), or start a new run.name from its export "
             "(train.init_from)"
         )
-    saved_precision, precision = state["config"]["train"]["precision"], cfg["train"]["precision"]
-    if saved_precision != precision:  # DeepSpeed keeps (and names) the optimizer state of each its own way
-        raise ValueError(
-            f"checkpoint {checkpoint} was saved with train.precision={saved_precision}, this run uses "
-            f"{precision}: keep train.precision={saved_precision}, or start a new run.name from its export "
-            "(train.init_from)"
-        )
+    for key, why in _KEPT_ON_RESUME.items():
+        saved, ours = state["config"]["train"][key], cfg["train"][key]
+        if saved != ours:
+            raise ValueError(f"checkpoint {checkpoint} was saved with train.{key}={saved}, this run has {ours}: keep "
+                             f"train.{key}={saved} ({why}), or start a new run.name from its export (train.init_from)")
     check_same_global_batch(state["config"], state["loader"]["world_size"], cfg, world_size, checkpoint)
 
 
