@@ -100,7 +100,11 @@ def cmd_train(cfg: dict, args) -> None:
     else:
         from cluster.launch import launch_training
 
+        from cluster.ray_runtime import require_embedded_cpus
+
         cluster = cfg["cluster"]
+        if cluster["address"] is None:  # an embedded Ray has what it is given on this machine, never more
+            require_embedded_cpus(cluster)
         if cluster["use_gpu"] and cluster["address"] is None:  # the embedded Ray has this machine's GPUs only
             from trainer.distributed import require_gpus
 

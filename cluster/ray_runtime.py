@@ -78,6 +78,19 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     return {**kwargs, "address": cluster["address"]}
 
 
+def require_embedded_cpus(cluster: dict) -> None:
+    """An embedded Ray never grows: Ray Train would wait forever for a worker group larger than its CPUs."""
+    fewest, per_worker = cluster["min_workers"] or cluster["num_workers"], cluster["cpus_per_worker"]
+    cpus = cluster["num_cpus"] or os.cpu_count()
+    if fewest * per_worker > cpus:
+        raise ValueError(
+            f"cluster.{'min' if cluster['min_workers'] else 'num'}_workers={fewest} workers of cluster.cpus_per_worker="
+            f"{per_worker:g} need {fewest * per_worker:g} CPUs, more than the embedded Ray's cluster.num_cpus={cpus}: "
+            "raise cluster.num_cpus (logical CPUs, may exceed the cores), ask for fewer, or join a cluster "
+            "(cluster.address)"
+        )
+
+
 def connect(cluster: dict) -> None:
     if ray.is_initialized():
         return

@@ -7,7 +7,7 @@ import torch
 
 from cluster.config import accumulation_for, compose_config, elastic_note
 from cluster.launch import run_config, scaling_config, torch_backend
-from cluster.ray_runtime import embedded_env, init_kwargs
+from cluster.ray_runtime import embedded_env, init_kwargs, require_embedded_cpus
 
 
 def test_embedded_ray_gets_logical_cpus_and_the_cpu_backend():
@@ -79,6 +79,24 @@ def test_use_gpu_without_a_gpu_fails_at_once_in_one_line(argv, needs, tmp_path, 
     assert err.count("\n") == 2 and "set ELMFORGE_DEBUG=1" in err, err
     assert f"cluster.use_gpu=true {needs}, but this torch (" in err and "set cluster.use_gpu=false" in err, err
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.num_workers=5"], "cluster.num_workers=5 workers of cluster.cpus_per_worker=1 need 5 CPUs, more than "
+                                "the embedded Ray's cluster.num_cpus=4: raise cluster.num_cpus"),
+    (["cluster.min_workers=2", "cluster.cpus_per_worker=3"], "cluster.min_workers=2 workers of cluster.cpus_per_worker=3 "
+                                                             "need 6 CPUs, more than the embedded Ray's cluster.num_cpus=4"),
+])
+def test_a_worker_group_the_embedded_ray_cannot_hold_fails_at_once_in_one_line(overrides, message, tmp_path, capsys):
+    from cluster.cli import main
+
+    # Ray Train would wait for the CPUs forever, a Ctrl-C's request to checkpoint with it.
+    assert main(["train", *overrides, f"storage_path={tmp_path}", "logger=none"]) == 1
+    assert f"elmforge train: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
+    # What fits: the group's floor (elastic), more logical CPUs; a cluster to join may grow (not checked).
+    require_embedded_cpus(compose_config(["cluster.min_workers=1", "cluster.cpus_per_worker=3"])["cluster"])
+    require_embedded_cpus(compose_config(["cluster.num_workers=5", "cluster.num_cpus=5"])["cluster"])
 
 
 def test_min_workers_makes_the_group_elastic_with_the_samples_per_step_kept():
