@@ -301,6 +301,18 @@ def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_pat
     assert f"trained with different tokenizers ({other} ffffffffffff, {step6} " in err, err
     assert not (tmp_path / "x").exists()
 
+    # A damaged file in a checkpoint (a truncated optimizer partition) is named, in one line, by each verb.
+    damaged = tmp_path / "damaged/step_6"
+    shutil.copytree(run / "checkpoints/step_6", damaged)
+    partition = next(damaged.glob("*_optim_states.pt"))
+    partition.write_bytes(partition.read_bytes()[:1000])
+    for argv in (["export", "--checkpoint", str(damaged), f"--out={tmp_path / 'x'}"], ["eval", str(damaged)],
+                 ["generate", str(damaged), "--prompt", "x", "--greedy"]):
+        err = fails(*argv)
+        assert f"checkpoint {damaged} cannot be read (" in err and "a file in it is damaged or incomplete" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
     # --text: a directory is named as one; a record without the text field names the fix.
     assert main(["export", *common, "run.name=base", f"--out={tmp_path / 'hf'}"]) == 0
     hf = str(tmp_path / "hf")

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from data_pipelines.swap_dir import swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
+from trainer.checkpoint import complete_ones_beside
+from trainer.errors import one_line
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
 from trainer.optim import decayed
@@ -260,6 +263,14 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory")
+    try:
+        return _consolidated(checkpoint_dir)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as e:  # a truncated or damaged file
+        raise ValueError(f"checkpoint {checkpoint_dir} cannot be read ({one_line(e)}): a file in it is damaged or "
+                         f"incomplete; use another checkpoint{complete_ones_beside(checkpoint_dir)}") from e
+
+
+def _consolidated(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     if any(checkpoint_dir.glob("*_optim_states.pt")):
         # ZeRO 1-3 keep the fp32 master weights in the (sharded) optimizer states; DeepSpeed's own tool
         # merges them. Those files hold pickled DeepSpeed objects: it loads them with weights_only=False.
