@@ -279,6 +279,9 @@ def validate(cfg: dict) -> None:
         f"model.vocab_size={m['vocab_size']}",
         f"is smaller than tokenizer.vocab_size={cfg['tokenizer']['vocab_size']}; token ids would overflow the embedding",
     )
+    need(cfg["tokenizer"]["kind"] != "bpe" or not cfg["tokenizer"]["path"], f"tokenizer.path={cfg['tokenizer']['path']}",
+         "is read by tokenizer=file (a tokenizer.json) or tokenizer=llama (a tokenizer.model); tokenizer=bpe, the "
+         "default, trains one on the corpus: add tokenizer=file or tokenizer=llama")
     if cfg["tokenizer"]["kind"] != "bpe":
         path = cfg["tokenizer"]["path"]
         want = ("a Hugging Face tokenizer.json" if cfg["tokenizer"]["kind"] == "file"

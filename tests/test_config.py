@@ -237,3 +237,11 @@ def test_conf_yaml_holds_the_values_and_the_schema_only_types():
             lacking = [f"conf/{name}" for name in options if str(name) not in setters] or ["conf/config.yaml"]
             problems.append(f"{key}: MISSING in the schema but {', '.join(lacking)} does not set it")
     assert not problems, "\n".join(problems)
+
+
+def test_a_tokenizer_file_given_to_the_trained_bpe_is_refused_not_ignored(tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    with pytest.raises(ConfigError, match=rf"tokenizer.path={tokenizer}: is read by tokenizer=file .* add tokenizer=file"):
+        compose_config([f"tokenizer.path={tokenizer}"])
+    assert compose_config(["tokenizer=file", f"tokenizer.path={tokenizer}"])["tokenizer"]["kind"] == "file"

@@ -95,6 +95,8 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     assert main(["train", *args, "run.name=other_tokenizer", f"train.init_from={root / 'hf_init'}"]) == 1
     err = capsys.readouterr().err
     assert f"train.init_from: the model's tokenizer {tokenizer} (" in err and "is not the one" in err, err
+    fix = f"prepare the data with tokenizer=file tokenizer.path={tokenizer} tokenizer.vocab_size={other.get_vocab_size()} "
+    assert fix in err, err
     assert not (root / "outputs/other_tokenizer/checkpoints").exists()
 
 

@@ -94,8 +94,10 @@ def _check_data(model_cfg: OpenELMConfig, manifest, init_from: str | None) -> No
     ):
         raise ValueError(
             f"train.init_from: the model's tokenizer {theirs} ({model_tokenizer.fingerprint[:12]}) is not the one "
-            f"{manifest.root} was prepared with ({data_fp[:12]}): prepare the data with tokenizer.path={theirs} "
-            "(under another data.name=), or start from a model of this dataset's tokenizer"
+            f"{manifest.root} was prepared with ({data_fp[:12]}): prepare the data with "
+            f"tokenizer={'llama' if theirs.suffix == '.model' else 'file'} tokenizer.path={theirs} "
+            f"tokenizer.vocab_size={model_tokenizer.vocab_size} (under another data.name=), or start from a model "
+            "of this dataset's tokenizer"
         )
 
 
