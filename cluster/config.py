@@ -245,8 +245,7 @@ def validate(cfg: dict) -> None:
     )
     if t["init_from"]:
         need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}",
-             "must be a Hugging Face directory with config.json (a run that has a checkpoint resumes without it: "
-             "leave train.init_from out and keep its run.name)")
+             _not_a_hf_directory(Path(t["init_from"])))
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
     if c["min_workers"] is not None:
         need(1 <= c["min_workers"] <= c["num_workers"], f"cluster.min_workers={c['min_workers']}",
@@ -294,6 +293,17 @@ def validate(cfg: dict) -> None:
         errors.append(f"model: {e}")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _not_a_hf_directory(path: Path) -> str:
+    """What train.init_from points at instead of a Hugging Face directory, and what to give."""
+    export = {"COMPLETE": ("a training checkpoint", "--checkpoint <it>"), "checkpoints": ("a run directory", "run.name=<its name>")}
+    for marker, (what, which) in export.items():
+        if (path / marker).exists():
+            return f"is {what}, not a Hugging Face directory: export it first (elmforge export {which} --out <dir>)"
+    where = "does not exist" if not path.exists() else "holds no config.json"
+    return (f"{where}: must be a Hugging Face directory with config.json (a run that has a checkpoint resumes "
+            "without it: leave train.init_from out and keep its run.name)")
 
 
 def compose_config(overrides: list[str] = ()) -> dict:

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -245,3 +246,18 @@ def test_a_tokenizer_file_given_to_the_trained_bpe_is_refused_not_ignored(tmp_pa
     with pytest.raises(ConfigError, match=rf"tokenizer.path={tokenizer}: is read by tokenizer=file .* add tokenizer=file"):
         compose_config([f"tokenizer.path={tokenizer}"])
     assert compose_config(["tokenizer=file", f"tokenizer.path={tokenizer}"])["tokenizer"]["kind"] == "file"
+
+
+def test_train_init_from_names_what_it_was_given_instead_of_a_hugging_face_directory(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints/step_6").mkdir(parents=True)
+    (run / "checkpoints/step_6/COMPLETE").write_text("{}")
+    for given, message in [
+        (tmp_path / "nowhere", "does not exist: must be a Hugging Face directory with config.json"),
+        (tmp_path, "holds no config.json: must be a Hugging Face directory"),
+        (run, "is a run directory, not a Hugging Face directory: export it first (elmforge export run.name="),
+        (run / "checkpoints/step_6", "is a training checkpoint, not a Hugging Face directory: export it first "
+                                     "(elmforge export --checkpoint <it> --out <dir>)"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"train.init_from={given}: {message}")):
+            compose_config([f"train.init_from={given}"])
