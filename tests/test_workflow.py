@@ -112,7 +112,7 @@ def test_a_run_started_from_a_hugging_face_directory_resumes_without_it(workspac
     capsys.readouterr()
     assert main(["train", *args, "train.max_steps=4", f"train.init_from={source}"]) == 2
     err = capsys.readouterr().err
-    assert f"train.init_from={source}: must be a Hugging Face directory with config.json" in err
+    assert f"train.init_from={source}: does not exist: must be a Hugging Face directory with config.json" in err
     assert "a run that has a checkpoint resumes without it: leave train.init_from out" in err
     # Its layers were listed one by one in the directory's config.json; model= scales the same ones.
     assert main(["train", *args, "train.max_steps=4"]) == 0
