@@ -176,6 +176,10 @@ def cmd_export(cfg: dict, args) -> None:
     missing = f" (no tokenizer: the training data at {data_dir} is gone or was re-prepared with another one)"
     print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    step, max_steps = client["step"], client["config"]["train"]["max_steps"]
+    if step < max_steps:  # a stopped run (or one still training): its export is not the run's result
+        print(f"  note         {checkpoints[-1].name} is not the run's last step (train.max_steps={max_steps}): it "
+              "stopped early or is still training; export again once it has finished")
 
 
 def _device(cfg: dict):

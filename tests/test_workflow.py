@@ -42,6 +42,11 @@ def test_export_average_eval_and_generate(workspace, capsys):
     assert "average of step_4, step_6" in out and (root / "hf/config.json").is_file()
     assert all(line.startswith(("[export]", "  ")) for line in out.splitlines() if line), out  # no DeepSpeed chatter
     assert (root / "hf/tokenizer.json").is_file()
+    assert "not the run's last step" not in out
+    step4 = root / "outputs/base/checkpoints/step_4"  # an earlier step, as a stopped run's export is
+    assert main(["export", *common, "--checkpoint", str(step4), f"--out={root / 'hf_step4'}"]) == 0
+    assert ("note         step_4 is not the run's last step (train.max_steps=6): it stopped early or is still "
+            "training") in capsys.readouterr().out
 
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_last'}"]) == 0
     capsys.readouterr()
