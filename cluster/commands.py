@@ -172,7 +172,8 @@ def cmd_export(cfg: dict, args) -> None:
     found = dataset_tokenizer_file(data_dir, client.get("tokenizer_fingerprint"))
     out = Path(args.out or Path(cfg["run"]["dir"], "hf"))
     export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=found[0] if found else None)
-    names = ", ".join(c.name for c in checkpoints)
+    one_run = len({c.parent for c in checkpoints}) == 1  # else each is named with its run's directory
+    names = ", ".join(c.name if one_run else f"{c.parent.parent.name}/{c.name}" for c in checkpoints)
     missing = f" (no tokenizer: the training data at {data_dir} is gone or was re-prepared with another one)"
     print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")

@@ -47,6 +47,12 @@ def test_export_average_eval_and_generate(workspace, capsys):
     assert main(["export", *common, "--checkpoint", str(step4), f"--out={root / 'hf_step4'}"]) == 0
     assert ("note         step_4 is not the run's last step (train.max_steps=6): it stopped early or is still "
             "training") in capsys.readouterr().out
+    import shutil  # checkpoints of two runs: each named with its run
+
+    shutil.copytree(step4, root / "outputs/copy/checkpoints/step_4")
+    assert main(["export", *common, "--checkpoint", str(root / "outputs/copy/checkpoints/step_4"),
+                 str(root / "outputs/base/checkpoints/step_6"), f"--out={root / 'hf_two_runs'}"]) == 0
+    assert "average of copy/step_4, base/step_6" in capsys.readouterr().out
 
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_last'}"]) == 0
     capsys.readouterr()
