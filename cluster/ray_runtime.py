@@ -78,14 +78,16 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     return {**kwargs, "address": cluster["address"]}
 
 
-def require_embedded_cpus(cluster: dict) -> None:
-    """An embedded Ray never grows: Ray Train would wait forever for a worker group larger than its CPUs."""
+def require_embedded_cpus(cluster: dict, trial_cpus: float = 0.0) -> None:
+    """An embedded Ray never grows: Ray Train would wait forever for a worker group (and a sweep's trial
+    for itself, `trial_cpus`) larger than its CPUs."""
     fewest, per_worker = cluster["min_workers"] or cluster["num_workers"], cluster["cpus_per_worker"]
-    cpus = cluster["num_cpus"] or os.cpu_count()
-    if fewest * per_worker > cpus:
+    cpus, needed = cluster["num_cpus"] or os.cpu_count(), fewest * per_worker + trial_cpus
+    if needed > cpus:
+        trial = f" plus sweep.trial_cpus={trial_cpus:g} for the trial" if trial_cpus else ""
         raise ValueError(
             f"cluster.{'min' if cluster['min_workers'] else 'num'}_workers={fewest} workers of cluster.cpus_per_worker="
-            f"{per_worker:g} need {fewest * per_worker:g} CPUs, more than the embedded Ray's cluster.num_cpus={cpus}: "
+            f"{per_worker:g}{trial} need {needed:g} CPUs, more than the embedded Ray's cluster.num_cpus={cpus}: "
             "raise cluster.num_cpus (logical CPUs, may exceed the cores), ask for fewer, or join a cluster "
             "(cluster.address)"
         )

@@ -26,7 +26,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.config import ConfigError, check_and_derive
 from cluster.launch import torch_trainer
-from cluster.ray_runtime import connect
+from cluster.ray_runtime import connect, require_embedded_cpus
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.errors import TrainingError, one_line
@@ -210,6 +210,8 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
     s = cfg["sweep"]
     check_schedule(cfg)
     check_space(cfg)
+    if cfg["cluster"]["address"] is None:  # a trial that could never start would keep the sweep waiting
+        require_embedded_cpus(cfg["cluster"], s["trial_cpus"])
     out = sweep_dir(cfg)
     experiment = out / "tune"
     restoring = resumable(out)
