@@ -99,16 +99,14 @@ def cmd_train(cfg: dict, args) -> None:
             return
     else:
         from cluster.launch import launch_training
-
         from cluster.ray_runtime import require_embedded_cpus
+        from trainer.distributed import require_gpus
 
         cluster = cfg["cluster"]
-        if cluster["address"] is None:  # an embedded Ray has what it is given on this machine, never more
+        if cluster["address"] is None:  # an embedded Ray has its CPUs and this machine's GPUs, never more
             require_embedded_cpus(cluster)
-        if cluster["use_gpu"] and cluster["address"] is None:  # the embedded Ray has this machine's GPUs only
-            from trainer.distributed import require_gpus
-
-            require_gpus(cluster["min_workers"] or cluster["num_workers"], "on this machine (one per worker)")
+            if cluster["use_gpu"]:
+                require_gpus(cluster["min_workers"] or cluster["num_workers"], "on this machine (one per worker)")
         _prepare(cfg, for_run=True)
         summary = launch_training(cfg)
     _print_summary(cfg, summary)
