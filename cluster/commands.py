@@ -89,9 +89,11 @@ def cmd_train(cfg: dict, args) -> None:
     for key in ("data.dir", "run.dir"):
         section, name = key.split(".")
         require_writable(cfg[section][name], key)
-    # A finished run needs neither its data nor workers (under torchrun every rank would answer).
-    if not launched_by_torchrun() and (summary := finished_run(cfg)) is not None:
-        _print_summary(cfg, summary)
+    # A finished run needs neither its data nor workers. Under torchrun every rank finds it so; rank 0 answers.
+    answers = int(os.environ.get("RANK", 0)) == 0
+    if (summary := finished_run(cfg, is_main=answers)) is not None:
+        if answers:
+            _print_summary(cfg, summary)
         return
     if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
         summary = _train_here(cfg)

@@ -91,6 +91,7 @@ class FaultConfig:
     """Fault injection, for tests of recovery; never set in real runs."""
 
     kill_at_step: Optional[int] = None  # this rank's process dies at the start of the step, once per run
+    kill_in_save_at_step: Optional[int] = None  # ... dies saving this step's checkpoint, before it is complete
     kill_rank: int = 0
     sigterm_at_step: Optional[int] = None  # every rank receives SIGTERM after this step, once per run
     nonfinite_at_steps: list[int] = field(default_factory=list)  # the loss becomes NaN on nonfinite_rank

@@ -115,19 +115,21 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tin
     overrides = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2")
     full = losses(cfg_for(tiny_dataset, tmp_path / "full", *overrides, workers=1), 1)
     run_dir = tmp_path / "crashed"
-    first = run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, "train.faults.sigterm_at_step=4",
-                                        workers=1))[0]
-    # What a crash while writing step_5 leaves behind: some of its files, no COMPLETE marker.
-    partial = run_dir / "checkpoints" / "step_5"
-    partial.mkdir()
-    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    # The process dies once DeepSpeed has written step_4's files, before the checkpoint is marked complete.
+    with pytest.raises(RankFailed, match="died"):
+        run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, "train.faults.kill_in_save_at_step=4",
+                                    workers=1))
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step_4" / "mp_rank_00_model_states.pt").is_file() and not (ckpts / "step_4" / "COMPLETE").exists()
+    assert (ckpts / "latest").read_text() == "step_2"  # DeepSpeed's pointer (zero_to_fp32.py's) names a complete one
     # Resumed with activation checkpointing on (as one would to fit memory): the same run, the same math.
     second = run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, "model.activation_checkpointing=true",
                                          workers=1))[0]
-    assert second["resumed_from"] == "step_4"
-    assert first["losses"] + second["losses"] == full  # bitwise
-    # The newest 2 complete checkpoints are kept; the older one and the crashed save are gone.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step_4", "step_6"]
+    assert second["resumed_from"] == "step_2"
+    assert [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")] == full  # bitwise
+    # The newest 2 complete checkpoints are kept; step_4 was written again over the crashed save's files.
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_4", "step_6"]
+    assert (ckpts / "step_4" / "COMPLETE").is_file() and (ckpts / "latest").read_text() == "step_6"
 
 
 def _weights_and_optimizer(step_dir):
@@ -237,3 +239,10 @@ def test_torchrun_runs_the_same_loop_and_ctrl_c_stops_it_for_a_resume(tmp_path):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "outputs/torchrun/metrics.jsonl")]
     cfg = compose_config([*overrides, "run.name=spawned", "cluster.num_workers=2"])
     assert run_ranks(2, train, cfg)[0]["losses"] == losses
+
+    # Finished, with its input files changed since: it needs no data, so each rank answers from the
+    # checkpoint (as the Ray path does) and rank 0 prints, rather than refusing the changed data.
+    corpus.write_bytes(corpus.read_bytes() + b'{"text": "a document added since"}\n')
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("already finished at step 30") == 1 and again.stdout.count("training finished") == 1

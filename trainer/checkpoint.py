@@ -8,13 +8,14 @@ newest complete one. Only the newest K complete checkpoints are kept.
 """
 
 import json
+import os
 import pickle
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -76,16 +77,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_main: bool, keep: int) -> Path:
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_main: bool, keep: int,
+                    before_marking: Callable[[], None] = lambda: None) -> Path:
     root = Path(root)
     tag = f"step_{step}"
     if is_main and (root / tag).exists():  # a leftover of a crashed save at this step
         shutil.rmtree(root / tag)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)  # every rank must call this
+    # Every rank must call this. DeepSpeed's `latest` pointer (its zero_to_fp32.py script reads it) is
+    # ours to move, once the checkpoint is complete: DeepSpeed would point it at one still being written.
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    before_marking()
     dist.barrier()
     if is_main:
         (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        (root / "latest.tmp").write_text(tag)
+        os.replace(root / "latest.tmp", root / "latest")
         _prune(root, keep)
     dist.barrier()
     return root / tag

@@ -7,15 +7,17 @@ from pathlib import Path
 import torch
 
 
-def maybe_kill(faults: dict, step: int, rank: int, run_dir: str) -> None:
-    """Kill this process at the start of `kill_at_step` on `kill_rank`, once per run (a marker remembers)."""
-    if faults["kill_at_step"] != step or faults["kill_rank"] != rank:
+def maybe_kill(faults: dict, step: int, rank: int, run_dir: str, key: str = "kill_at_step") -> None:
+    """Kill this process on `kill_rank` when `faults[key]` is this step, once per run (a marker remembers):
+    kill_at_step as the step starts, kill_in_save_at_step once the step's checkpoint files are written
+    but before the checkpoint is marked complete."""
+    if faults[key] != step or faults["kill_rank"] != rank:
         return
-    marker = Path(run_dir) / f".fault_killed_at_step_{step}"
+    marker = Path(run_dir) / (f".fault_killed_at_step_{step}" if key == "kill_at_step" else f".fault_{key}_{step}")
     if marker.exists():
         return
-    marker.write_text("killed by train.faults.kill_at_step\n")
-    print(f"[faults] killing rank {rank} at step {step}", flush=True)
+    marker.write_text(f"killed by train.faults.{key}\n")
+    print(f"[faults] killing rank {rank} at step {step} ({key})", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -241,16 +241,16 @@ def check_start(cfg: dict) -> None:
         _check_data(model_config(cfg), manifest, cfg["train"]["init_from"])
 
 
-def finished_run(cfg: dict) -> dict | None:
+def finished_run(cfg: dict, is_main: bool = True) -> dict | None:
     """The summary of a run already at train.max_steps, for a launcher to return without preparing
     data or starting any worker (one that would load nothing and train nothing); None for a run with
-    steps to go."""
+    steps to go. Only the main process writes and prints."""
     resume = latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints"))
     client = read_client_state(resume) if resume is not None else None
     if client is None or client["step"] < cfg["train"]["max_steps"]:
         return None
     _check_resumable(client, resume, model_config(cfg), cfg, cfg["cluster"]["num_workers"])  # the same run?
-    return _finished_run(cfg, resume, client, model_config(cfg), is_main=True, report=None)
+    return _finished_run(cfg, resume, client, model_config(cfg), is_main=is_main, report=None)
 
 
 def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
@@ -368,7 +368,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                   "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
                   "dataset_fingerprint": dataset_fingerprint_of(manifest),
                   "skipped_in_row": skipped_in_row, "skipped_total": skipped_total}
-        path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"])
+        path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"],
+                               lambda: maybe_kill(t_cfg["faults"], at_step, env.rank, run_dir, "kill_in_save_at_step"))
         release_freed_memory()
         return path
 
