@@ -116,12 +116,21 @@ def _report(args) -> None:
     print(f"[report] {written['html']} ({len(charts)} charts: {', '.join(charts) or 'none yet'})")
 
 
+def _disconnect_ray() -> None:
+    """Ray holds back lines its workers repeat ("[repeated 2x across cluster]", their tracebacks among
+    them) and prints them when it disconnects: that should come before the one-line error, not after."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _run(verb: str, fn, *fn_args) -> int:
     try:
         status = fn(*fn_args)
     except (ValueError, OSError, TrainingError) as e:  # one clear message (a missing file, a full disk), no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise
+        _disconnect_ray()
         if isinstance(e, ConfigError):  # a config problem the verb found itself (a sweep's space, say)
             print(f"elmforge {verb}: config error\n{e}", file=sys.stderr)
             return 2
