@@ -183,3 +183,30 @@ def test_member_path_leaving_the_archive_is_refused(tiny_dataset, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"shard-000000.tar: member '../../escape.tokens.npy' is not a plain file"):
         _first_batch(copy)
+
+
+def test_the_shuffled_order_is_numpys_seeded_permutation_dealt_among_ranks(tiny_dataset):
+    # The order runs have trained with (and resume into): rank r of W reads permuted positions r, r+W, ...
+    n = read_manifest(tiny_dataset).num_samples("train")
+    in_order = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=n, seed=0, shuffle=False), 1))
+    world, seed = 3, 7
+    for epoch in (0, 1):
+        permutation = np.random.default_rng([seed, epoch]).permutation(n)
+        for rank in range(world):
+            loader = TokenLoader(tiny_dataset, "train", rank, world, batch_size=1, seed=seed)
+            got = rows(take(loader, (epoch + 1) * (n // world)))[epoch * (n // world) :]
+            assert got == [in_order[i] for i in permutation[rank::world][: n // world]]
+
+
+def test_the_index_of_a_shard_we_wrote_is_a_few_numbers_whatever_its_size(tiny_dataset):
+    from data_pipelines.loader import MemberSpans, SampleIndex
+
+    index = SampleIndex(read_manifest(tiny_dataset), "train")
+    for shard in range(len(index.shards)):
+        assert index._members(shard).regular, index.shards[shard].name  # no per-sample arrays kept
+    # Members of other sizes or spacing (a shard from elsewhere) are kept one by one, and read alike.
+    spans = [(512, 100), (1536, 100), (3072, 60), (4096, 60)]
+    assert [MemberSpans(spans)[i] for i in range(4)] == spans and not MemberSpans(spans).regular
+    assert [MemberSpans(spans[:2])[i] for i in range(2)] == spans[:2] and MemberSpans(spans[:2]).regular
+    with pytest.raises(IndexError):
+        MemberSpans(spans[:2])[2]
