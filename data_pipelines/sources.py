@@ -12,12 +12,14 @@ counted, or an error with `on_bad_record=error`); a file that is not what its
 extension says is an error naming it.
 """
 
+import codecs
 import glob
 import gzip
 import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +75,8 @@ def expand_files(pattern: str) -> list[str]:
     resolved = resolve_path(pattern)
     if os.path.isdir(resolved):
         raise IsADirectoryError(f"data source {pattern!r} is a directory: name its files, e.g. {_glob_hint(pattern, resolved)}")
+    if os.path.isfile(resolved):  # as named, even where it holds glob characters ("corpus[v2].jsonl")
+        return [resolved]
     files = sorted(f for f in glob.glob(resolved, recursive=True) if os.path.isfile(f))
     if not files:
         raise FileNotFoundError(f"data source {pattern!r} matches no file (looked for {resolved})")
@@ -171,12 +175,27 @@ def _open_binary(path: str, compression: str) -> Iterator[tuple[io.BufferedIOBas
             yield stream, file
 
 
-def _decode(raw: bytes) -> tuple[str, int]:
+def _decode(raw: bytes, first: bool = False) -> tuple[str, int]:
+    """Text and the count of characters replaced (bytes that are not UTF-8). The first line of a file
+    loses a byte order mark, which some editors put before UTF-8 text."""
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(text: str) -> tuple[str, int]:
+    """JSON's escapes can encode half of a surrogate pair ("\\ud83d", an emoji cut in two by a scraper),
+    which no UTF-8 text can hold: each becomes U+FFFD and counts as a replaced character."""
+    if text.isascii():
+        return text, 0
+    return _LONE_SURROGATE.subn("\ufffd", text)
 
 
 # What a decompressor raises on bytes that are not its format (or are cut short).
@@ -193,7 +212,7 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
-                line, replaced = _decode(raw)
+                line, replaced = _decode(raw, first=line_no == 1)
                 origin, pos = f"{path}:{line_no}", file.tell()
                 try:
                     record = json.loads(line)
@@ -205,7 +224,8 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field), pos=pos)
                     continue
-                yield Record(record[text_field], origin, replaced, pos=pos)
+                text, lone = _without_lone_surrogates(record[text_field])
+                yield Record(text, origin, replaced + lone, pos=pos)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
 
@@ -239,7 +259,7 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
             pos = file.tell()
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
-    text, replaced = _decode(raw)
+    text, replaced = _decode(raw, first=True)
     yield Record(text, f"{path}:1", replaced, pos=pos)
 
 

@@ -203,6 +203,15 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
+def _without_ray(error: BaseException) -> BaseException:
+    """The error as a plain one of its type, off Ray's wrappers; ValueError where its type takes more
+    than a message to build (UnicodeEncodeError, json.JSONDecodeError)."""
+    try:
+        return type(error)(str(error))
+    except TypeError:
+        return ValueError(str(error))
+
+
 def default_workers() -> int:
     """Tokenizer actors for data.workers=null: Ray's CPUs less one (for the reader and the driver), but
     on a one-node Ray on this machine no more than its cores: an embedded Ray is given more logical
@@ -263,7 +272,7 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
         inner = _unwrap(e)
         if inner is e:
             raise
-        raise type(inner)(str(inner)) from None
+        raise _without_ray(inner) from None
 
 
 def tokenized_batches(

@@ -49,9 +49,10 @@ def test_replaced_characters_are_counted_in_the_manifest(tmp_path):
     docs = make_documents(20)
     raw = b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs)
     raw += b'{"text": "bad \xff\xfe bytes and more words to keep this document"}\n'
+    raw += b'{"text": "half an emoji \\ud83d escaped in JSON, and more words to keep it"}\n'  # no UTF-8 holds it
     (tmp_path / "c.jsonl").write_bytes(raw)
     stats = read_manifest(prepare(data_cfg(tmp_path / "c.jsonl", tmp_path / "ds"), TOKENIZER_CFG)).data["stats"]
-    assert stats["replaced_characters"] == 2 and stats["documents_kept"] == 21
+    assert stats["replaced_characters"] == 3 and stats["documents_kept"] == 22
 
 
 def test_progress_line_shows_rates_and_eta(capsys):

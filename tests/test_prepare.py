@@ -277,3 +277,13 @@ def test_a_wrong_input_file_is_named_before_ray_would_start(tmp_path):
     with pytest.raises(ValueError, match=r"has a string 'text' .*set data.sources.0.text_field"):
         prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG, before_build=lambda: started.append("ray"))
     assert not started
+
+
+def test_a_tokenizer_actors_error_reaches_the_user_as_its_kind_or_as_a_value_error():
+    from data_pipelines.tokenize_stage import _without_ray
+
+    missing = _without_ray(FileNotFoundError("shard x is missing"))
+    assert type(missing) is FileNotFoundError and str(missing) == "shard x is missing"
+    unencodable = UnicodeEncodeError("utf-8", "\ud83d", 0, 1, "surrogates not allowed")  # takes five arguments
+    plain = _without_ray(unencodable)
+    assert type(plain) is ValueError and str(plain) == str(unencodable)

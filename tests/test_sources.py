@@ -70,6 +70,21 @@ def test_text_field_is_configurable(tmp_path):
     assert texts({"path": str(tmp_path / "a.jsonl"), "text_field": "content"}) == DOCS
 
 
+def test_a_half_emoji_escape_a_byte_order_mark_and_glob_characters_in_a_file_name_are_read(tmp_path):
+    import codecs
+
+    folder = tmp_path / "corpus[v2]"  # a literal name, not a glob's character class
+    folder.mkdir()
+    path = folder / "a.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + b'{"text": "cut \\ud83d emoji"}\n{"text": "whole \\ud83d\\ude00 one"}\n')
+    assert check_files({"path": str(path)}, 0) == [str(path)]
+    records = [r for u in read_units({"path": str(path)}, 0) for r in read_unit(u)]
+    assert [r.text for r in records] == ["cut \ufffd emoji", "whole \U0001F600 one"]
+    assert [r.replaced for r in records] == [1, 0]
+    (tmp_path / "b.txt").write_bytes(codecs.BOM_UTF8 + b"plain text")
+    assert [r.text for u in read_units({"path": str(tmp_path / "b.txt")}, 0) for r in read_unit(u)] == ["plain text"]
+
+
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     raw = b'{"text": "caf\xe9 au lait"}\n{"text": "fine"}\n'
     (tmp_path / "a.jsonl").write_bytes(raw)
