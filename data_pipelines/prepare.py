@@ -34,7 +34,7 @@ from data_pipelines.sources import (
     ReadUnit, bad_record_error, check_files, fingerprint_sources, no_document_error, read_unit, read_units,
     source_name,
 )
-from data_pipelines.swap_dir import swap_into_place
+from data_pipelines.swap_dir import real_destination, remove_leftovers, swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
@@ -259,18 +259,19 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
         print(f"[prepare] {rebuilding}; rebuilding", flush=True)
     if before_build is not None:
         before_build()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    target = real_destination(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         manifest = _build(data_cfg, tokenizer_cfg, tmp, fp)
         write_manifest(tmp, manifest)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    swap_into_place(tmp, out)
     splits, stats = manifest["splits"], manifest["stats"]
     print(
         f"[prepare] wrote {out}: {stats['documents_kept']}/{stats['documents_read']} documents kept "
@@ -414,10 +415,13 @@ def check_replaceable(out: Path) -> None:
 
 def _remove_stale_builds(out: Path) -> None:
     """Temporary directories of earlier runs that were killed (their process is gone)."""
+    remove_leftovers(out)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = int(stale.name.rsplit("-", 1)[1])
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit():  # not one of ours
+            continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(stale, ignore_errors=True)
         except PermissionError:  # alive, another user's

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never reach for the hub
 
@@ -119,6 +120,14 @@ def test_an_export_replaces_a_previous_one_whole_and_touches_nothing_else(tiny_d
     (tmp_path / "file").write_text("")
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         save_hf_checkpoint(model, tmp_path / "file")
+
+    # A link to an export elsewhere (a larger disk): the export there is replaced, the link stays.
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(out, tmp_path / "elsewhere" / "hf")
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere" / "hf", target_is_directory=True)
+    assert save_hf_checkpoint(model, tmp_path / "linked", tokenizer_dir=tiny_dataset) == tmp_path / "linked"
+    assert (tmp_path / "linked").is_symlink() and (tmp_path / "elsewhere" / "hf" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["hf"]
 
 
 # ---------------------------------------------------------------------------- (b) transformers remote code

@@ -155,6 +155,23 @@ def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
     assert (prepare(data_cfg(corpus, tmp_path / "empty"), TOKENIZER_CFG) / "manifest.json").is_file()
 
 
+def test_a_data_dir_that_links_elsewhere_is_rebuilt_where_it_points_and_stays_a_link(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
+    (tmp_path / "big_disk").mkdir()
+    link = tmp_path / "data" / "ds"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "big_disk" / "ds", target_is_directory=True)
+    # What a swap killed while deleting the directory it replaced leaves: no obstacle, and removed.
+    (tmp_path / "big_disk" / ".ds.old-1").mkdir()
+    (tmp_path / "big_disk" / ".ds.old-1" / "shard.tar").write_bytes(b"old")
+    for force in (False, True):
+        assert prepare(data_cfg(corpus, link), TOKENIZER_CFG, force=force) == link
+        assert link.is_symlink() and (tmp_path / "big_disk" / "ds" / "manifest.json").is_file()
+        assert sorted(p.name for p in (tmp_path / "big_disk").iterdir()) == ["ds"]
+        assert sorted(p.name for p in link.parent.iterdir()) == ["ds"]
+    assert read_manifest(link).num_samples("train") > 0
+
+
 @pytest.mark.parametrize(
     "second, filters, message",
     [

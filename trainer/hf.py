@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_pipelines.swap_dir import swap_into_place
+from data_pipelines.swap_dir import real_destination, swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import complete_ones_beside
 from trainer.errors import one_line
@@ -167,8 +167,9 @@ def save_hf_checkpoint(
     there is refused, and a failure midway leaves `path` as it was."""
     path = Path(path)
     _check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    target = real_destination(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
@@ -176,7 +177,7 @@ def save_hf_checkpoint(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    swap_into_place(partial, path)
+    swap_into_place(partial, target)
     return path
 
 
