@@ -17,23 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipelines.integrity import check_tokenizer
 from data_pipelines.manifest import REBUILD_FIX, Manifest, read_manifest
 from data_pipelines.shard_writer import sha256_file
-
-
-def check_tokenizer(manifest: Manifest, expected_fingerprint: str | None = None) -> None:
-    """The dataset's tokenizer file is the one its shards were made with (and the one expected)."""
-    path = manifest.tokenizer_path
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} listed in the manifest is missing")
-    recorded = manifest.data["tokenizer"]["fingerprint"]
-    if sha256_file(path) != recorded:
-        raise ValueError(f"tokenizer {path} does not match the fingerprint in {manifest.root / 'manifest.json'}")
-    if expected_fingerprint and expected_fingerprint != recorded:
-        raise ValueError(
-            f"dataset {manifest.root} was tokenized with tokenizer {recorded[:12]}, this run expects "
-            f"{expected_fingerprint[:12]}: prepare the data with the run's tokenizer"
-        )
 
 
 class MemberSpans:

@@ -259,6 +259,11 @@ def test_verify_accepts_a_good_dataset_and_names_a_corrupt_shard(tmp_path, tiny_
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt: .*: rebuild the dataset with the same data settings and prepare.force=true"):
         verify_dataset(copy)
+    shutil.copy(tiny_dataset / "train/shard-000002.tar", shard)
+    with open(copy / "tokenizer.json", "a") as f:  # a tokenizer the shards were not made with, refused at train
+        f.write(" ")
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json does not match the fingerprint"):
+        verify_dataset(copy)
 
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
