@@ -25,7 +25,7 @@ class TextTokenizer:
         if kind not in FILE_NAMES:
             raise ValueError(f"unknown tokenizer kind {kind!r}")
         self.kind, self.payload = kind, payload
-        self._impl = None
+        self._impl, self._vocab_size = None, None
 
     # Pickle only the serialized tokenizer; the native object is rebuilt lazily.
     def __getstate__(self):
@@ -49,7 +49,14 @@ class TextTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.impl.get_vocab_size() if self.kind == "hf" else self.impl.get_piece_size()
+        """Ids run below this: a tokenizer.json may leave gaps in its ids, so its count of tokens can be
+        less than its highest id + 1, which the shards' integer type and the model's embedding must hold."""
+        if self.kind == "sentencepiece":
+            return self.impl.get_piece_size()
+        if self._vocab_size is None:
+            ids = self.impl.get_vocab(with_added_tokens=True).values()
+            self._vocab_size = max(self.impl.get_vocab_size(), max(ids, default=-1) + 1)
+        return self._vocab_size
 
     def special_ids(self) -> tuple[int, int]:
         """(BOS, EOS): packing puts them around every document."""

@@ -120,6 +120,24 @@ def test_a_vocabulary_beyond_uint16_writes_uint32_tokens(tmp_path):
     assert batch[0, 1].item() == vocab[docs[0].split()[0]]
 
 
+def test_a_tokenizer_with_gaps_in_its_ids_is_sized_by_its_highest_id(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from data_pipelines.loader import TokenLoader
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 70_000}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["hello world " * 20] * 5)
+    cfg = data_cfg(corpus, tmp_path / "ds", val_fraction=0.0, filters={"min_chars": 0, "min_tokens": 0, "dedup": False})
+    with pytest.raises(ValueError, match="set tokenizer.vocab_size=70001"):  # 5 tokens, but an id of 70,000
+        prepare(cfg, {"kind": "file", "vocab_size": 5, "path": str(tmp_path / "tokenizer.json")})
+    out = prepare(cfg, {"kind": "file", "vocab_size": 70_001, "path": str(tmp_path / "tokenizer.json")})
+    assert read_manifest(out).dtype == "uint32"
+    batch = next(TokenLoader(out, "train", 0, 1, batch_size=1, seed=0, shuffle=False))
+    assert batch[0, 1:5].tolist() == [3, 70_000, 3, 70_000]  # stored as it is, not wrapped into 16 bits
+
+
 def test_a_given_tokenizer_larger_than_configured_is_refused(tmp_path, tiny_dataset):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(10))
     path = str(read_manifest(tiny_dataset).tokenizer_path)
