@@ -247,8 +247,11 @@ def run_status(run: Run) -> str:
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    if n <= 20:  # distinct qualitative colours
+        cmap = colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["turbo"]  # a larger sweep: n colours spread along a continuous map, none repeated
+    return [cmap(i / (n - 1)) for i in range(n)]
 
 
 def _field_title(key: str) -> tuple[str, str]:

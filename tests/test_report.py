@@ -320,3 +320,10 @@ def test_report_of_a_real_training_run(tiny_dataset, tmp_path):
     page = parse_page(build_report([str(tmp_path / "outputs")], str(tmp_path / "report"))["html"])
     assert page.rows[cfg["run"]["name"]]["settings"] == f"train.log_every={cfg['train']['log_every']}, train.lr={cfg['train']['lr']}"
     assert page.rows[other["run"]["name"]]["settings"] == "train.log_every=2, train.lr=0.01"
+
+
+@pytest.mark.parametrize("n", [3, 10, 20, 25, 64])
+def test_every_run_of_a_sweep_gets_a_colour_of_its_own(n):
+    from cluster.report import _colors
+
+    assert len(set(_colors(n))) == n
