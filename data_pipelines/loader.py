@@ -156,9 +156,18 @@ class TokenLoader:
     """Endless iterator of micro-batches for one rank, with state_dict()/load_state_dict()."""
 
     def __init__(
-        self, root, split, rank, world_size, batch_size, seed, shuffle=True, num_workers=0, tokenizer_fingerprint=None
+        self, root, split, rank, world_size, batch_size, seed, shuffle=True, num_workers=0, tokenizer_fingerprint=None,
+        dataset_fingerprint=None,
     ):
-        check_tokenizer(read_manifest(root), tokenizer_fingerprint)
+        manifest = read_manifest(root)
+        check_tokenizer(manifest, tokenizer_fingerprint)
+        built = manifest.data.get("source", {}).get("fingerprint")
+        if dataset_fingerprint and built != dataset_fingerprint:  # a run's validation, after a rebuild in place
+            raise ValueError(
+                f"dataset {manifest.root} was rebuilt while a run reads it (fingerprint {dataset_fingerprint[:12]}, "
+                f"now {str(built)[:12]}): its {split} split is other data now. Give other data settings their own "
+                "data.name; to go on, rebuild it from the run's inputs and settings and re-run the run's command"
+            )
         self.dataset = RankBatches(str(root), split, rank, world_size, batch_size, seed, shuffle)
         self.num_workers = num_workers
         self.consumed = 0  # samples this rank has yielded, across epochs

@@ -121,6 +121,20 @@ def test_validation_data_of_another_tokenizer_is_refused(tiny_dataset):
         validation_batches(tiny_dataset, 0, 1, 4, tokenizer_fingerprint="0" * 64)
 
 
+def test_a_runs_validation_refuses_its_dataset_rebuilt_in_place(tmp_path):
+    from corpus import TOKENIZER_CFG, data_cfg
+    from data_pipelines.prepare import prepare
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(120))
+    dataset = prepare(data_cfg(corpus, tmp_path / "ds", val_fraction=0.3), TOKENIZER_CFG)
+    started_on = read_manifest(dataset).data["source"]["fingerprint"]  # as a run finds it at its start
+    assert len(list(validation_batches(dataset, 0, 1, 4, max_batches=1, dataset_fingerprint=started_on))) == 1
+    # Rebuilt with another seq_len: the same tokenizer (trained on the same text), other samples.
+    prepare(data_cfg(corpus, tmp_path / "ds", val_fraction=0.3, seq_len=16), TOKENIZER_CFG)
+    with pytest.raises(ValueError, match=f"ds was rebuilt while a run reads it \\(fingerprint {started_on[:12]}"):
+        validation_batches(dataset, 0, 1, 4, dataset_fingerprint=started_on)
+
+
 def test_a_val_split_smaller_than_one_batch_per_rank_is_an_error(tiny_dataset):
     n = read_manifest(tiny_dataset).num_samples("val")
     with pytest.raises(ValueError, match="fewer than one batch"):

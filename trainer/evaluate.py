@@ -94,16 +94,19 @@ def validation_batches(
     batch_size: int,
     max_batches: Optional[int] = None,
     tokenizer_fingerprint: Optional[str] = None,
+    dataset_fingerprint: Optional[str] = None,
 ) -> Iterator[torch.Tensor]:
     """One unshuffled pass over this rank's share of the `val` split, in (batch_size, seq_len+1) batches.
 
     Ranks split the samples as the training loader does (rank r takes r, r+W, ...), and every rank
     gets per_rank // batch_size batches (at most max_batches): the same count everywhere, so
     collectives inside the forward (ZeRO-3) stay matched. The few samples this leaves out are the
-    price of equal counts. A tokenizer_fingerprint refuses data tokenized with another tokenizer.
+    price of equal counts. A tokenizer_fingerprint refuses data tokenized with another tokenizer, a
+    dataset_fingerprint a dataset rebuilt since (a training run's, which validates again and again).
     """
     loader = TokenLoader(
-        data_dir, "val", rank, world_size, batch_size, seed=0, shuffle=False, tokenizer_fingerprint=tokenizer_fingerprint
+        data_dir, "val", rank, world_size, batch_size, seed=0, shuffle=False, tokenizer_fingerprint=tokenizer_fingerprint,
+        dataset_fingerprint=dataset_fingerprint,
     )
     per_rank = loader.dataset.per_rank
     n = per_rank // batch_size if max_batches is None else min(per_rank // batch_size, max_batches)

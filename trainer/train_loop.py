@@ -344,7 +344,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     def validate() -> dict:
         """Validation loss over the val split; every rank takes part (ZeRO-3 gathers inside the forward)."""
         batches = validation_batches(
-            manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["eval_batches"], tokenizer_fp
+            manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["eval_batches"], tokenizer_fp,
+            dataset_fingerprint_of(manifest),  # the dataset as this invocation found it
         )
         r = evaluate_loss(engine, batches, env.device, distributed=True)
         release_freed_memory()
