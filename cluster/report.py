@@ -98,10 +98,14 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as records sorted by step (a repeated step keeps its last record); a bad line is an error."""
+    """metrics.jsonl as records sorted by step (a repeated step keeps its last record); a bad line is an
+    error, except a last one without its newline: a write still under way (a run training now) or cut
+    short (a kill, a full disk), left out."""
     by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break
             if not line.strip():
                 continue
             try:

@@ -122,6 +122,8 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tin
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "step_4" / "mp_rank_00_model_states.pt").is_file() and not (ckpts / "step_4" / "COMPLETE").exists()
     assert (ckpts / "latest").read_text() == "step_2"  # DeepSpeed's pointer (zero_to_fp32.py's) names a complete one
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.')  # a metrics line a full disk cut short: left out, not an error
     # Resumed with activation checkpointing on (as one would to fit memory): the same run, the same math.
     second = run_ranks(1, train, cfg_for(tiny_dataset, run_dir, *overrides, "model.activation_checkpointing=true",
                                          workers=1))[0]

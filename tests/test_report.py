@@ -267,6 +267,14 @@ def test_bad_line_names_file_and_line(tmp_path):
         build_report([str(tmp_path / "sweep")], str(tmp_path / "out"))
 
 
+def test_a_last_line_still_being_written_is_left_out(tmp_path):
+    write_run(tmp_path / "sweep" / "t1", 4, seed=0.0)
+    with open(tmp_path / "sweep" / "t1" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 2.')  # a run training now, or one a full disk cut short
+    out = build_report([str(tmp_path / "sweep")], str(tmp_path / "out"))
+    assert parse_page(out["html"]).rows["t1"]["steps"] == "4"
+
+
 def test_no_runs_names_the_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "deep" / "a" / "b" / "c" / "d").mkdir(parents=True)

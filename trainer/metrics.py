@@ -24,6 +24,13 @@ def wandb_run_id(run_name: str, run_dir: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '-', run_name)[:119]}-{where}"
 
 
+def complete_lines(path: Path) -> list[str]:
+    """metrics.jsonl's records, as lines; a last line without its newline, a write a kill or a full
+    disk cut short, is left out."""
+    lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else [""]
+    return [line for line in lines[:-1] if line.strip()]  # the last item: "" after a final newline
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, cfg: dict, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -64,7 +71,7 @@ class MetricsLogger:
         """On resume, drop records past the checkpoint: those steps are about to be trained again."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, record: dict) -> None:

@@ -34,7 +34,7 @@ from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.flops import device_peak_flops, flops_per_token, mfu, non_embedding_params, peak_memory_gb
 from trainer.host_memory import keep_freed_memory, release_freed_memory
 from trainer.loss import lm_loss
-from trainer.metrics import MetricsLogger
+from trainer.metrics import MetricsLogger, complete_lines
 from trainer.model import OpenELMConfig, build_model
 from trainer.optim import (follow_schedule, keeping_configured_hyperparameters, param_groups, rewind_one_step,
                           warmup_cosine_scheduler)
@@ -262,8 +262,7 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
     summary = read_json(Path(run_dir, SUMMARY_NAME)) or {}
     if summary.get("steps") != step or summary.get("stopped_by"):
         metrics = Path(run_dir, "metrics.jsonl")
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        last = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
+        last = [r for r in map(json.loads, complete_lines(metrics)) if r["step"] <= step]
         summary = {
             "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name, "init_from": None,
             "stopped_by": None, "skipped_steps": client.get("skipped_total", 0),
