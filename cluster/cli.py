@@ -127,6 +127,9 @@ def _disconnect_ray() -> None:
 def _run(verb: str, fn, *fn_args) -> int:
     try:
         status = fn(*fn_args)
+    except BrokenPipeError:  # the reader of stdout went away (`elmforge jobs list | head -1`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting does not flush into it again
+        return 141  # as a process that SIGPIPE ended
     except (ValueError, OSError, TrainingError) as e:  # one clear message (a missing file, a full disk), no traceback
         if os.environ.get("ELMFORGE_DEBUG"):
             raise

@@ -302,7 +302,7 @@ def cmd_jobs(cfg: dict, args) -> int:
                 print(f"no jobs on {resolve_address(cfg['submit'])}")
         elif args.action == "status":
             info = jobs.get_job_info(args.job_id)
-            print(f"{args.job_id}: {info.status.value}{' - ' + info.message if info.message else ''}")
+            print(f"{args.job_id}: {info.status.value}{_job_message(info.message, args.job_id)}")
             return 1 if info.status.value in UNSUCCESSFUL else 0
         elif args.action == "logs":
             if args.follow:
@@ -311,9 +311,21 @@ def cmd_jobs(cfg: dict, args) -> int:
                 print(jobs.get_job_logs(args.job_id), end="")
         elif args.action == "stop":
             print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already ended'}")
+    except BrokenPipeError:  # stdout closed (`jobs list | head -1`): not the cluster's doing
+        raise
     except (RuntimeError, OSError) as e:
         raise job_error(e, args.job_id, cfg["submit"]) from None
     return 0
+
+
+def _job_message(message: str | None, job_id: str) -> str:
+    """Ray's message about a job, on the one line `jobs status` prints: a failed job's comes with the
+    last 20,000 characters of its log, which `jobs logs` shows whole."""
+    if not message:
+        return ""
+    first = message.strip().splitlines()[0]
+    cut = first.split(", last available logs")[0]
+    return f" - {cut}" + (f" (its log: elmforge jobs logs {job_id})" if cut != message.strip() else "")
 
 
 def cmd_sweep(cfg: dict, args) -> None:

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path, PurePath
 from secrets import token_hex
@@ -42,12 +43,25 @@ class SubmitError(ValueError):
 
 
 def resolve_address(submit_cfg: dict) -> str:
+    """submit.address, else RAY_ADDRESS."""
+    key = "submit.address" if submit_cfg.get("address") else "RAY_ADDRESS"
     address = submit_cfg.get("address") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("no cluster to submit to: set submit.address=http://<head>:8265 or RAY_ADDRESS")
     if not address.startswith(("http://", "https://")):
-        raise ConfigError(f"submit.address={address}: the Ray Jobs API is an http(s) address, e.g. http://<head>:8265")
+        raise ConfigError(f"{key}={address}: the Ray Jobs API is an http(s) address, e.g. http://<head>:8265")
     return address.rstrip("/")
+
+
+@contextmanager
+def _without_address_variables():
+    """Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given: the job,
+    and the token, would go to the cluster the environment names, not to submit.address."""
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def auth_token() -> Optional[str]:
@@ -77,7 +91,8 @@ def client(submit_cfg: dict):
     # otherwise add a token of its own, from a lookup cached once per process.
     headers = {"Authorization": f"Bearer {token}" if token else ""}
     try:
-        return JobSubmissionClient(address, headers=headers)
+        with _without_address_variables():
+            return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # the SDK raises bare RuntimeError/ConnectionError with the HTTP status inside
         raise SubmitError(explain(e, address)) from None
 

@@ -23,6 +23,8 @@ from trainer.distributed import free_port
 pytestmark = pytest.mark.integration
 PLANTED = "planted-wandb-key-5f0c1d2e3a4b"
 REPO = Path(__file__).resolve().parent.parent
+CLOSED = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+TO_CLOSED = f"submit.address={CLOSED}"
 FAILS_FAST = ["data.sources=[{name:none,path:/nonexistent/*.jsonl}]", "data.workers=0"]  # in the job's prepare
 
 
@@ -47,6 +49,17 @@ def as_user(head, monkeypatch, tmp_path):
 def test_a_new_cluster_lists_no_jobs_and_says_so(as_user, capsys):  # first: the module's head is new
     assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
     assert capsys.readouterr().out == f"no jobs on {as_user.address}\n"
+
+
+def test_submit_address_wins_over_the_address_variables_ray_reads(as_user, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", CLOSED)  # Ray's client would take these over the address it is given
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", CLOSED)
+    assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0, capsys.readouterr().err
+    assert os.environ["RAY_ADDRESS"] == os.environ["RAY_API_SERVER_ADDRESS"] == CLOSED  # left as they were
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's GCS address, not its Jobs API
+    assert main(["jobs", "list"]) == 2
+    assert "RAY_ADDRESS=127.0.0.1:6379: the Ray Jobs API is an http(s) address" in capsys.readouterr().err
 
 
 def test_submit_the_demo_job_wait_for_success_and_read_its_logs(as_user, tmp_path, capsys):
@@ -118,7 +131,14 @@ def test_a_failing_job_makes_wait_and_status_exit_non_zero(as_user, tmp_path, ca
     assert main(["submit", *overrides, "--wait"]) == 1
     job_id = capsys.readouterr().out.split("[submit] job ")[1].split()[0]
     assert main(["jobs", "status", job_id, address]) == 1  # scripts can tell a failed job by the exit status
-    assert f"{job_id}: FAILED" in capsys.readouterr().out
+    status = capsys.readouterr().out  # one line, without the log tail Ray's message carries
+    assert status.startswith(f"{job_id}: FAILED - ") and status.endswith(f"(its log: elmforge jobs logs {job_id})\n")
+    assert status.count("\n") == 1 and "\x1b" not in status, status
+    # A reader that stops early (`jobs list | head -1`) is not a cluster that cannot be reached.
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "jobs", "list", address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == b""
 
 
 class _SameSecond(datetime):
@@ -203,8 +223,6 @@ def test_submit_shows_only_its_own_lines_and_jobs_list_is_a_table(as_user, tmp_p
     assert len({lines[i].index(lines[i].split()[1]) for i in ids}) == 1  # the status column lines up
 
 
-CLOSED = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-TO_CLOSED = f"submit.address={CLOSED}"
 
 
 @pytest.mark.parametrize("overrides, message", [
