@@ -287,10 +287,15 @@ def validate(cfg: dict) -> None:
                 else "a SentencePiece .model file, such as LLaMA's tokenizer.model (the recipes' tokenizer)")
         need(bool(path) and Path(path).is_file(), f"tokenizer.path={path}",
              f"{'not found' if path else 'not set'}: give tokenizer.path=<path to {want}>")
-    try:
-        OpenELMConfig(**m).layer_plan()
-    except (ValueError, TypeError) as e:
-        errors.append(f"model: {e}")
+    sizes = ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "ffn_dim_divisor", "vocab_size",
+             "max_context_length", "rope_max_length")
+    for key in sizes:
+        need(m[key] >= 1, f"model.{key}={m[key]}", "must be at least 1")
+    if all(m[key] >= 1 for key in sizes):  # the layer plan of sizes that exist
+        try:
+            OpenELMConfig(**m).layer_plan()
+        except (ValueError, TypeError) as e:
+            errors.append(f"model: {e}")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

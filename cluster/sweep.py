@@ -15,9 +15,12 @@ import copy
 import csv
 import json
 import shutil
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from ray import tune
 from ray.tune.error import TuneError
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -25,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.config import ConfigError, check_and_derive
+from cluster.config_schema import ElmConfig
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect, require_embedded_cpus
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
@@ -74,8 +78,9 @@ def _distribution(where: str, spec):
     return DISTRIBUTIONS[kind](spec)
 
 
-def apply(cfg: dict, params: dict) -> dict:
-    """A copy of cfg with dotted keys set; unknown keys are an error naming them."""
+def apply(cfg: dict, params: dict, typed: bool = True) -> dict:
+    """A copy of cfg with dotted keys set, each value as the schema takes it (typed=False: keys only);
+    unknown keys are an error naming them, values of the wrong type an invalid config."""
     cfg = copy.deepcopy(cfg)
     for dotted, value in params.items():
         *parents, last = dotted.split(".")
@@ -86,8 +91,22 @@ def apply(cfg: dict, params: dict) -> dict:
             raise ConfigError(f"sweep.space: {dotted} is not a config key")
         if isinstance(node[last], dict):
             raise ConfigError(f"sweep.space: {dotted} is a section, not a value; search its keys ({dotted}.<key>)")
-        node[last] = value
+        node[last] = _as_the_schema_takes(dotted, value) if typed else value
     return cfg
+
+
+def _as_the_schema_takes(dotted: str, value):
+    """The value through the config schema's type for the key (an integer key refuses 5.8, an enum one a
+    name not among its members), as a command-line override would go: a trial's config is a plain dict."""
+    schema = OmegaConf.structured(ElmConfig)
+    try:
+        OmegaConf.update(schema, dotted, value, merge=False)
+        taken = OmegaConf.select(schema, dotted)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config:\n  {dotted}={value!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(taken, Enum):
+        return taken.name
+    return OmegaConf.to_container(taken) if isinstance(taken, (DictConfig, ListConfig)) else taken
 
 
 def check_space(cfg: dict) -> None:
@@ -99,8 +118,15 @@ def check_space(cfg: dict) -> None:
         raise ConfigError("sweep.space is empty: name the config keys to search, e.g. "
                           "'sweep.space={train.lr:{type:loguniform,low:1e-4,high:1e-2}}'")
     search_space(space)
-    apply(cfg, dict.fromkeys(space))
+    apply(cfg, dict.fromkeys(space), typed=False)
     for key, spec in space.items():
+        if spec["type"] != "choice":  # draws fractional numbers
+            try:
+                _as_the_schema_takes(key, float(spec["low"]))
+            except ConfigError:
+                raise ConfigError(f"sweep.space.{key}: {spec['type']} draws fractional numbers, and {key} takes "
+                                  f"{type(_as_the_schema_takes(key, spec['low'])).__name__} values: search it with "
+                                  "choice (e.g. {type:choice,values:[2,4,8]})") from None
         for value in spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"]):
             try:
                 trial_config(cfg, {key: value}, "check")

@@ -91,6 +91,8 @@ def test_every_model_composes(model):
          "tokenizer.path=/nonexistent/tokenizer.json: not found"),
         (["tokenizer=llama"], "tokenizer.path=None: not set: give tokenizer.path=<path to a SentencePiece .model"),
         (["model.num_query_heads=[4,4,4,4]"], "none of them"),
+        (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
+        (["model.num_layers=-1", "model.head_dim=0"], "model.num_layers=-1: must be at least 1\n  model.head_dim=0: must"),
         (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),
         (["cluster.dashboard=true", "cluster.address=auto"], "cluster.dashboard=true: starts a dashboard for an embedded"),
         (["cluster.min_workers=3"], "cluster.min_workers=3: must be in [1, cluster.num_workers=2]"),

@@ -69,6 +69,15 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
     (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],
      "sweep.space.train.lr: a trial with train.lr=-1.0 would fail: train.lr=-1.0: must be positive"),
+    # Drawn values go through the schema's types, as command-line values do.
+    (["sweep.space={train.precision:{type:choice,values:[fp32,fp8]}}"],
+     "sweep.space.train.precision: a trial with train.precision=fp8 would fail: train.precision='fp8': Invalid value "
+     "'fp8', expected one of [fp32, bf16]"),
+    (["sweep.space={train.warmup_steps:{type:uniform,low:2,high:8}}"],
+     "sweep.space.train.warmup_steps: uniform draws fractional numbers, and train.warmup_steps takes int values: "
+     "search it with choice"),
+    (["sweep.space={model.num_layers:{type:choice,values:[4,0]}}"],
+     "sweep.space.model.num_layers: a trial with model.num_layers=0 would fail: model.num_layers=0: must be at least 1"),
 ])
 def test_a_sweep_whose_trials_could_not_run_is_refused_before_ray_starts(tmp_path, capsys, extra, message):
     assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", *extra]) == 2
