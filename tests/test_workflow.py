@@ -301,6 +301,8 @@ def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_pat
     assert f"{run} is a run directory: give one of its checkpoints ({run}/checkpoints/step_6)" in fails(
         "eval", str(run))
     assert "no such checkpoint directory" in fails("export", "--checkpoint", str(run / "checkpoints/step_9"))
+    assert f"{run} is a run directory, not a checkpoint: give one of its checkpoints ({run}/checkpoints/step_6)" in \
+        fails("export", "--checkpoint", str(run), f"--out={tmp_path / 'x'}")
     assert (f"--average 5: only 3 complete checkpoints in {run}/checkpoints (step_2, step_4, step_6): average at most 3, "
             "or keep more while training (train.keep_checkpoints=5 or more") in fails("export", "run.name=base", "--average", "5")
     step6 = str(run / "checkpoints/step_6")

@@ -136,6 +136,10 @@ def require_complete(checkpoint_dir: str | Path) -> Path:
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory{complete_ones_beside(path)}")
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path / "checkpoints")
+        raise ValueError(f"{path} is a run directory, not a checkpoint: give one of its checkpoints "
+                         f"({newest or 'none complete yet'})")
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
     return path
