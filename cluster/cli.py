@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[[a-z][\w ]*\] ")
 
 from cluster import commands  # noqa: E402
 from cluster.config import ConfigError, compose_config, to_yaml  # noqa: E402
-from cluster.submit import SubmitError  # noqa: E402
+from cluster.submit import ClusterUnreachable, SubmitError  # noqa: E402
 from trainer.errors import TrainingError  # noqa: E402
 
 VERBS = {
@@ -137,7 +137,7 @@ def _run(verb: str, fn, *fn_args) -> int:
         if isinstance(e, ConfigError):  # a config problem the verb found itself (a sweep's space, say)
             print(f"elmforge {verb}: config error\n{e}", file=sys.stderr)
             return 2
-        hint = "" if isinstance(e, SubmitError) else "\n(set ELMFORGE_DEBUG=1 for a traceback)"
+        hint = "" if isinstance(e, (SubmitError, ClusterUnreachable)) else "\n(set ELMFORGE_DEBUG=1 for a traceback)"
         print(f"elmforge {verb}: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C twice while training (once asks for a checkpoint), or any other verb

@@ -17,6 +17,7 @@ import ray
 
 from cluster import ray_worker_setup
 from cluster.quiet_logs import errors_only
+from cluster.submit import ClusterUnreachable
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
@@ -105,7 +106,16 @@ def connect(cluster: dict) -> None:
     # Ray announces that a cluster uses token authentication (its default, kept): news for whoever
     # runs the cluster, noise for a run that starts or joins one.
     with errors_only("ray._private.authentication.authentication_token_setup"):
-        context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
+        try:
+            context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
+        except ConnectionError as e:
+            if not str(cluster["address"]).startswith("ray://") or "timeout" not in str(e):
+                raise
+            # A Ray Client server that wants a token and gets none does not refuse: it lets the client time out.
+            raise ClusterUnreachable(
+                f"cluster.address={cluster['address']}: the Ray Client server did not let this client in ({e}); "
+                "a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its token "
+                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token) in this environment") from None
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
     elif cluster["address"] is None:
@@ -124,7 +134,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
               ", the last `ray start` on this machine" if address == "auto" else "")
     given = env or address
     if given.startswith(("http://", "https://")):  # the Jobs API's, for elmforge submit and jobs
-        raise ConnectionError(
+        raise ClusterUnreachable(
             f"RAY_ADDRESS={env} is a Jobs API address (for elmforge submit and jobs), which cluster.address=auto "
             "cannot join: unset RAY_ADDRESS on a cluster node" if env else
             f"cluster.address={address} is a Jobs API address (that is submit.address): give auto, "
@@ -132,14 +142,19 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         target = given.removeprefix("ray://") if given.startswith("ray://") else canonicalize_bootstrap_address(given)
     except (ConnectionError, ValueError) as e:  # `auto` with no cluster started here, or no host:port
-        raise ConnectionError(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
+        if address == "auto" and not env:
+            raise ClusterUnreachable(
+                "cluster.address=auto: no Ray cluster was started on this machine (`ray start`) and RAY_ADDRESS is "
+                "not set: start one (`ray start --head`), set RAY_ADDRESS=<head>:6379, or leave cluster.address "
+                "unset for an embedded Ray") from None
+        raise ClusterUnreachable(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
     if not target:  # "local": Ray starts an instance here
         return
     host, _, port = target.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as e:
-        raise ConnectionError(
+        raise ClusterUnreachable(
             f"cluster.address={address}: no Ray cluster answers at {target}{source} ({str(e.strerror or e).lower()}): "
             "start it (`ray start --head`) or correct the address, or leave cluster.address unset for an embedded Ray"
         ) from None

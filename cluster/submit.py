@@ -42,6 +42,10 @@ class SubmitError(ValueError):
     """What the cluster said (or that it said nothing), complete in one line: no traceback would add to it."""
 
 
+class ClusterUnreachable(ConnectionError):
+    """A Ray cluster to join (cluster.address) does not answer or let us in: complete in one line."""
+
+
 def resolve_address(submit_cfg: dict) -> str:
     """submit.address, else RAY_ADDRESS."""
     key = "submit.address" if submit_cfg.get("address") else "RAY_ADDRESS"

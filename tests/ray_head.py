@@ -22,6 +22,7 @@ class RayHead:
     address: str  # the Ray Jobs API, http://127.0.0.1:<port>
     token: str
     process: subprocess.Popen
+    client: str = ""  # its Ray Client server, ray://127.0.0.1:<port>
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -91,7 +92,8 @@ def _start_head(log_path: Path, num_cpus: int, timeout: float) -> RayHead:
     ]
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", token, process)
+    head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", token, process,
+                   f"ray://127.0.0.1:{ports['ray-client-server-port']}")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
