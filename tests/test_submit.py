@@ -282,7 +282,6 @@ def test_joining_a_cluster_that_does_not_answer_fails_at_once_in_one_line(tmp_pa
     assert not (tmp_path / "sweeps").exists()
 
 
-@pytest.mark.integration
 def test_joining_a_token_cluster_through_ray_client_without_the_token_mode_names_the_fix(head, tmp_path):
     # The Ray Client server does not refuse a client without the token: it lets it time out.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
