@@ -226,7 +226,8 @@ def check_restorable(cfg: dict, out: Path) -> None:
         diffs = ", ".join(f"{k}={now.get(k, unset)!r} (it started with {before.get(k, unset)!r})" for k in changed)
         raise ConfigError(
             f"sweep {cfg['sweep']['name']} exists in {out} and resumes with the settings it started with, "
-            f"so these would be ignored: {diffs}. To resume it, leave them out; to run with them, choose "
+            f"so these would be ignored: {diffs}. To resume it, give it the values it started with "
+            f"({' '.join(f'{k}={before.get(k, unset)}' for k in changed)}); to run with these, choose "
             f"another sweep.name (or delete {out})"
         )
 

@@ -298,6 +298,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert "sweep.num_samples=6 (it started with 2), train.max_steps=8 (it started with 6)" in changed.stderr
     assert "choose another sweep.name" in changed.stderr and "[sweep] resuming" not in changed.stdout
+    assert "To resume it, give it the values it started with (sweep.num_samples=2 train.max_steps=6)" in changed.stderr
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = resumed.stdout + resumed.stderr
