@@ -202,13 +202,17 @@ def _model_and_tokenizer(cfg: dict, args, required: bool):
 
     model, found = load_for_eval(args.path)
     if args.tokenizer:
-        return model, load_tokenizer(args.tokenizer)
+        found = load_tokenizer(args.tokenizer)
     # Only a data.dir the user named: the default one belongs to the demo's data, not to this model.
-    if found is None and _data_dir_named(args):
+    elif found is None and _data_dir_named(args):
         found = dataset_tokenizer(cfg["data"]["dir"])
     if found is None and required:
         raise ValueError(f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
                          "name one with --tokenizer, or a prepared dataset with data.dir=")
+    if found is not None and found.vocab_size > model.cfg.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"the tokenizer ({args.tokenizer or 'the one found with the model'}) has {found.vocab_size} "
+                         f"tokens, more than the {model.cfg.vocab_size} of the model at {args.path}: give the "
+                         "tokenizer the model was trained with")
     return model, found
 
 

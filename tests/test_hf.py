@@ -259,6 +259,33 @@ def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
     assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
 
 
+def test_a_sentencepiece_tokenizer_is_exported_to_frame_text_with_bos_as_in_training(tmp_path):
+    import sentencepiece as spm
+
+    from corpus import make_documents
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_documents(200, seed=5)),
+                                   model_prefix=str(tmp_path / "tokenizer"), vocab_size=90, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, character_coverage=1.0, minloglevel=2,
+                                   model_type="bpe", normalization_rule_name="identity",  # as LLaMA's
+                                   remove_extra_whitespaces=False)
+    out = save_hf_checkpoint(random_model(small_config(vocab_size=300)), tmp_path / "hf", tokenizer_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "select the row from the table"
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert tok(text)["input_ids"] == [1, *sp.encode(text)]  # <s> first, as `elmforge generate` feeds it
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_by_eval_and_generate(tiny_dataset, tmp_path, capsys):
+    from cluster.cli import main
+
+    out = save_hf_checkpoint(random_model(small_config(vocab_size=200)), tmp_path / "hf")
+    tokenizer = str(tiny_dataset / "tokenizer.json")  # 300 tokens
+    assert main(["generate", str(out), "--tokenizer", tokenizer, "--prompt", "x", "--greedy"]) == 1
+    assert f"the tokenizer ({tokenizer}) has 300 tokens, more than the 200 of the model at {out}" in \
+        capsys.readouterr().err
+
+
 def test_config_json_carries_the_exported_tokenizers_own_bos_and_eos_ids(tmp_path):
     from tokenizers import models, pre_tokenizers, trainers
 
@@ -329,6 +356,18 @@ def test_apple_style_checkpoint_loads(tmp_path):
     assert list(loaded.plan.ffn_dims) == [32, 80, 144]
     tokens = tokens_for(source.cfg)
     assert torch.equal(logits(loaded, tokens), logits(source, tokens))
+
+
+def test_apple_style_variants_load_one_qkv_multiplier_and_sharded_weights_named(tmp_path):
+    source = random_model(small_config(num_query_heads=[2, 4, 4], num_kv_heads=[1, 2, 2], ffn_dims=[32, 80, 144]))
+    write_hf_dir(tmp_path, apple_style_config(qkv_multipliers=1.0), source.state_dict())  # one number, all layers
+    tokens = tokens_for(source.cfg)
+    assert torch.equal(logits(load_hf_checkpoint(tmp_path), tokens), logits(source, tokens))
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in source.state_dict()}}))
+    with pytest.raises(ValueError, match=r"its weights are split into shards \(model.safetensors.index.json\)"):
+        load_hf_checkpoint(tmp_path)
 
 
 def test_the_released_270m_config_gives_the_released_model():

@@ -121,6 +121,8 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> OpenELMConfig:
     divisor = _require(hf, "ffn_dim_divisor", source)
     ffn_multipliers = _per_layer(_require(hf, "ffn_multipliers", source), n, "ffn_multipliers", source)
     qkv = hf.get("qkv_multipliers") or [0.5, 1.0]  # informational once the heads are listed per layer
+    if isinstance(qkv, (int, float)):  # Apple's config class takes one number for every layer too
+        qkv = [qkv, qkv]
     return OpenELMConfig(
         name=hf.get("_name_or_path") or "openelm_hf",
         num_layers=n,
@@ -225,6 +227,10 @@ def load_hf_checkpoint(path: str | Path) -> OpenELM:
     """Our OpenELM (fp32, eval mode) from a Hugging Face directory: ours or Apple's release."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not weights_path.is_file() and (path / f"{WEIGHTS_FILE}.index.json").is_file():
+        raise ValueError(f"{path}: its weights are split into shards ({WEIGHTS_FILE}.index.json), which elmforge does "
+                         "not read: save them as one file first (transformers: model.save_pretrained(dir, "
+                         "max_shard_size='100GB'))")
     for f in (config_path, weights_path):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found (expected a Hugging Face OpenELM directory)")
@@ -251,6 +257,8 @@ def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) 
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     tokenizer_class = "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast"
     tokenizer_config = {"tokenizer_class": tokenizer_class, "model_max_length": max_length, **special}
+    if sentencepiece:  # as LLaMA's own: the model trained on <s>-framed text (transformers 5 adds none unasked)
+        tokenizer_config.update(add_bos_token=True, add_eos_token=False)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return load_tokenizer(copy).special_ids()
