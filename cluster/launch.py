@@ -18,7 +18,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedErr
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.config import accumulation_for, elastic_note
-from cluster.ray_runtime import connect
+from cluster.ray_runtime import capacity_note, connect
 from trainer import host_memory
 from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
@@ -153,6 +153,8 @@ def launch_training(cfg: dict) -> dict:
         print(note, flush=True)
     clear_stop_request(cfg["run"]["dir"])
     connect(cluster)
+    if cluster["address"] is not None and (note := capacity_note(cluster, ray.cluster_resources())):
+        print(note, flush=True)  # an embedded Ray was checked before it started (require_embedded_cpus)
     Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
     workers = f"{cluster['min_workers']}-{cluster['num_workers']}" if cluster["min_workers"] else cluster["num_workers"]
     launch_id = uuid.uuid4().hex[:12]

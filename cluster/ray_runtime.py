@@ -122,6 +122,19 @@ def connect(cluster: dict) -> None:
         print("[ray] embedded instance without a dashboard (cluster.dashboard=true starts one)", flush=True)
 
 
+def capacity_note(cluster: dict, resources: dict) -> str | None:
+    """For a cluster joined, with `resources` its totals (ray.cluster_resources()): a line when they are
+    short of what the worker group asks, which Ray Train waits for without a word."""
+    workers = cluster["min_workers"] or cluster["num_workers"]
+    need = {"CPU": workers * cluster["cpus_per_worker"], **({"GPU": workers} if cluster["use_gpu"] else {})}
+    short = [f"{need[k]:g} {k}s (it has {resources.get(k, 0):g})" for k in need if resources.get(k, 0) < need[k]]
+    if not short:
+        return None
+    wait = WORKER_ENV["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]
+    return (f"[elmforge] {workers} worker(s) need {' and '.join(short)}: Ray Train waits up to {wait} s for them (an "
+            "autoscaling cluster adds nodes meanwhile), then fails; lower cluster.num_workers to start now")
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in one line when the cluster to join does not answer: Ray's own client retries a dead
     GCS for minutes, printing a warning every few seconds, and an http RAY_ADDRESS (the Jobs API's,

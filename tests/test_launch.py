@@ -99,6 +99,19 @@ def test_a_worker_group_the_embedded_ray_cannot_hold_fails_at_once_in_one_line(o
     require_embedded_cpus(compose_config(["cluster.num_workers=5", "cluster.num_cpus=5"])["cluster"])
 
 
+def test_a_joined_cluster_short_of_what_the_group_asks_is_named_before_ray_train_waits():
+    from cluster.ray_runtime import capacity_note
+
+    cluster = compose_config(["cluster.address=auto", "cluster.num_workers=6", "cluster.use_gpu=true"])["cluster"]
+    assert capacity_note(cluster, {"CPU": 4.0, "GPU": 8.0}) == (
+        "[elmforge] 6 worker(s) need 6 CPUs (it has 4): Ray Train waits up to 300 s for them (an autoscaling cluster "
+        "adds nodes meanwhile), then fails; lower cluster.num_workers to start now")
+    assert "need 6 CPUs (it has 0) and 6 GPUs (it has 2)" in capacity_note(cluster, {"GPU": 2.0})
+    assert capacity_note(cluster, {"CPU": 6.0, "GPU": 6.0}) is None
+    elastic = {**cluster, "min_workers": 2}  # the group starts with its floor
+    assert capacity_note(elastic, {"CPU": 2.0, "GPU": 2.0}) is None
+
+
 def test_min_workers_makes_the_group_elastic_with_the_samples_per_step_kept():
     cfg = compose_config(["cluster.num_workers=4", "cluster.min_workers=2", "train.grad_accum_steps=3"])
     assert scaling_config(cfg["cluster"]).num_workers == (2, 4)
