@@ -402,15 +402,33 @@ def _built_fingerprint(out: Path) -> tuple[Optional[str], str]:
         return None, f"cannot be reused ({e})"
 
 
+# What a prepared dataset holds: a directory of only these (its manifest unreadable, say) is still one.
+DATASET_ENTRIES = {MANIFEST_NAME, "train", "val", "tokenizer.json", "tokenizer.model"}
+
+
 def check_replaceable(out: Path) -> None:
-    """A build replaces data.dir as a whole: refuse when it holds something other than a dataset."""
-    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
-        raise ValueError(
-            f"data.dir {out} exists and is not a prepared dataset (no {MANIFEST_NAME}); prepare would replace it "
-            "with the dataset and delete what it holds: choose another data.dir (or data.name), or empty it"
-        )
+    """A build replaces data.dir as a whole: refuse when it holds something other than a dataset (nothing
+    but a dataset's entries, or a manifest that is ours: another tool's manifest.json is not)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"data.dir {out} is a file, not a directory: choose another data.dir (or data.name)")
+    if not out.is_dir() or {p.name for p in out.iterdir()} <= DATASET_ENTRIES and (out / MANIFEST_NAME).is_file():
+        return
+    if not any(out.iterdir()) or _is_our_manifest(out / MANIFEST_NAME):
+        return
+    why = "its manifest.json is not elmforge's" if (out / MANIFEST_NAME).is_file() else f"no {MANIFEST_NAME}"
+    raise ValueError(
+        f"data.dir {out} exists and is not a prepared dataset ({why}); prepare would replace it "
+        "with the dataset and delete what it holds: choose another data.dir (or data.name), or empty it"
+    )
+
+
+def _is_our_manifest(path: Path) -> bool:
+    """A manifest.json elmforge wrote (of any format_version), whatever else is wrong with the dataset."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "splits" in data
 
 
 def _remove_stale_builds(out: Path) -> None:

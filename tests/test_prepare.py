@@ -153,6 +153,16 @@ def test_a_directory_that_is_not_a_dataset_is_never_replaced(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
     assert (prepare(data_cfg(corpus, tmp_path / "empty"), TOKENIZER_CFG) / "manifest.json").is_file()
+    # Another tool's manifest.json is no dataset of ours.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"name": "some other tool"}')
+    (tmp_path / "other" / "important.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"other exists and is not a prepared dataset \(its manifest.json is not"):
+        prepare(data_cfg(corpus, tmp_path / "other"), TOKENIZER_CFG)
+    assert (tmp_path / "other" / "important.txt").read_text() == "keep me"
+    # Ours with its manifest cut short (a full disk) is rebuilt: prepare is how it is mended.
+    (tmp_path / "empty" / "manifest.json").write_text('{"format_version": 1, "spl')
+    assert read_manifest(prepare(data_cfg(corpus, tmp_path / "empty"), TOKENIZER_CFG)).num_samples("train") > 0
 
 
 def test_a_data_dir_that_links_elsewhere_is_rebuilt_where_it_points_and_stays_a_link(tmp_path):
