@@ -281,6 +281,12 @@ def validate(cfg: dict) -> None:
     need(cfg["tokenizer"]["kind"] != "bpe" or not cfg["tokenizer"]["path"], f"tokenizer.path={cfg['tokenizer']['path']}",
          "is read by tokenizer=file (a tokenizer.json) or tokenizer=llama (a tokenizer.model); tokenizer=bpe, the "
          "default, trains one on the corpus: add tokenizer=file or tokenizer=llama")
+    tok = cfg["tokenizer"]
+    # A byte-level BPE starts from 256 byte tokens plus <unk>, <s> and </s>: fewer rows could not hold them.
+    need(tok["kind"] != "bpe" or tok["vocab_size"] >= 259, f"tokenizer.vocab_size={tok['vocab_size']}",
+         "must be at least 259 for tokenizer=bpe (256 byte tokens, <unk>, <s>, </s>)")
+    need(tok["max_train_documents"] is None or tok["max_train_documents"] >= 1,
+         f"tokenizer.max_train_documents={tok['max_train_documents']}", "must be at least 1 (or null: every document)")
     if cfg["tokenizer"]["kind"] != "bpe":
         path = cfg["tokenizer"]["path"]
         want = ("a Hugging Face tokenizer.json" if cfg["tokenizer"]["kind"] == "file"

@@ -120,14 +120,26 @@ def build_tokenizer(data_cfg: dict, tokenizer_cfg: dict) -> TextTokenizer:
     if kind == "bpe":
         print(f"[prepare] training a byte-level BPE tokenizer, vocab {tokenizer_cfg['vocab_size']}", flush=True)
         return train_bpe(_training_texts(data_cfg, tokenizer_cfg.get("max_train_documents")), tokenizer_cfg["vocab_size"])
+    return given_tokenizer(tokenizer_cfg)
+
+
+def given_tokenizer(tokenizer_cfg: dict) -> TextTokenizer:
+    """tokenizer.path's tokenizer (tokenizer=file or llama), checked for what a build needs: cheap, so
+    prepare and its dry run check it before any work."""
+    kind = tokenizer_cfg["kind"]
     if not tokenizer_cfg.get("path"):
         raise ValueError(f"tokenizer.kind={kind} needs tokenizer.path=<file>")
-    tokenizer = load_tokenizer(tokenizer_cfg["path"], "hf" if kind == "file" else "sentencepiece")
+    path = tokenizer_cfg["path"]
+    tokenizer = load_tokenizer(path, "hf" if kind == "file" else "sentencepiece")
     if tokenizer.vocab_size > tokenizer_cfg["vocab_size"]:
         raise ValueError(
-            f"tokenizer {tokenizer_cfg['path']} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
             f"{tokenizer_cfg['vocab_size']}; set tokenizer.vocab_size={tokenizer.vocab_size}"
         )
+    try:
+        tokenizer.special_ids()
+    except ValueError as e:
+        raise ValueError(f"tokenizer {path}: {e}") from None
     return tokenizer
 
 
@@ -255,6 +267,8 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     for i, spec in enumerate(data_cfg["sources"]):  # cheap checks of every file, before any work (or Ray)
         if not spec.get("hf"):
             check_files(spec, i)
+    if tokenizer_cfg["kind"] != "bpe":
+        given_tokenizer(tokenizer_cfg)
     if rebuilding:
         print(f"[prepare] {rebuilding}; rebuilding", flush=True)
     if before_build is not None:
@@ -321,7 +335,8 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     if splits["train"]["samples"] == 0:
         raise ValueError(
             f"the corpus gives {tails['train']:,} training tokens, fewer than one sample of data.seq_len+1 = "
-            f"{data_cfg['seq_len'] + 1}: lower data.seq_len or add documents"
+            f"{data_cfg['seq_len'] + 1}: lower data.seq_len or "
+            + (f"raise data.target_tokens={target:,}" if target else "add documents")
         )
     bos, eos = tokenizer.special_ids()
     dropped: dict[str, int] = {}
@@ -380,6 +395,8 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
         want = f", {format_count(shares[i] * target)} tokens" if target else ""
         repeat = ", may repeat" if spec.get("repeat") else ""
         lines.append(f"  {source_name(spec, i)}: weight {shares[i]:.2%}{want}{repeat}: {where}")
+    if tokenizer_cfg["kind"] != "bpe":
+        given_tokenizer(tokenizer_cfg)
     tok = tokenizer_cfg.get("path") if tokenizer_cfg["kind"] != "bpe" else f"BPE trained on the corpus, vocab {tokenizer_cfg['vocab_size']}"
     f = data_cfg["filters"]
     lines.append(f"  tokenizer: {tok}")

@@ -27,5 +27,5 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         parts = [f"{format_count(v)} {k} ({format_count(v / elapsed)}/s)" for k, v in counts.items()]
         if done_fraction:
-            parts.append(f"ETA {elapsed * (1 - done_fraction) / done_fraction:.0f}s")
+            parts.append(f"ETA {elapsed * max(0.0, 1 - done_fraction) / done_fraction:.0f}s")  # a source may pass its share
         print(f"[{self.label}] " + ", ".join(parts), file=self.stream or sys.stdout, flush=True)

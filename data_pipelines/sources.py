@@ -219,7 +219,7 @@ def _read_lines(path: str, compression: str, text_field: str) -> Iterator[Record
                 except json.JSONDecodeError as e:
                     if line_no == 1:  # not JSON at all: the wrong file, not a bad record
                         raise ValueError(f"{origin}: not JSON lines ({e.msg}){_json_array_hint(line)}") from None
-                    yield Record(None, origin, bad="invalid_json", detail=f"{e.msg} at column {e.colno}", pos=pos)
+                    yield Record(None, origin, bad="invalid_json", detail=f"{e.msg.removesuffix(' at')} at column {e.colno}", pos=pos)
                     continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     yield Record(None, origin, bad="missing_text_field", detail=_no_text(record, text_field), pos=pos)

@@ -65,7 +65,9 @@ class TextTokenizer:
         else:
             bos, eos = self.impl.bos_id(), self.impl.eos_id()
         if bos is None or eos is None or bos < 0 or eos < 0:
-            raise ValueError(f"{self.kind} tokenizer has no BOS/EOS tokens, which packing needs between documents")
+            which = f"no {BOS} or {EOS} token" if self.kind == "hf" else "no BOS or EOS id (bos_id/eos_id -1)"
+            raise ValueError(f"it has {which}, which packing puts around every document: use a tokenizer that "
+                             f"defines them")
         return bos, eos
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -62,6 +62,10 @@ def test_progress_line_shows_rates_and_eta(capsys):
     p = Progress("prepare x", every_s=0, stream=stream)
     p.update({"docs": 2000, "tokens": 3_000_000}, done_fraction=0.25)
     line = stream.getvalue()
+    Progress("past", every_s=0, stream=stream).update({"docs": 1}, done_fraction=1.02)  # a source one past its share
+    assert stream.getvalue().endswith("ETA 0s\n")
+    stream.truncate(len(line))
+    stream.seek(len(line))
     assert line.startswith("[prepare x] 2.0k docs (") and "/s), 3.0M tokens (" in line and "ETA" in line
     p.update({"docs": 2000, "tokens": 3_000_000}, force=True)  # the end, with nothing new: no second line
     assert stream.getvalue() == line
@@ -136,6 +140,25 @@ def test_a_tokenizer_with_gaps_in_its_ids_is_sized_by_its_highest_id(tmp_path):
     assert read_manifest(out).dtype == "uint32"
     batch = next(TokenLoader(out, "train", 0, 1, batch_size=1, seed=0, shuffle=False))
     assert batch[0, 1:5].tolist() == [3, 70_000, 3, 70_000]  # stored as it is, not wrapped into 16 bits
+
+
+def test_a_given_tokenizer_without_bos_and_eos_is_refused_before_any_work(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from data_pipelines.prepare import describe_plan
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hello": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", ["hello"] * 5), tmp_path / "ds")
+    tok_cfg = {"kind": "file", "vocab_size": 4, "path": str(tmp_path / "tokenizer.json")}
+    message = f"tokenizer {tmp_path / 'tokenizer.json'}: it has no <s> or </s> token, which packing puts around"
+    with pytest.raises(ValueError, match=message):
+        describe_plan(cfg, tok_cfg)  # the dry run
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=message):
+        prepare(cfg, tok_cfg)
+    assert "[prepare" not in capsys.readouterr().out  # nothing read, trained or tokenized first
 
 
 def test_a_given_tokenizer_larger_than_configured_is_refused(tmp_path, tiny_dataset):

@@ -113,6 +113,7 @@ def test_gzip_and_txt_sources_and_empty_documents_are_counted(tmp_path):
         ('{"text": "fine"}\n{not json\n',
          r"c\.jsonl:2: bad record \(invalid_json: Expecting property name enclosed in double quotes at column 2\)"),
         ('{"text": "fine"}\n{"body": "x"}\n', r"c\.jsonl:2: bad record \(missing_text_field: no field 'text'"),
+        ('{"text": "fine"}\n{"text": "a\tb"}\n', r"c\.jsonl:2: bad record \(invalid_json: Invalid control character at column 12\)"),
         ('{"text": "   "}\n', r"kept none of its 1 documents \(dropped: {'empty': 1}\): its documents are empty"),
         ("not json at all\n", r"c\.jsonl:1: not JSON lines"),
     ],
@@ -218,6 +219,9 @@ def test_a_corpus_smaller_than_one_sample_says_what_to_change(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(3, max_words=30))
     with pytest.raises(ValueError, match=r"fewer than one sample of data.seq_len\+1 = 513: lower data.seq_len"):
         prepare(data_cfg(corpus, tmp_path / "ds", seq_len=512, val_fraction=0.0), TOKENIZER_CFG)
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(100, max_words=30))  # enough, but not to the target
+    with pytest.raises(ValueError, match=r"lower data.seq_len or raise data.target_tokens=300$"):
+        prepare(data_cfg(corpus, tmp_path / "ds", seq_len=512, val_fraction=0.0, target_tokens=300), TOKENIZER_CFG)
 
 
 def test_missing_source_names_the_pattern(tmp_path):
