@@ -265,6 +265,7 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
 
 def _parquet_file(path: str, text_field: str, key: str = "a data source's text_field, or eval's --text-field"):
     """The open file, once its footer shows the text column (`key`: the setting that names it)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -276,6 +277,15 @@ def _parquet_file(path: str, text_field: str, key: str = "a data source's text_f
             f"{path}: parquet file has no column {text_field!r} (has {pf.schema_arrow.names}); "
             f"name the column that holds the text ({key})"
         )
+    def is_text(t) -> bool:  # any string column, dictionary-encoded ones (pandas categories) too
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+
+    column = pf.schema_arrow.field(text_field).type
+    if not is_text(column):
+        texts = [f.name for f in pf.schema_arrow if is_text(f.type)]
+        raise ValueError(f"{path}: parquet column {text_field!r} holds {column}, not text (text columns: {texts}); "
+                         f"name the column that holds the text ({key})")
     return pf
 
 

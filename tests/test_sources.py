@@ -114,6 +114,10 @@ def test_parquet_without_the_text_column_is_named(tmp_path):
     pq.write_table(pa.table({"body": DOCS}), tmp_path / "a.parquet")
     with pytest.raises(ValueError, match=r"a\.parquet: parquet file has no column 'text'"):
         texts({"path": str(tmp_path / "a.parquet")})
+    pq.write_table(pa.table({"id": list(range(len(DOCS))), "body": DOCS}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"b\.parquet: parquet column 'id' holds int64, not text \(text columns: "
+                                         r"\['body'\]\); name the column that holds the text"):
+        check_files({"path": str(tmp_path / "b.parquet"), "text_field": "id"}, 0)  # before any work
 
 
 def test_the_checks_before_a_build_name_the_setting_and_a_one_line_json_array(tmp_path):
