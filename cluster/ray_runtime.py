@@ -139,7 +139,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in one line when the cluster to join does not answer: Ray's own client retries a dead
     GCS for minutes, printing a warning every few seconds, and an http RAY_ADDRESS (the Jobs API's,
     set for `elmforge submit`) makes it refuse in five lines."""
-    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private.services import canonicalize_bootstrap_address, find_bootstrap_address
 
     # As ray.init reads it: RAY_ADDRESS stands in for `auto`, else `auto` is the last `ray start` here.
     env = os.environ.get("RAY_ADDRESS", "") if address == "auto" else ""
@@ -152,14 +152,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "cannot join: unset RAY_ADDRESS on a cluster node" if env else
             f"cluster.address={address} is a Jobs API address (that is submit.address): give auto, "
             "<head>:6379 or ray://<head>:10001")
+    # `auto` is the last `ray start`'s cluster, as documented; Ray would also take any Ray it finds running
+    # here (another user's test instance, say), or refuse in words about flags elmforge does not have.
+    if address == "auto" and not env and find_bootstrap_address(None) is None:
+        raise ClusterUnreachable(
+            "cluster.address=auto: no Ray cluster was started on this machine (`ray start`) and RAY_ADDRESS is "
+            "not set: start one (`ray start --head`), set RAY_ADDRESS=<head>:6379, or leave cluster.address "
+            "unset for an embedded Ray")
     try:
         target = given.removeprefix("ray://") if given.startswith("ray://") else canonicalize_bootstrap_address(given)
-    except (ConnectionError, ValueError) as e:  # `auto` with no cluster started here, or no host:port
-        if address == "auto" and not env:
-            raise ClusterUnreachable(
-                "cluster.address=auto: no Ray cluster was started on this machine (`ray start`) and RAY_ADDRESS is "
-                "not set: start one (`ray start --head`), set RAY_ADDRESS=<head>:6379, or leave cluster.address "
-                "unset for an embedded Ray") from None
+    except (ConnectionError, ValueError) as e:  # no host:port
         raise ClusterUnreachable(f"cluster.address={address}: {str(e).splitlines()[0]}") from None
     if not target:  # "local": Ray starts an instance here
         return
