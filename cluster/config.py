@@ -201,6 +201,8 @@ def finalise(cfg: dict) -> dict:
     for source in cfg["data"]["sources"]:  # package:// stays: where the package lies differs between machines
         if source.get("path") and not source["path"].startswith(PACKAGE_SCHEME):
             source["path"] = os.path.abspath(os.path.expanduser(source["path"]))
+        if (source.get("hf") or "").startswith("~"):  # a local dataset directory (a hub id never starts so)
+            source["hf"] = os.path.expanduser(source["hf"])
     return cfg
 
 

@@ -31,8 +31,8 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import (
-    ReadUnit, bad_record_error, check_files, fingerprint_sources, no_document_error, read_unit, read_units,
-    source_name,
+    ReadUnit, bad_record_error, check_files, check_saved_dataset, check_source, fingerprint_sources, no_document_error,
+    read_unit, read_units, saved_to_disk, source_name,
 )
 from data_pipelines.swap_dir import real_destination, remove_leftovers, swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
@@ -264,9 +264,8 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
             return out
         rebuilding = f"{out}: prepare.force=true" if built == fp else f"{out} {why}"
-    for i, spec in enumerate(data_cfg["sources"]):  # cheap checks of every file, before any work (or Ray)
-        if not spec.get("hf"):
-            check_files(spec, i)
+    for i, spec in enumerate(data_cfg["sources"]):  # cheap checks of every source, before any work (or Ray)
+        check_source(spec, i)
     if tokenizer_cfg["kind"] != "bpe":
         given_tokenizer(tokenizer_cfg)
     if rebuilding:
@@ -386,7 +385,10 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     lines = [f"[prepare] plan for dataset {data_cfg['name']!r} -> {data_cfg['dir']}"]
     lines.append(f"  target tokens: {format_count(target) if target else 'all documents of every source'}")
     for i, spec in enumerate(sources):
-        if spec.get("hf"):
+        if spec.get("hf") and saved_to_disk(spec["hf"]):
+            check_saved_dataset(spec, i)
+            where = f"dataset directory {spec['hf']} (save_to_disk), split {spec.get('hf_split', 'train')}"
+        elif spec.get("hf"):
             files = f", files {spec['hf_data_files']}" if spec.get("hf_data_files") else ""
             where = f"Hugging Face {spec['hf']} (config {spec.get('hf_config')}, split {spec.get('hf_split', 'train')}{files}), streamed"
         else:

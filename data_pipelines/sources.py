@@ -104,14 +104,14 @@ def _hf_dataset(hf: dict):
     """The streaming `datasets.IterableDataset` of a source (reads nothing yet)."""
     import datasets
 
-    if _saved_to_disk(hf["id"]):
+    if saved_to_disk(hf["id"]):
         return _from_disk(hf)
     return datasets.load_dataset(
         hf["id"], name=hf.get("config"), split=hf.get("split", "train"), data_files=hf.get("data_files"), streaming=True
     )
 
 
-def _saved_to_disk(path: str) -> bool:
+def saved_to_disk(path: str) -> bool:
     """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk (load_dataset refuses those)."""
     return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
@@ -129,6 +129,40 @@ def _from_disk(hf: dict):
             raise ValueError(f"{hf['id']} has no split {split!r} (has {sorted(ds)}); set the source's hf_split")
         ds = ds[split]
     return ds.to_iterable_dataset(num_shards=max(1, min(len(ds.cache_files), len(ds))))
+
+
+def check_saved_dataset(spec: dict, index: int) -> None:
+    """A source that is a local save_to_disk directory, checked as files are before any work (its arrays
+    are memory-mapped, nothing is read): the split it names and the text column."""
+    import datasets
+
+    path, text_field, split = spec["hf"], spec.get("text_field", "text"), spec.get("hf_split", "train")
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path} has no split {split!r} (has {sorted(ds)}); set data.sources.{index}.hf_split")
+        ds = ds[split]
+    elif split != "train":
+        raise ValueError(f"{path} holds one dataset, not splits: data.sources.{index}.hf_split={split} does not apply "
+                         "to it; leave it out")
+
+    def is_text(feature) -> bool:
+        return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+    feature = ds.features.get(text_field)
+    if not is_text(feature):
+        texts = [name for name, f in ds.features.items() if is_text(f)]
+        what = f"has no column {text_field!r}" if feature is None else f"column {text_field!r} holds {feature}, not text"
+        raise ValueError(f"{path}: {what} (text columns: {texts}); set data.sources.{index}.text_field")
+
+
+def check_source(spec: dict, index: int) -> None:
+    """What can be checked of a source before any work: local files, or a local save_to_disk directory
+    (a hub dataset is checked as it streams)."""
+    if not spec.get("hf"):
+        check_files(spec, index)
+    elif saved_to_disk(spec["hf"]):
+        check_saved_dataset(spec, index)
 
 
 def read_units(spec: dict, index: int) -> list[ReadUnit]:

@@ -202,6 +202,30 @@ def test_a_dataset_saved_to_disk_is_read_by_split(tmp_path):
         texts({"hf": str(tmp_path / "both"), "hf_split": "validation"})
 
 
+def test_a_dataset_saved_to_disk_is_checked_before_any_work(tmp_path):
+    import datasets
+
+    from data_pipelines.sources import check_source
+
+    datasets.Dataset.from_dict({"id": list(range(7)), "content": DOCS[:7]}).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS})}).save_to_disk(str(tmp_path / "both"))
+    check_source({"hf": str(tmp_path / "one"), "text_field": "content"}, 0)
+    for spec, message in (
+        ({"hf": str(tmp_path / "one")}, r"one: has no column 'text' \(text columns: \['content'\]\); set "
+                                         r"data.sources.1.text_field"),
+        ({"hf": str(tmp_path / "one"), "text_field": "id"}, r"one: column 'id' holds .*int64.*, not text"),
+        ({"hf": str(tmp_path / "one"), "hf_split": "validation"},
+         r"one holds one dataset, not splits: data.sources.1.hf_split=validation does not apply"),
+        ({"hf": str(tmp_path / "both"), "hf_split": "test"}, r"both has no split 'test' \(has \['train'\]\); set "
+                                                              r"data.sources.1.hf_split"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_source(spec, 1)
+    with pytest.raises(ValueError, match="has no column 'text'"):  # prepare and its dry run check before any work
+        describe_plan(data_cfg(tmp_path / "unused", tmp_path / "ds", sources=[{"hf": str(tmp_path / "one")}]),
+                      TOKENIZER_CFG)
+
+
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"])
 def test_records_say_how_far_into_their_file_reading_got(tmp_path, name):
     """What the progress line's ETA is made of, so a source of one big file has one too."""
