@@ -204,12 +204,14 @@ def _unwrap(error: BaseException) -> BaseException:
 
 
 def _without_ray(error: BaseException) -> BaseException:
-    """The error as a plain one of its type, off Ray's wrappers; ValueError where its type takes more
-    than a message to build (UnicodeEncodeError, json.JSONDecodeError)."""
+    """The error as a plain one of its type, off Ray's wrappers and without the lines Ray Data adds to
+    its message (advice on retrying "transient" errors); ValueError where its type takes more than a
+    message to build (UnicodeEncodeError, json.JSONDecodeError)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     try:
-        return type(error)(str(error))
+        return type(error)(message)
     except TypeError:
-        return ValueError(str(error))
+        return ValueError(message)
 
 
 def default_workers() -> int:
