@@ -10,6 +10,7 @@ on K. The whole state is the stream offset, reported as (epoch, position).
 
 import io
 import os
+import signal
 import tarfile
 from typing import Iterator
 
@@ -152,6 +153,14 @@ class RankBatches(IterableDataset):
             batch_no += num_workers
 
 
+def _stopping_is_the_trainers(_worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT: sent to the whole process group (by `timeout`, systemd,
+    Slurm at a time limit), they would kill it, and torch would then fail the training step; the training
+    process turns them into a checkpoint and a stop, and its workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TokenLoader:
     """Endless iterator of micro-batches for one rank, with state_dict()/load_state_dict()."""
 
@@ -184,7 +193,8 @@ class TokenLoader:
         if self._iter is None:
             self.dataset.start = self.consumed
             loader = DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+                self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                worker_init_fn=_stopping_is_the_trainers,
             )
             self._iter = iter(loader)
         batch = next(self._iter)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -68,3 +69,33 @@ def test_a_request_made_while_the_workers_start_stands_and_ctrl_c_stops_like_sig
     seen = run_ranks(2, _first_look_then_ctrl_c, str(tmp_path))
     assert seen == [["SIGTERM to the driver", False, "SIGINT", "quit"],
                     ["SIGTERM to the driver", False, "SIGINT"]]
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_and_stops(tmp_path):
+    # As `timeout`, systemd or Slurm send it: the DataLoader's worker process gets it too.
+    import subprocess
+    import sys
+
+    from corpus import make_documents, write_jsonl
+    from test_train_loop import SMALL_MODEL
+    from trainer.summary import read_summary
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, seed=11))
+    cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL_MODEL, f"storage_path={tmp_path}",
+           f"data.sources=[{{name:gen,path:{corpus}}}]", "data.workers=0", "logger=none", "train.max_steps=200",
+           "train.warmup_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=4", "train.loader_workers=1",
+           "train.log_every=1",
+           "cluster.launcher=local", "cluster.num_workers=1", "run.name=grouped"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[train] step 2/200" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    summary = read_summary(tmp_path / "outputs/grouped")
+    assert summary["stopped_by"] == "SIGTERM" and "training stopped on request (SIGTERM;" in out
+    assert (Path(summary["checkpoint"]) / "COMPLETE").is_file()
