@@ -224,7 +224,7 @@ def validate(cfg: dict) -> None:
         need(_plain_name(name), f"{key}={name!r}", "must be a plain directory name: not empty, no / or \\, not . or ..")
     for key in ("max_steps", "micro_batch_size", "log_every", "keep_checkpoints", "eval_batches", "max_skipped_in_row"):
         need(t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1")
-    for key in ("grad_accum_steps", "checkpoint_every", "eval_every"):
+    for key in ("grad_accum_steps", "checkpoint_every", "eval_every", "global_batch_tokens"):
         need(t[key] is None or t[key] >= 1, f"train.{key}={t[key]}", "must be at least 1 (or null)")
     need(0 <= t["warmup_steps"] <= t["max_steps"], f"train.warmup_steps={t['warmup_steps']}",
          f"must be in [0, train.max_steps={t['max_steps']}]: set it within (e.g. train.warmup_steps="

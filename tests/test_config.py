@@ -94,6 +94,7 @@ def test_every_model_composes(model):
         (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
         (["tokenizer.vocab_size=100", "model.vocab_size=100"],
          "tokenizer.vocab_size=100: must be at least 259 for tokenizer=bpe"),
+        (["train.global_batch_tokens=-2048"], "train.global_batch_tokens=-2048: must be at least 1 (or null)"),
         (["tokenizer.max_train_documents=0"], "tokenizer.max_train_documents=0: must be at least 1 (or null"),
         (["model.num_layers=-1", "model.head_dim=0"], "model.num_layers=-1: must be at least 1\n  model.head_dim=0: must"),
         (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),
