@@ -249,6 +249,15 @@ def validate(cfg: dict) -> None:
         need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}",
              _not_a_hf_directory(Path(t["init_from"])))
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
+    faults, last = t["faults"], t["max_steps"]  # an injected fault that can never happen tests nothing
+    for key in ("kill_rank", "nonfinite_rank"):
+        need(0 <= faults[key] < c["num_workers"], f"train.faults.{key}={faults[key]}",
+             f"must be a rank of the run, 0 to {c['num_workers'] - 1} (ranks count from 0)")
+    for key in ("kill_at_step", "kill_in_save_at_step", "sigterm_at_step"):
+        need(faults[key] is None or 1 <= faults[key] <= last, f"train.faults.{key}={faults[key]}",
+             f"must be a step of the run, 1 to train.max_steps={last}")
+    need(all(1 <= s <= last for s in faults["nonfinite_at_steps"]), f"train.faults.nonfinite_at_steps="
+         f"{faults['nonfinite_at_steps']}", f"must be steps of the run, 1 to train.max_steps={last}")
     if c["min_workers"] is not None:
         need(1 <= c["min_workers"] <= c["num_workers"], f"cluster.min_workers={c['min_workers']}",
              f"must be in [1, cluster.num_workers={c['num_workers']}]")

@@ -95,6 +95,10 @@ def test_every_model_composes(model):
         (["tokenizer.vocab_size=100", "model.vocab_size=100"],
          "tokenizer.vocab_size=100: must be at least 259 for tokenizer=bpe"),
         (["train.global_batch_tokens=-2048"], "train.global_batch_tokens=-2048: must be at least 1 (or null)"),
+        (["train.faults.kill_rank=2", "train.faults.kill_at_step=3"],  # the default is 2 workers
+         "train.faults.kill_rank=2: must be a rank of the run, 0 to 1 (ranks count from 0)"),
+        (["train.max_steps=8", "train.warmup_steps=2", "train.faults.nonfinite_at_steps=[3,30]"],
+         "train.faults.nonfinite_at_steps=[3, 30]: must be steps of the run, 1 to train.max_steps=8"),
         (["tokenizer.max_train_documents=0"], "tokenizer.max_train_documents=0: must be at least 1 (or null"),
         (["model.num_layers=-1", "model.head_dim=0"], "model.num_layers=-1: must be at least 1\n  model.head_dim=0: must"),
         (["train.compile=true", "deepspeed=zero3"], "train.compile=true: does not work with deepspeed.stage=3"),

@@ -129,6 +129,7 @@ def test_a_run_started_from_a_hugging_face_directory_resumes_without_it(workspac
     assert main(["train", *args, "train.max_steps=4"]) == 0
     summary = read_summary(root / "outputs/tuned")
     assert summary["resumed_from"] == "step_2" and summary["steps"] == 4
+    assert summary["init_from"] == str(source)  # where the run started, gone or not
 
 
 def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, capsys):

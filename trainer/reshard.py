@@ -22,6 +22,7 @@ import torch
 
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import from_rank0
+from trainer.errors import TrainingError
 
 UNIVERSAL = "universal"
 
@@ -66,8 +67,9 @@ def universal_checkpoint(checkpoint: Path, saved_world_size: int, is_main: bool)
         except Exception as e:  # noqa: BLE001 - handed to every rank
             error = f"converting {checkpoint} for another world size failed: {e}"
     error = from_rank0(error)
-    if error:
-        raise RuntimeError(error)
+    if error:  # a checkpoint that cannot be converted cannot be next time either: the fix is the user's
+        raise TrainingError(f"{error}; to resume from the checkpoint before it, remove {checkpoint / 'COMPLETE'} "
+                            "(or the directory), or resume on the number of workers that saved it")
     from deepspeed.utils import logger
 
     # Loading it warns that no tensor-parallel groups were given: none exist here, so it says nothing.

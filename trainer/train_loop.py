@@ -241,6 +241,12 @@ def check_start(cfg: dict) -> None:
         _check_data(model_config(cfg), manifest, cfg["train"]["init_from"])
 
 
+def _started_from(client: dict) -> str | None:
+    """The Hugging Face directory the run was started from, as its checkpoint's client state records it
+    (checkpoints before this record: the first invocation's config, if the checkpoint is its)."""
+    return client.get("init_from", client["config"]["train"].get("init_from"))
+
+
 def finished_run(cfg: dict, is_main: bool = True) -> dict | None:
     """The summary of a run already at train.max_steps, for a launcher to return without preparing
     data or starting any worker (one that would load nothing and train nothing); None for a run with
@@ -264,7 +270,8 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
         metrics = Path(run_dir, "metrics.jsonl")
         last = [r for r in map(json.loads, complete_lines(metrics)) if r["step"] <= step]
         summary = {
-            "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name, "init_from": None,
+            "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name,
+            "init_from": _started_from(client),
             "stopped_by": None, "skipped_steps": client.get("skipped_total", 0),
             "final_loss": last[-1]["loss"] if last else None,
             "final_val_loss": next((r["val_loss"] for r in reversed(last) if "val_loss" in r), None),
@@ -360,6 +367,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     preemption = PreemptionWatch(run_dir, env.is_main)
     # Skipped-step counts travel in checkpoints: a resumed run stops where the uninterrupted one would.
     skipped_in_row, skipped_total = (state or {}).get("skipped_in_row", 0), (state or {}).get("skipped_total", 0)
+    started_from = t_cfg["init_from"] if state is None else _started_from(state)  # a resume needs it no longer
     losses, last_saved = [], resume
     start, step, stopped_by = time.perf_counter(), start_step, None
 
@@ -367,7 +375,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
                   "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
                   "dataset_fingerprint": dataset_fingerprint_of(manifest),
-                  "skipped_in_row": skipped_in_row, "skipped_total": skipped_total}
+                  "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "init_from": started_from}
         path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"],
                                lambda: maybe_kill(t_cfg["faults"], at_step, env.rank, run_dir, "kill_in_save_at_step"))
         release_freed_memory()
@@ -436,7 +444,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "run_name": cfg["run"]["name"],
         "steps": step,
         "resumed_from": resume.name if resume else None,
-        "init_from": t_cfg["init_from"] if resume is None else None,
+        "init_from": started_from,
         "stopped_by": stopped_by if step < t_cfg["max_steps"] else None,  # a stop at the last step ends it anyway
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
