@@ -102,6 +102,19 @@ def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):
     assert len(open(result["metrics"]).readlines()) == 2
 
 
+def test_an_online_wandb_run_without_a_key_is_one_line_naming_the_ways_out(tiny_dataset, tmp_path, monkeypatch):
+    from trainer.errors import TrainingError
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger.mode=online", "train.max_steps=1", "train.warmup_steps=1")
+    with pytest.raises(TrainingError, match=r"W&B \(logger.mode=online\): .*: log in \(`wandb login`, or "
+                                            r"WANDB_API_KEY in the environment\), or set logger.mode=offline"):
+        train(cfg)
+
+
 def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):
     cfg = small_cfg(tiny_dataset, tmp_path)
     env = init_distributed(use_gpu=False)

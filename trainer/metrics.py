@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trainer.errors import TrainingError
 from trainer.summary import RUN_CONFIG_NAME, write_json
 
 
@@ -29,6 +30,17 @@ def complete_lines(path: Path) -> list[str]:
     disk cut short, is left out."""
     lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else [""]
     return [line for line in lines[:-1] if line.strip()]  # the last item: "" after a final newline
+
+
+def _wandb_init(wandb, **kwargs):
+    """wandb.init, its refusals (no API key for an online run, say) one line that names the ways out."""
+    try:
+        return wandb.init(**kwargs)
+    except (wandb.errors.UsageError, wandb.errors.CommError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"W&B (logger.mode={kwargs['mode']}): {first}: log in (`wandb login`, or WANDB_API_KEY "
+                            "in the environment), or set logger.mode=offline (upload later with wandb sync) or "
+                            "logger=none") from None
 
 
 class MetricsLogger:
@@ -47,7 +59,8 @@ class MetricsLogger:
         if log_cfg["wandb"] and log_cfg["mode"] != "disabled":
             import wandb
 
-            self._wandb = wandb.init(
+            self._wandb = _wandb_init(
+                wandb,
                 project=log_cfg["project"],
                 entity=log_cfg["entity"],
                 group=log_cfg["group"],
