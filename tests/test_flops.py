@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,6 +50,30 @@ def test_cpu_matmul_peak_is_measured_and_leaves_the_thread_count_alone():
     threads = torch.get_num_threads()
     assert cpu_matmul_peak(threads=1, sizes=(128, 256), seconds=0.2) > 0
     assert torch.get_num_threads() == threads
+
+
+def test_a_one_thread_cpu_peak_is_not_lowered_by_a_busy_core(tmp_path):
+    # A rank's peak is measured as the run starts, when other ranks and Ray's processes share its cores.
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, sys, torch; os.sched_setaffinity(0, {0}); torch.set_num_threads(1)\n"
+              "from trainer.flops import device_peak_flops\n"
+              "print(max(device_peak_flops(torch.device('cpu')) for _ in range(2)))")
+    root = str(Path(__file__).resolve().parent.parent)
+
+    def peak() -> float:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
+        return float(out.stdout.split()[-1])
+
+    alone = peak()
+    busy = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
+    try:
+        shared = peak()
+    finally:
+        busy.kill()
+    assert shared > 0.75 * alone, (shared, alone)  # timed by the clock, it would be about half
 
 
 def test_mfu_is_achieved_over_peak():
