@@ -86,8 +86,11 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_stops(tmp_path):
            "train.warmup_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=4", "train.loader_workers=1",
            "train.log_every=1",
            "cluster.launcher=local", "cluster.num_workers=1", "run.name=grouped"]
+    # Not this process's rendezvous (tests before this one set RANK, MASTER_PORT... here): a run of its own.
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launch}, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                            env=env)
     seen = []
     for line in proc.stdout:
         seen.append(line)
