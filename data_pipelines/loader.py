@@ -170,11 +170,10 @@ class TokenLoader:
     ):
         manifest = read_manifest(root)
         check_tokenizer(manifest, tokenizer_fingerprint)
-        built = manifest.data.get("source", {}).get("fingerprint")
-        if dataset_fingerprint and built != dataset_fingerprint:  # a run's validation, after a rebuild in place
+        if dataset_fingerprint and manifest.fingerprint != dataset_fingerprint:  # a run's validation, after a rebuild in place
             raise ValueError(
                 f"dataset {manifest.root} was rebuilt while a run reads it (fingerprint {dataset_fingerprint[:12]}, "
-                f"now {str(built)[:12]}): its {split} split is other data now. Give other data settings their own "
+                f"now {str(manifest.fingerprint)[:12]}): its {split} split is other data now. Give other data settings their own "
                 "data.name; to go on, rebuild it from the run's inputs and settings and re-run the run's command"
             )
         self.dataset = RankBatches(str(root), split, rank, world_size, batch_size, seed, shuffle)

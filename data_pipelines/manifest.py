@@ -45,6 +45,11 @@ class Manifest:
         return self.root / self.data["tokenizer"]["file"]
 
     @property
+    def fingerprint(self) -> str | None:
+        """What prepare recorded the dataset was built from (its inputs, settings and tokenizer)."""
+        return self.data.get("source", {}).get("fingerprint")
+
+    @property
     def vocab_size(self) -> int:
         return self.data["tokenizer"]["vocab_size"]
 

@@ -416,7 +416,7 @@ def _built_fingerprint(out: Path) -> tuple[Optional[str], str]:
     """(fingerprint of the dataset in out, what to say if it is not this build's); an unreadable manifest
     (corrupt, or another format_version) only means a rebuild: prepare is how such a dataset is fixed."""
     try:
-        return read_manifest(out).data.get("source", {}).get("fingerprint"), "was built from other inputs or settings"
+        return read_manifest(out).fingerprint, "was built from other inputs or settings"
     except ValueError as e:
         return None, f"cannot be reused ({e})"
 
@@ -430,11 +430,12 @@ def check_replaceable(out: Path) -> None:
     but a dataset's entries, or a manifest that is ours: another tool's manifest.json is not)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"data.dir {out} is a file, not a directory: choose another data.dir (or data.name)")
-    if not out.is_dir() or {p.name for p in out.iterdir()} <= DATASET_ENTRIES and (out / MANIFEST_NAME).is_file():
+    if not out.is_dir():
         return
-    if not any(out.iterdir()) or _is_our_manifest(out / MANIFEST_NAME):
+    entries, manifest = {p.name for p in out.iterdir()}, out / MANIFEST_NAME
+    if not entries or _is_our_manifest(manifest) or (entries <= DATASET_ENTRIES and manifest.is_file()):
         return
-    why = "its manifest.json is not elmforge's" if (out / MANIFEST_NAME).is_file() else f"no {MANIFEST_NAME}"
+    why = "its manifest.json is not elmforge's" if manifest.is_file() else f"no {MANIFEST_NAME}"
     raise ValueError(
         f"data.dir {out} exists and is not a prepared dataset ({why}); prepare would replace it "
         "with the dataset and delete what it holds: choose another data.dir (or data.name), or empty it"

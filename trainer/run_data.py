@@ -47,7 +47,7 @@ def check_run_data(cfg: dict) -> str | None:
 
 def check_dataset_unchanged(state: dict, checkpoint: Path, manifest) -> None:
     """At resume: the dataset must be the one the checkpoint's loader state counts in."""
-    trained_on, now = state.get("dataset_fingerprint"), dataset_fingerprint_of(manifest)
+    trained_on, now = state.get("dataset_fingerprint"), manifest.fingerprint
     if trained_on and now and trained_on != now:  # None: a checkpoint (or dataset) from before this record
         raise ValueError(
             f"checkpoint {checkpoint} was trained on the dataset in {manifest.root} as it was built then "
@@ -56,7 +56,3 @@ def check_dataset_unchanged(state: dict, checkpoint: Path, manifest) -> None:
             f"trained on, {NEW_RUN}"
         )
 
-
-def dataset_fingerprint_of(manifest) -> str | None:
-    """The fingerprint prepare recorded for a built dataset (its inputs, settings and tokenizer)."""
-    return manifest.data.get("source", {}).get("fingerprint")

@@ -39,7 +39,7 @@ from trainer.model import OpenELMConfig, build_model
 from trainer.optim import (follow_schedule, keeping_configured_hyperparameters, param_groups, rewind_one_step,
                           warmup_cosine_scheduler)
 from trainer.preemption import PreemptionWatch
-from trainer.run_data import check_dataset_unchanged, dataset_fingerprint_of
+from trainer.run_data import check_dataset_unchanged
 from trainer.reshard import check_same_global_batch, load_universal, needs_universal, universal_checkpoint
 from trainer.step_gc import StepCollector
 from trainer.summary import SUMMARY_NAME, read_json, write_summary
@@ -351,7 +351,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         """Validation loss over the val split; every rank takes part (ZeRO-3 gathers inside the forward)."""
         batches = validation_batches(
             manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], t_cfg["eval_batches"], tokenizer_fp,
-            dataset_fingerprint_of(manifest),  # the dataset as this invocation found it
+            manifest.fingerprint,  # the dataset as this invocation found it
         )
         r = evaluate_loss(engine, batches, env.device, distributed=True)
         release_freed_memory()
@@ -374,7 +374,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     def checkpoint(at_step: int) -> Path:
         client = {"step": at_step, "loader": loader.state_dict(), "rng": rng_state(), "config": cfg,
                   "model": asdict(model_cfg), "tokenizer_fingerprint": tokenizer_fp,
-                  "dataset_fingerprint": dataset_fingerprint_of(manifest),
+                  "dataset_fingerprint": manifest.fingerprint,
                   "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "init_from": started_from}
         path = save_checkpoint(engine, ckpt_root, at_step, client, env.is_main, t_cfg["keep_checkpoints"],
                                lambda: maybe_kill(t_cfg["faults"], at_step, env.rank, run_dir, "kill_in_save_at_step"))
