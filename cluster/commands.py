@@ -122,7 +122,9 @@ def _print_summary(cfg: dict, summary: dict) -> None:
     if summary["final_loss"] is not None:
         print(f"  final loss   {summary['final_loss']:.4f}")
     if summary.get("final_val_loss") is not None:
-        print(f"  val loss     {summary['final_val_loss']:.4f}")
+        at = summary.get("final_val_step")
+        at = f" (at step {at})" if at is not None and at != summary["steps"] else ""
+        print(f"  val loss     {summary['final_val_loss']:.4f}{at}")
     print(f"  shards       {summary['data_dir']}")
     print(f"  checkpoint   {summary['checkpoint']}")
     print(f"  metrics      {summary['metrics']}")

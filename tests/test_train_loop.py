@@ -177,6 +177,20 @@ def test_a_run_resumed_after_its_last_step_reports_its_final_validation(tiny_dat
         assert rebuilt["num_params"] == written["num_params"]
 
 
+def test_a_stopped_run_reports_its_newest_validation_and_when_it_was(tiny_dataset, tmp_path):
+    base = ["logger=none", "train.max_steps=8", "train.eval_every=4", "train.eval_batches=1"]
+    val_at = {}
+    for stop_at in (5, 6, None):  # stopped after this invocation's validation, stopped before any, finished
+        fault = [f"train.faults.sigterm_at_step={stop_at}"] if stop_at else []
+        summary = train(small_cfg(tiny_dataset, tmp_path, *base, *fault))
+        records = [json.loads(line) for line in open(summary["metrics"])]
+        val_at.update({r["step"]: r["val_loss"] for r in records if "val_loss" in r})
+        newest = max(val_at)
+        assert (summary["steps"], summary["final_val_step"]) == (stop_at or 8, newest)
+        assert summary["final_val_loss"] == val_at[newest] and read_summary(Path(summary["metrics"]).parent) == summary
+    assert sorted(val_at) == [4, 8]
+
+
 def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resumed_step(tiny_dataset, tmp_path):
     from trainer.optim import warmup_cosine_lr
 

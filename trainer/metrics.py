@@ -48,6 +48,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_dir: Optional[Path] = None
+        self.last_validation: Optional[dict] = None  # {"step", "val_loss"} of the newest, kept records included
         self._wandb = None
         if not enabled:
             return
@@ -86,8 +87,15 @@ class MetricsLogger:
             return
         kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        for record in map(json.loads, kept):
+            self._note_validation(record["step"], record)
+
+    def _note_validation(self, step: int, record: dict) -> None:
+        if "val_loss" in record:
+            self.last_validation = {"step": step, "val_loss": record["val_loss"]}
 
     def log(self, step: int, record: dict) -> None:
+        self._note_validation(step, record)
         if not self.enabled:
             return
         self._file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")

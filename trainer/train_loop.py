@@ -259,6 +259,12 @@ def finished_run(cfg: dict, is_main: bool = True) -> dict | None:
     return _finished_run(cfg, resume, client, model_config(cfg), is_main=is_main, report=None)
 
 
+def _final_validation(last: dict | None) -> dict:
+    """The newest validation's loss and step (from a record with both): a run stopped between validations
+    reports the one before."""
+    return {"final_val_loss": last and last["val_loss"], "final_val_step": last and last["step"]}
+
+
 def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMConfig, is_main: bool,
                   report: Callable[[dict], None] | None) -> dict:
     """A re-run of a run whose newest checkpoint is its last step: its summary, written anew if the run
@@ -274,7 +280,7 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
             "init_from": _started_from(client),
             "stopped_by": None, "skipped_steps": client.get("skipped_total", 0),
             "final_loss": last[-1]["loss"] if last else None,
-            "final_val_loss": next((r["val_loss"] for r in reversed(last) if "val_loss" in r), None),
+            **_final_validation(next((r for r in reversed(last) if "val_loss" in r), None)),
             "losses": [], "num_params": non_embedding_params(model_cfg) + model_cfg.vocab_size * model_cfg.model_dim,
             "data_dir": str(cfg["data"]["dir"]), "checkpoint": str(checkpoint),
             "metrics": str(metrics), "wandb_dir": None,
@@ -448,7 +454,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "stopped_by": stopped_by if step < t_cfg["max_steps"] else None,  # a stop at the last step ends it anyway
         "skipped_steps": skipped_total,
         "final_loss": losses[-1] if losses else None,
-        "final_val_loss": record.get("val_loss") if losses else None,
+        **_final_validation(metrics.last_validation),
         "losses": losses,
         "num_params": num_params,
         "data_dir": str(manifest.root),
