@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elmforge {args.verb}: config error\n{e}", file=sys.stderr)
         return 2
     if args.cfg == "job":
+        if args.verb == "sweep":  # run.name and run.dir are each trial's own
+            from cluster.sweep_trial import trial_config
+
+            cfg = trial_config(cfg, {}, "<trial>")
+            print("# each trial trains with this config and its own values of sweep.space")
         print(to_yaml(cfg), end="")
         return 0
     return _run(args.verb, getattr(commands, f"cmd_{args.verb}"), cfg, args)

@@ -11,27 +11,23 @@ interrupted sweep resumes: Tune restores the experiment and each unfinished
 trial resumes its training from its newest checkpoint.
 """
 
-import copy
 import csv
 import json
 import shutil
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from ray import tune
 from ray.tune.error import TuneError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from cluster.config import ConfigError, check_and_derive
-from cluster.config_schema import ElmConfig
+from cluster.config import ConfigError
 from cluster.launch import torch_trainer
 from cluster.ray_runtime import connect, require_embedded_cpus
 from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
+from cluster.sweep_trial import as_the_schema_takes, apply, sweep_dir, trial_config
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.errors import TrainingError, one_line
 from trainer.summary import SUMMARY_NAME, flat_config, read_json, write_json
@@ -78,37 +74,6 @@ def _distribution(where: str, spec):
     return DISTRIBUTIONS[kind](spec)
 
 
-def apply(cfg: dict, params: dict, typed: bool = True) -> dict:
-    """A copy of cfg with dotted keys set, each value as the schema takes it (typed=False: keys only);
-    unknown keys are an error naming them, values of the wrong type an invalid config."""
-    cfg = copy.deepcopy(cfg)
-    for dotted, value in params.items():
-        *parents, last = dotted.split(".")
-        node = cfg
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
-            raise ConfigError(f"sweep.space: {dotted} is not a config key")
-        if isinstance(node[last], dict):
-            raise ConfigError(f"sweep.space: {dotted} is a section, not a value; search its keys ({dotted}.<key>)")
-        node[last] = _as_the_schema_takes(dotted, value) if typed else value
-    return cfg
-
-
-def _as_the_schema_takes(dotted: str, value):
-    """The value through the config schema's type for the key (an integer key refuses 5.8, an enum one a
-    name not among its members), as a command-line override would go: a trial's config is a plain dict."""
-    schema = OmegaConf.structured(ElmConfig)
-    try:
-        OmegaConf.update(schema, dotted, value, merge=False)
-        taken = OmegaConf.select(schema, dotted)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config:\n  {dotted}={value!r}: {str(e).splitlines()[0]}") from None
-    if isinstance(taken, Enum):
-        return taken.name
-    return OmegaConf.to_container(taken) if isinstance(taken, (DictConfig, ListConfig)) else taken
-
-
 def check_space(cfg: dict) -> None:
     """Every key of sweep.space is a config key with a valid distribution, and every value a trial can draw
     (each choice, each bound of a range) gives a valid trial config: checked before Ray starts, where a trial
@@ -122,10 +87,10 @@ def check_space(cfg: dict) -> None:
     for key, spec in space.items():
         if spec["type"] != "choice":  # draws fractional numbers
             try:
-                _as_the_schema_takes(key, float(spec["low"]))
+                as_the_schema_takes(key, float(spec["low"]))
             except ConfigError:
                 raise ConfigError(f"sweep.space.{key}: {spec['type']} draws fractional numbers, and {key} takes "
-                                  f"{type(_as_the_schema_takes(key, spec['low'])).__name__} values: search it with "
+                                  f"{type(as_the_schema_takes(key, spec['low'])).__name__} values: search it with "
                                   "choice (e.g. {type:choice,values:[2,4,8]})") from None
         for value in spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"]):
             try:
@@ -151,21 +116,6 @@ def check_schedule(cfg: dict) -> None:
             raise ConfigError(f"{key}={value} is above train.max_steps={t['max_steps']}: trials would end before "
                               f"{'their first validation' if key.startswith('train') else 'ASHA could compare them'}; "
                               f"lower {key} or raise train.max_steps")
-
-
-def sweep_dir(cfg: dict) -> Path:
-    return Path(cfg["storage_path"], "sweeps", cfg["sweep"]["name"])
-
-
-def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
-    trial = apply(cfg, params)
-    trial["run"]["name"] = trial_name
-    trial["run"]["dir"] = str(sweep_dir(cfg) / trial_name)
-    trial["logger"]["group"] = cfg["sweep"]["name"]  # one W&B run per trial, grouped by the sweep
-    if trial["train"]["global_batch_tokens"]:  # re-derived below, for the trial's own micro-batch
-        trial["train"]["grad_accum_steps"] = None
-    check_and_derive(trial)
-    return trial
 
 
 def _trial(params: dict, base: dict) -> None:

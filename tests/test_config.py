@@ -189,11 +189,17 @@ def test_batch_in_tokens_derives_the_accumulation_or_says_what_does_not_divide()
 
 def test_the_command_line_composes_and_checks_configs_without_importing_torch(tmp_path):
     # `--help`, `--cfg job`, `jobs` and `report` start in a fraction of a second: torch alone takes about one.
-    script = "import sys; from cluster.cli import main; main(['train', '--cfg', 'job']); print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    assert done.returncode == 0, done.stderr
-    assert "model:" in done.stdout and done.stdout.rstrip().endswith("False")
+    for args in (["train"], ["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}"]):
+        script = (f"import sys; from cluster.cli import main; main({[*args, '--cfg', 'job']!r}); "
+                  "print('torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert done.returncode == 0, done.stderr
+        assert "model:" in done.stdout and done.stdout.rstrip().endswith("False")
+    # A sweep's config shows what its trials train with: their own run dirs and W&B group, not the unused run.name.
+    shown = yaml.safe_load(done.stdout.rstrip().removesuffix("False"))
+    assert shown["run"] == {"name": "<trial>", "dir": str(tmp_path / "sweeps" / "lr_tiny" / "<trial>")}
+    assert shown["logger"]["group"] == "lr_tiny"
 
 
 def test_a_sweep_without_a_search_space_is_a_config_error(tmp_path, capsys):

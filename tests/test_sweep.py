@@ -8,7 +8,8 @@ import time
 import pytest
 
 from cluster.cli import main
-from cluster.sweep import apply, search_space
+from cluster.sweep import search_space
+from cluster.sweep_trial import apply
 from cluster.config import ConfigError, compose_config
 from corpus import make_documents, write_jsonl
 from test_train_loop import SMALL_MODEL

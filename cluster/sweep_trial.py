@@ -1,0 +1,58 @@
+"""A sweep trial's config: the sweep's config with the trial's sampled values (each as the schema takes
+it) and the trial's own run name, run dir and W&B group. Ray- and torch-free, for `sweep --cfg job`."""
+
+import copy
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cluster.config import ConfigError, check_and_derive
+from cluster.config_schema import ElmConfig
+
+
+def apply(cfg: dict, params: dict, typed: bool = True) -> dict:
+    """A copy of cfg with dotted keys set, each value as the schema takes it (typed=False: keys only);
+    unknown keys are an error naming them, values of the wrong type an invalid config."""
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in params.items():
+        *parents, last = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"sweep.space: {dotted} is not a config key")
+        if isinstance(node[last], dict):
+            raise ConfigError(f"sweep.space: {dotted} is a section, not a value; search its keys ({dotted}.<key>)")
+        node[last] = as_the_schema_takes(dotted, value) if typed else value
+    return cfg
+
+
+def as_the_schema_takes(dotted: str, value):
+    """The value through the config schema's type for the key (an integer key refuses 5.8, an enum one a
+    name not among its members), as a command-line override would go: a trial's config is a plain dict."""
+    schema = OmegaConf.structured(ElmConfig)
+    try:
+        OmegaConf.update(schema, dotted, value, merge=False)
+        taken = OmegaConf.select(schema, dotted)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config:\n  {dotted}={value!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(taken, Enum):
+        return taken.name
+    return OmegaConf.to_container(taken) if isinstance(taken, (DictConfig, ListConfig)) else taken
+
+
+def sweep_dir(cfg: dict) -> Path:
+    return Path(cfg["storage_path"], "sweeps", cfg["sweep"]["name"])
+
+
+def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
+    trial = apply(cfg, params)
+    trial["run"]["name"] = trial_name
+    trial["run"]["dir"] = str(sweep_dir(cfg) / trial_name)
+    trial["logger"]["group"] = cfg["sweep"]["name"]  # one W&B run per trial, grouped by the sweep
+    if trial["train"]["global_batch_tokens"]:  # re-derived below, for the trial's own micro-batch
+        trial["train"]["grad_accum_steps"] = None
+    check_and_derive(trial)
+    return trial
