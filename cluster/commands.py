@@ -153,7 +153,7 @@ def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
             f"--average {args.average}: only {len(found)} complete checkpoints in {cfg['run']['dir']}/checkpoints "
             f"({', '.join(p.name for p in found)}): average at most {len(found)}, or keep more while training "
             f"(train.keep_checkpoints={args.average} or more, with train.checkpoint_every set)")
-    return found[-args.average :]
+    return [require_complete(p) for p in found[-args.average :]]
 
 
 def cmd_export(cfg: dict, args) -> None:

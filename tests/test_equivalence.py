@@ -103,11 +103,16 @@ def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "checkpoints", broken / "checkpoints")
     (broken / "checkpoints" / "step_2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    # A TrainingError, so Ray does not retry it: the message names the fix.
+    # A TrainingError, so Ray does not retry it: the message names the fix. The file list its COMPLETE
+    # marker records finds it first; a checkpoint without one (saved before markers had it) fails converting.
+    resume_on_one = cfg_for(tiny_dataset, broken, *overrides, "train.max_steps=4", "train.grad_accum_steps=2", workers=1)
+    with pytest.raises(RankFailed, match=r"TrainingError: checkpoint .*step_2 cannot be read \(zero_pp_rank_1_mp_rank_00"
+                                         r"_optim_states.pt is missing\); to resume from the one before it, remove "):
+        run_ranks(1, train, resume_on_one)
+    (broken / "checkpoints" / "step_2" / "COMPLETE").write_text('{"step": 2}\n')
     with pytest.raises(RankFailed, match=r"TrainingError: converting .*step_2 for another world size failed: no optimizer "
                                          r"partition of rank\(s\) \[1\] .*; to resume from the checkpoint before it, remove "):
-        run_ranks(1, train, cfg_for(tiny_dataset, broken, *overrides, "train.max_steps=4",
-                                    "train.grad_accum_steps=2", workers=1))
+        run_ranks(1, train, resume_on_one)
     assert not (broken / "checkpoints" / "step_2" / "universal").exists()
     resumed = run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=3"))[0]
     assert resumed["resumed_from"] == "step_2"
@@ -185,7 +190,8 @@ def test_a_resumed_run_counts_the_non_finite_steps_before_the_stop(tiny_dataset,
     first = run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.faults.sigterm_at_step=4",
                                         workers=1))[0]
     assert first["stopped_by"] == "SIGTERM" and first["skipped_steps"] == 2
-    with pytest.raises(RankFailed, match=r"training stopped at step 5: 3 steps in a row .* checkpoint is step_4"):
+    with pytest.raises(RankFailed, match=r"training stopped at step 5: 3 steps in a row .*; the newest checkpoint is "
+                                           r"step_4, the one this run resumed from in "):
         run_ranks(1, train, cfg_for(tiny_dataset, tmp_path, *overrides, workers=1))
     # The stop's summary went when training resumed: it no longer describes the run.
     assert not (tmp_path / "summary.json").exists()

@@ -227,7 +227,8 @@ def test_a_run_resumed_with_other_adamw_settings_on_purpose_trains_with_them(tin
 
 
 @pytest.mark.parametrize("damaged_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_dataset, tmp_path, damaged_file):
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_dataset, tmp_path, damaged_file, damage):
     from trainer.errors import TrainingError
 
     cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=damaged", "train.checkpoint_every=2")
@@ -235,12 +236,17 @@ def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_da
     run_dir = Path(cfg["run"]["dir"])
     newest = run_dir / "checkpoints/step_6"
     target = newest / damaged_file
-    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])  # as a full disk or a bad copy leaves it
+    data = target.read_bytes()
+    if damage == "truncated":  # as a full disk or a bad copy leaves it
+        target.write_bytes(data[: len(data) // 3])
+    else:  # as a failing disk leaves it: the same size, a block of other bytes, which torch's reader takes as data
+        target.write_bytes(data[: len(data) // 2] + bytes(4096) + data[len(data) // 2 + 4096 :])
     before = {p: p.read_bytes() for p in (run_dir / "metrics.jsonl", run_dir / "summary.json")}
     longer = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=damaged", "train.checkpoint_every=2",
                        "train.max_steps=8")
-    with pytest.raises(TrainingError, match=f"checkpoint {newest} cannot be read .*; to resume from the one before "
-                                            f"it, remove {newest}/COMPLETE"):
+    change = "has changed since it was saved" if damage == "overwritten" else "bytes, [0-9]+ when saved"
+    with pytest.raises(TrainingError, match=f"checkpoint {newest} cannot be read \\({damaged_file} .*{change}.*\\); to "
+                                            f"resume from the one before it, remove {newest}/COMPLETE"):
         train(longer)
     assert {p: p.read_bytes() for p in before} == before
     (newest / "COMPLETE").unlink()  # the fix the message names

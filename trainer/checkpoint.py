@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint_digests import damage, record_digests
 from trainer.errors import TrainingError, one_line
 
 COMPLETE = "COMPLETE"
@@ -89,8 +90,9 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     before_marking()
     dist.barrier()
+    files = record_digests(root / tag)
     if is_main:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
         (root / "latest.tmp").write_text(tag)
         os.replace(root / "latest.tmp", root / "latest")
         _prune(root, keep)
@@ -123,6 +125,28 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state
 
 
+def _recorded_digests(path: Path) -> dict | None:
+    try:
+        return json.loads((path / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):  # a marker a user made by hand: nothing recorded to check
+        return None
+
+
+def check_intact(path: Path) -> None:
+    """Before resuming: every file as the save recorded it (every rank must call this)."""
+    broken = damage(path, _recorded_digests(path))
+    if broken:
+        raise damaged(path, broken)
+
+
+def unreadable(path: Path, why: str | BaseException) -> ValueError:
+    """A checkpoint given to export, eval or generate that cannot be read."""
+    if isinstance(why, BaseException):
+        why = one_line(why)
+    return ValueError(f"checkpoint {path} cannot be read ({why}): a file in it is damaged or incomplete; "
+                      f"use another checkpoint{complete_ones_beside(path)}")
+
+
 def damaged(path: Path, why: str | BaseException) -> TrainingError:
     """A checkpoint marked complete that cannot be read: retrying would fail alike; the fix is the user's."""
     if isinstance(why, BaseException):
@@ -132,7 +156,8 @@ def damaged(path: Path, why: str | BaseException) -> TrainingError:
 
 
 def require_complete(checkpoint_dir: str | Path) -> Path:
-    """The checkpoint directory, if all ranks finished writing it (a crash mid-save leaves it unmarked)."""
+    """The checkpoint directory, if all ranks finished writing it (a crash mid-save leaves it unmarked)
+    and its files are as they were saved."""
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory{complete_ones_beside(path)}")
@@ -142,6 +167,9 @@ def require_complete(checkpoint_dir: str | Path) -> Path:
                          f"({newest or 'none complete yet'})")
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
+    broken = damage(path, _recorded_digests(path))
+    if broken:
+        raise unreadable(path, broken)
     return path
 
 

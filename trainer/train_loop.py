@@ -19,6 +19,7 @@ from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.tokenizer import find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import (
+    check_intact,
     latest_checkpoint,
     load_checkpoint,
     read_client_state,
@@ -307,6 +308,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     _check_data(model_cfg, manifest, t_cfg["init_from"] if resume is None else None)
     load_from = resume  # or its universal form, on another world size
     if resume is not None:
+        check_intact(resume)
         client = read_client_state(resume)
         _check_resumable(client, resume, model_cfg, cfg, env.world_size)
         check_dataset_unchanged(client, resume, manifest)
@@ -420,10 +422,12 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
             if env.is_main and skipped:
                 print(f"[train] step {step}: non-finite loss or gradient norm, update skipped", flush=True)
             if skipped_in_row >= t_cfg["max_skipped_in_row"]:
-                good = last_saved.name if last_saved else "none (no checkpoint yet)"
+                newest = f"the last good checkpoint is {last_saved.name if last_saved else 'none (no checkpoint yet)'}"
+                if last_saved is not None and last_saved == resume:  # nothing this invocation vouches for
+                    newest = f"the newest checkpoint is {resume.name}, the one this run resumed from"
                 raise NonFiniteTraining(
                     f"training stopped at step {step}: {skipped_in_row} steps in a row had a non-finite loss or "
-                    f"gradient norm; the last good checkpoint is {good} in {ckpt_root}"
+                    f"gradient norm; {newest} in {ckpt_root}"
                 )
             if env.is_main and (step % t_cfg["log_every"] == 0 or step == t_cfg["max_steps"] or "val_loss" in record):
                 elapsed = time.perf_counter() - start

@@ -1,0 +1,64 @@
+"""Each checkpoint file's size and SHA-256, recorded in its COMPLETE marker when saved and checked before
+it is loaded: a file damaged since (a failing disk, a copy cut short, an overwrite) is named as such
+instead of loading as weights that train to NaN, or worse, to something plausible.
+
+Every rank hashes a share of the files (rank r takes every world-th file of rank 0's listing), so a
+large checkpoint on shared storage costs each rank one read of its share, at save and at load.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def _files(checkpoint: Path) -> list[str]:
+    """The files DeepSpeed wrote: the top level of the checkpoint, less our marker (a universal form
+    made later for another world size is a directory, checked by its own marker)."""
+    return sorted(p.name for p in checkpoint.iterdir() if p.is_file() and p.name != "COMPLETE")
+
+
+def _digest(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _my_share(names: list[str]) -> list[str]:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return names[rank::world]
+
+
+def _gathered(part: dict) -> dict:
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def record_digests(checkpoint: Path) -> dict:
+    """{file name: {"bytes", "sha256"}} of the whole checkpoint, on every rank (all must call it)."""
+    names = _files(checkpoint) if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dist.is_initialized():
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    return _gathered({name: _digest(checkpoint / name) for name in _my_share(names)})
+
+
+def damage(checkpoint: Path, recorded: dict | None) -> str | None:
+    """What differs from the digests recorded at save (None: nothing, or none were recorded, as in
+    checkpoints older than this check); the same answer on every rank (all must call it)."""
+    if not recorded:
+        return None
+    found = {}
+    for name in _my_share(sorted(recorded)):
+        path = checkpoint / name
+        if not path.is_file():
+            found[name] = "is missing"
+        elif path.stat().st_size != recorded[name]["bytes"]:
+            found[name] = f"has {path.stat().st_size} bytes, {recorded[name]['bytes']} when saved"
+        elif _digest(path)["sha256"] != recorded[name]["sha256"]:
+            found[name] = "has changed since it was saved (its SHA-256 differs)"
+    found = _gathered(found)
+    return "; ".join(f"{name} {what}" for name, what in sorted(found.items())) or None
