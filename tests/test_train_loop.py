@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,23 @@ def test_a_stopped_run_reports_its_newest_validation_and_when_it_was(tiny_datase
         assert (summary["steps"], summary["final_val_step"]) == (stop_at or 8, newest)
         assert summary["final_val_loss"] == val_at[newest] and read_summary(Path(summary["metrics"]).parent) == summary
     assert sorted(val_at) == [4, 8]
+
+
+def test_a_run_begun_again_from_scratch_keeps_nothing_that_passes_for_its_state(tiny_dataset, tmp_path):
+    from trainer.train_loop import NonFiniteTraining
+
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=again")
+    train(cfg)
+    run_dir = Path(cfg["run"]["dir"])
+    for checkpoint in complete_checkpoints(run_dir / "checkpoints"):  # deleted by hand: the run starts over
+        shutil.rmtree(checkpoint)
+    diverging = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=again", "train.faults.nonfinite_at_steps=[2]",
+                          "train.max_skipped_in_row=1")
+    with pytest.raises(NonFiniteTraining):
+        train(diverging)
+    # Not the first run's summary (finished, 6 steps), nor DeepSpeed's pointer to its deleted last checkpoint.
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints/latest").exists()
+    assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resumed_step(tiny_dataset, tmp_path):

@@ -350,8 +350,10 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
         validation_batches(manifest.root, env.rank, env.world_size, t_cfg["micro_batch_size"], 1, tokenizer_fp)
     metrics = MetricsLogger(run_dir, cfg, enabled=env.is_main, resume_step=start_step)
-    if env.is_main and resume is not None:  # an earlier invocation's (a stop's): it describes the run no longer
+    if env.is_main:  # an earlier invocation's (a stop's, or a run's whose checkpoints are gone): stale now
         Path(run_dir, SUMMARY_NAME).unlink(missing_ok=True)
+        if resume is None:  # DeepSpeed's pointer to the checkpoint its zero_to_fp32.py converts: none is left
+            (ckpt_root / "latest").unlink(missing_ok=True)
     if env.is_main:
         print(_start_line(cfg, num_params, env.world_size, resume), flush=True)
 
