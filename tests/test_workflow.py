@@ -139,6 +139,9 @@ def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, caps
     assert "already finished at step 6" in capsys.readouterr().out
     assert read_summary(root / "outputs/base")["final_loss"] is not None  # the summary stands
     assert len(open(root / "outputs/base/metrics.jsonl").readlines()) == 6
+    # Lowered below where it got to: nothing to train, and the message says the run went past it.
+    assert main(["train", *common, "run.name=base", "train.max_steps=4", "logger=none"]) == 0
+    assert "already finished at step 6, past train.max_steps=4 (" in capsys.readouterr().out
 
 
 def test_a_run_resumes_only_on_the_data_it_trained_on(workspace, capsys):

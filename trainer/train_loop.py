@@ -289,7 +289,8 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
         if is_main:
             write_summary(run_dir, summary)
     if is_main:
-        print(f"[train] {cfg['run']['name']} already finished at step {step} ({checkpoint})", flush=True)
+        past = f", past train.max_steps={cfg['train']['max_steps']}" if step > cfg["train"]["max_steps"] else ""
+        print(f"[train] {cfg['run']['name']} already finished at step {step}{past} ({checkpoint})", flush=True)
     if report is not None:  # e.g. a sweep trial that finished as its sweep was interrupted: Tune needs its metric
         report({"step": step, "loss": summary["final_loss"], "val_loss": summary["final_val_loss"]})
     return summary
