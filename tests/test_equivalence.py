@@ -91,7 +91,10 @@ def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_
         run_ranks(1, train, one_rank)
     with pytest.raises(ValueError, match=batch):  # what `elmforge train` checks before starting Ray
         check_start(one_rank)
-    with pytest.raises(RankFailed, match="step_2 was trained with another model config; use a new run.name"):
+    with pytest.raises(ValueError, match=batch + ": set train.global_batch_tokens=256$"):  # the batch set in tokens
+        check_start(cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "train.global_batch_tokens=128",
+                            workers=1))
+    with pytest.raises(RankFailed, match=r"step_2 was trained with another model config \(layers 2 \(this run: 3\)\); use a new run.name"):
         run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides, "train.max_steps=4", "model.num_layers=3"))
     with pytest.raises(ValueError, match="step_2 was saved under ZeRO-2, this run uses ZeRO-3: keep deepspeed=zero2"):
         check_start(cfg_for(tiny_dataset, tmp_path, *overrides, "deepspeed=zero3"))

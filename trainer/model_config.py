@@ -47,6 +47,19 @@ class OpenELMConfig:
             self.ffn_dim_divisor,
         )
 
+    def architecture_differences(self, other: "OpenELMConfig", label: str, shapes_only: bool = False) -> list[str]:
+        """What of the architecture (shapes_only: of the weights' shapes) `other` has otherwise, as
+        "key theirs (label: ours)"."""
+        keys = {"layers": "num_layers", "model_dim": "model_dim", "head_dim": "head_dim", "vocab_size": "vocab_size"}
+        if not shapes_only:
+            keys.update(max_context_length="max_context_length", rope_theta="rope_theta",
+                        rope_max_length="rope_max_length", norm_eps="norm_eps")
+        found = [f"{key} {getattr(other, attr)} ({label}: {getattr(self, attr)})" for key, attr in keys.items()
+                 if getattr(other, attr) != getattr(self, attr)]
+        if not found and other.layer_plan() != self.layer_plan():
+            found.append(f"per-layer heads or FFN widths ({label} scales its layers otherwise)")
+        return found
+
     def architecture(self) -> tuple:
         """What the weights' shapes and the computation depend on: two configs with the same architecture
         describe one model, whether their layers are listed one by one (a Hugging Face config) or scaled."""

@@ -46,8 +46,16 @@ def check_same_global_batch(saved_cfg: dict, saved_world_size: int, cfg: dict, w
     if theirs != ours:
         t = cfg["train"]
         per_micro_step = world_size * t["micro_batch_size"]
-        hint = (f"train.grad_accum_steps={theirs // per_micro_step}" if theirs % per_micro_step == 0
-                else "train.global_batch_tokens (or micro_batch_size and grad_accum_steps) to match")
+        if t["global_batch_tokens"]:  # grad_accum_steps is derived from it: the batch in tokens is what to set
+            hint = f"train.global_batch_tokens={theirs * cfg['data']['seq_len']}"
+            if theirs % world_size:
+                hint = f"a number of workers that divides its {theirs} samples"
+            elif theirs % per_micro_step:
+                hint += f" with a train.micro_batch_size that divides {theirs // world_size}"
+        elif theirs % per_micro_step == 0:
+            hint = f"train.grad_accum_steps={theirs // per_micro_step}"
+        else:
+            hint = "train.global_batch_tokens (or micro_batch_size and grad_accum_steps) to match"
         ranks = f"{saved_world_size} rank{'s' * (saved_world_size > 1)}"
         raise ValueError(
             f"checkpoint {checkpoint} was trained with {theirs} samples per step ({ranks} x "

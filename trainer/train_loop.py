@@ -56,18 +56,7 @@ def model_config(cfg: dict) -> OpenELMConfig:
 
     path = Path(cfg["train"]["init_from"], "config.json")
     hf = config_from_hf(json.loads(path.read_text()), source=str(path))
-    differences = [
-        f"{key} {theirs} (model={composed.name}: {ours})"
-        for key, theirs, ours in (
-            ("model_dim", hf.model_dim, composed.model_dim),
-            ("head_dim", hf.head_dim, composed.head_dim),
-            ("vocab_size", hf.vocab_size, composed.vocab_size),
-            ("layers", hf.num_layers, composed.num_layers),
-        )
-        if theirs != ours
-    ]
-    if not differences and hf.layer_plan() != composed.layer_plan():
-        differences.append(f"per-layer heads or FFN widths (model={composed.name} scales its layers otherwise)")
+    differences = composed.architecture_differences(hf, f"model={composed.name}", shapes_only=True)
     if differences:
         raise ValueError(
             f"train.init_from: {path} describes another model than model={composed.name}: "
@@ -205,8 +194,11 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
     """Refuse a resume this run cannot make, before DeepSpeed's loader fails on it with a traceback."""
     # Name and activation checkpointing change nothing the checkpoint holds (checkpointing may be turned on to fit);
     # a run started from train.init_from (its layers listed one by one) resumes under the model= it names too.
-    if OpenELMConfig(**state["model"]).architecture() != model_cfg.architecture():
-        raise ValueError(f"checkpoint {checkpoint} was trained with another model config; use a new run.name")
+    saved = OpenELMConfig(**state["model"])
+    if saved.architecture() != model_cfg.architecture():
+        differences = "; ".join(model_cfg.architecture_differences(saved, "this run"))
+        raise ValueError(f"checkpoint {checkpoint} was trained with another model config ({differences}); "
+                         "use a new run.name, or the model it trained")
     saved_stage, stage = state["config"]["deepspeed"]["stage"], cfg["deepspeed"]["stage"]
     if saved_stage != stage:  # DeepSpeed lays out (and names) each stage's files its own way
         raise ValueError(
