@@ -52,13 +52,13 @@ def test_cpu_matmul_peak_is_measured_and_leaves_the_thread_count_alone():
     assert torch.get_num_threads() == threads
 
 
-def test_a_one_thread_cpu_peak_is_not_lowered_by_a_busy_core(tmp_path):
+@pytest.mark.parametrize("cores", [{0}, {0, 1}])
+def test_a_cpu_peak_is_not_lowered_by_a_busy_core(tmp_path, cores):
     # A rank's peak is measured as the run starts, when other ranks and Ray's processes share its cores.
-    import os
     import subprocess
     import sys
 
-    script = ("import os, sys, torch; os.sched_setaffinity(0, {0}); torch.set_num_threads(1)\n"
+    script = (f"import os, sys, torch; os.sched_setaffinity(0, {cores}); torch.set_num_threads({len(cores)})\n"
               "from trainer.flops import device_peak_flops\n"
               "print(max(device_peak_flops(torch.device('cpu')) for _ in range(2)))")
     root = str(Path(__file__).resolve().parent.parent)

@@ -132,13 +132,13 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
     """The peak MFU divides by: the bf16 dense peak of a known GPU (None for a GPU not in PEAK_FLOPS),
-    or on CPU the best square matmul measured here, now (a quick measurement, about a second). With one
-    thread (a Ray Train worker's) it is timed by CPU time: the other ranks and Ray's processes starting
-    on the same cores would otherwise lower it, and MFU read above 100%."""
+    or on CPU the rank's threads times the best square matmul of one thread, measured here, now (about
+    a second) and timed by CPU time: the other ranks and Ray's processes starting on the same cores
+    would otherwise lower it by wall-clock, and MFU read above 100%."""
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-    return cpu_matmul_peak(sizes=(1024,), seconds=1.0, clock=clock)
+    one_thread = cpu_matmul_peak(threads=1, sizes=(1024,), seconds=1.0, clock=time.process_time)
+    return torch.get_num_threads() * one_thread
 
 
 def peak_memory_gb(device: torch.device) -> float:
