@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: ne
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
@@ -201,14 +202,16 @@ def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(exported):
     torch.testing.assert_close(torch.cat(pieces, dim=1)[1], whole[1], atol=1e-5, rtol=1e-5)
 
 
-def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(exported):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(exported, use_cache):
     model, out = exported
     hf = load_export(out)
     short, long = tokens_for(model.cfg, batch=1, seq=4), tokens_for(model.cfg, batch=1, seq=6) + 1
     batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(batch)
     mask[0, :2] = 0
-    generated = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    generated = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            use_cache=use_cache)
     assert torch.equal(generated[0, 2:], greedy_continuation(model, short, 8)[0])
     assert torch.equal(generated[1], greedy_continuation(model, long, 8)[0])
 
@@ -248,6 +251,107 @@ def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradien
     assert len(runs) == 2  # the layer ran again in the backward
     for name, grad in plain.items():
         torch.testing.assert_close(recomputed[name], grad, atol=1e-6, rtol=1e-6)
+
+
+def test_num_items_in_batch_divides_the_summed_loss(exported):
+    # transformers' Trainer passes it under gradient accumulation (the labels counted over the whole step)
+    # and then leaves the division to the model.
+    model, out = exported
+    hf = load_export(out)
+    tokens = tokens_for(model.cfg)
+    labels = tokens.clone()
+    labels[0, :5] = -100
+    summed = F.cross_entropy(logits(model, tokens)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                             reduction="sum")
+    counted = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = hf(tokens, labels=labels).loss
+        for n in (counted, 3 * counted, torch.tensor(3 * counted)):
+            torch.testing.assert_close(hf(tokens, labels=labels, num_items_in_batch=n).loss, summed / n)
+    torch.testing.assert_close(mean, summed / counted)
+
+
+def test_logits_to_keep_with_labels_still_gives_the_loss_of_the_whole_input(exported):
+    model, out = exported
+    hf = load_export(out)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        whole = hf(tokens, labels=tokens)
+        for keep, kept in ((1, [-1]), (torch.tensor([0, 5]), [0, 5])):
+            result = hf(tokens, labels=tokens, logits_to_keep=keep)
+            torch.testing.assert_close(result.loss, whole.loss)
+            torch.testing.assert_close(result.logits, whole.logits[:, kept])
+
+
+def test_hidden_states_are_the_embeddings_and_each_layers_output_and_attentions_are_refused(exported):
+    model, out = exported
+    hf = load_export(out)
+    tokens = tokens_for(model.cfg)
+    outputs = []
+    for layer in model.transformer.layers:
+        layer.register_forward_hook(lambda _module, _input, output: outputs.append(output))
+    ours = logits(model, tokens)
+    with torch.no_grad():
+        # transformers' convention (LlamaModel's): the last one after the final norm
+        expected = [model.transformer.token_embeddings(tokens), *outputs[:-1], model.transformer.norm(outputs[-1])]
+        result = hf(tokens, output_hidden_states=True)
+        assert hf(tokens).hidden_states is None
+        with pytest.raises(ValueError, match="output_attentions=True: OpenELM has no attention weights to return"):
+            hf(tokens, output_attentions=True)
+    assert len(result.hidden_states) == len(expected) == 4
+    for i, (state, wanted) in enumerate(zip(result.hidden_states, expected)):
+        torch.testing.assert_close(state, wanted, atol=1e-5, rtol=1e-5, msg=f"hidden state {i}")
+    torch.testing.assert_close(result.logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sequences_attend_each_within_itself(exported):
+    # As padding-free collators (DataCollatorWithFlattening) give them: one row, position_ids restarting at 0.
+    model, out = exported
+    hf = load_export(out)
+    a, b = tokens_for(model.cfg, batch=1, seq=5), tokens_for(model.cfg, batch=1, seq=8) + 1
+    packed, position_ids = torch.cat([a, b], dim=1), torch.cat([torch.arange(5), torch.arange(8)])[None]
+    with torch.no_grad():
+        result = hf(packed, position_ids=position_ids).logits
+        cache = DynamicCache()
+        hf(a, cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"position_ids restart within the input \(packed sequences\) while the "
+                                             "cache holds 5 tokens"):
+            hf(packed, position_ids=position_ids, cache=cache, use_cache=True)
+    torch.testing.assert_close(result[:, :5], logits(model, a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[:, 5:], logits(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_after_cached_tokens_set_their_distance_in_the_rotary_embedding(exported):
+    # RoPE sees only distances: new tokens placed `gap` positions after the cached prefix attend to it as they
+    # would across `gap` hidden tokens.
+    model, out = exported
+    hf = load_export(out)
+    tokens, gap = tokens_for(model.cfg, seq=7), 5
+    prefix, new = tokens[:, :4], tokens[:, 4:]
+
+    def after_the_prefix(**kwargs) -> torch.Tensor:
+        cache = DynamicCache()
+        hf(prefix, cache=cache, use_cache=True)
+        return hf(new, cache=cache, use_cache=True, **kwargs).logits
+
+    spaced = torch.cat([prefix, torch.zeros(2, gap, dtype=torch.long), new], dim=1)
+    mask = torch.ones_like(spaced)
+    mask[:, 4:4 + gap] = 0
+    with torch.no_grad():
+        shifted = after_the_prefix(position_ids=torch.arange(4 + gap, 7 + gap)[None])
+        whole = hf(spaced, attention_mask=mask, position_ids=torch.arange(7 + gap)[None], use_cache=False).logits
+        counted = after_the_prefix()
+    torch.testing.assert_close(shifted, whole[:, 4 + gap:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shifted, counted, atol=1e-3)
+
+
+def test_loading_with_attn_implementation_sdpa_gives_the_same_logits(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation="sdpa").eval()
+    assert hf.config._attn_implementation == "sdpa"
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, logits(model, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
