@@ -251,12 +251,27 @@ def cmd_eval(cfg: dict, args) -> None:
         elif not _data_dir_named(args) and not Path(data_dir, MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"no prepared dataset at {data_dir} (the default data.dir) to score {args.path} "
                                     "on: name one with data.dir=, or score files with --text")
-        fingerprint = tokenizer.fingerprint if tokenizer else None
-        batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, fingerprint)
+        if tokenizer is not None:
+            _require_data_of(tokenizer, data_dir, args)
+        batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches)
         where = f"{data_dir} (val split)"
     r = evaluate_loss(model.to(_device(cfg)), batches, _device(cfg))
     print(f"[eval] {args.path} on {where}: loss {r['ce_loss']:.4f} | perplexity {r['perplexity']:.2f} | "
           f"{r['tokens']:,} tokens")
+
+
+def _require_data_of(tokenizer, data_dir: str, args) -> None:
+    """The val split to score was tokenized by the model's tokenizer (or one with its ids)."""
+    from data_pipelines.manifest import read_manifest
+    from data_pipelines.tokenizer import load_tokenizer
+
+    manifest = read_manifest(data_dir)
+    if not tokenizer.same_ids_as(load_tokenizer(manifest.tokenizer_path)):
+        whose = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {args.path}"
+        raise ValueError(
+            f"{whose} ({tokenizer.fingerprint[:12]}) is not the one {manifest.root} was tokenized with "
+            f"({manifest.data['tokenizer']['fingerprint'][:12]}): score on data prepared with it (data.dir=), "
+            "or score text files with --text")
 
 
 def cmd_generate(cfg: dict, args) -> None:

@@ -88,6 +88,10 @@ class TextTokenizer:
             return self.impl.get_vocab(with_added_tokens=True)
         return {self.impl.id_to_piece(i): i for i in range(self.impl.get_piece_size())}
 
+    def same_ids_as(self, other: "TextTokenizer") -> bool:
+        """One file, or the same vocabulary saved otherwise (re-saved by transformers, say)."""
+        return self.fingerprint == other.fingerprint or self.vocabulary() == other.vocabulary()
+
     @property
     def file_name(self) -> str:
         return FILE_NAMES[self.kind]

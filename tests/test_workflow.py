@@ -255,6 +255,18 @@ def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, 
     assert "no tokenizer beside the model" in capsys.readouterr().err
     assert main(["eval", str(bare), *common, f"data.dir={data_dir}", "--max-batches=1"]) == 0
     assert f"on {data_dir} (val split)" in capsys.readouterr().out
+    # A tokenizer saved otherwise (as transformers re-saves it) gives the same ids: accepted; other ids are not.
+    saved = json.loads((root / "hf_tok/tokenizer.json").read_text())
+    (root / "resaved.json").write_text(json.dumps(saved, indent=1))
+    vocab = saved["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (root / "other_ids.json").write_text(json.dumps(saved))
+    scored = ["eval", str(bare), *common, f"data.dir={data_dir}", "--max-batches=1", "--tokenizer"]
+    assert main([*scored, str(root / "resaved.json")]) == 0
+    assert main([*scored, str(root / "other_ids.json")]) == 1
+    assert (f"--tokenizer {root / 'other_ids.json'} (") in (err := capsys.readouterr().err), err
+    assert f"is not the one {data_dir} was tokenized with (" in err and "score on data prepared with it" in err
     # --cfg job needs no prompt.
     assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
     assert "run:" in capsys.readouterr().out

@@ -79,9 +79,7 @@ def _check_data(model_cfg: OpenELMConfig, manifest, init_from: str | None) -> No
     if theirs is None:
         return
     model_tokenizer, data_fp = load_tokenizer(theirs), manifest.data["tokenizer"]["fingerprint"]
-    if model_tokenizer.fingerprint != data_fp and (
-        model_tokenizer.vocabulary() != load_tokenizer(manifest.tokenizer_path).vocabulary()
-    ):
+    if not model_tokenizer.same_ids_as(load_tokenizer(manifest.tokenizer_path)):
         raise ValueError(
             f"train.init_from: the model's tokenizer {theirs} ({model_tokenizer.fingerprint[:12]}) is not the one "
             f"{manifest.root} was prepared with ({data_fp[:12]}): prepare the data with "
