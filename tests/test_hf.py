@@ -15,6 +15,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from cluster.config import compose_config  # noqa: E402
+from data_pipelines.tokenizer import load_tokenizer  # noqa: E402
 from test_model import released, small_config  # noqa: E402
 from test_train_loop import SMALL_MODEL  # noqa: E402
 from trainer.hf import (  # noqa: E402
@@ -356,11 +357,17 @@ def test_loading_with_attn_implementation_sdpa_gives_the_same_logits(exported):
 
 def test_tokenizer_is_exported_for_autotokenizer(tiny_dataset, tmp_path):
     out = save_hf_checkpoint(random_model(small_config(vocab_size=300)), tmp_path / "hf", tokenizer_dir=tiny_dataset)
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     text = "select the row from the table"
     raw = Tokenizer.from_file(str(tiny_dataset / "tokenizer.json"))
-    assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
+    ids = raw.encode(text, add_special_tokens=False).ids
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok(text)["input_ids"] == [1, *ids]  # <s> first, once, as training framed documents
+    assert tok([text, "the table"])["input_ids"][1] == [1, *raw.encode("the table", add_special_tokens=False).ids]
+    # elmforge itself encodes without special tokens: the exported file tokenizes data as the original does.
+    exported, original = load_tokenizer(out / "tokenizer.json"), load_tokenizer(tiny_dataset / "tokenizer.json")
+    assert exported.encode_batch([text]) == [ids] and exported.same_ids_as(original)
 
 
 def test_a_sentencepiece_tokenizer_is_exported_to_frame_text_with_bos_as_in_training(tmp_path):

@@ -242,6 +242,23 @@ def load_hf_checkpoint(path: str | Path) -> OpenELM:
 # ---------------------------------------------------------------------------- tokenizer
 
 
+def _save_framing_with_bos(source: Path, copy: Path) -> None:
+    """The tokenizer.json with a post-processor that puts <s> first, as training framed every document:
+    transformers' tokenizer(text) then gives the model what it expects, as LLaMA's does (transformers 5
+    drops an add_bos_token setting beside a tokenizer.json). The ids of the text itself are unchanged,
+    and elmforge encodes without special tokens, so the file still tokenizes data alike."""
+    from tokenizers import Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(source))
+    bos = tokenizer.token_to_id(BOS)
+    if bos is None:  # not one of ours: prepare requires <s>
+        shutil.copyfile(source, copy)
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
+    tokenizer.save(str(copy))
+
+
 def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) -> tuple[int, int]:
     """The tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model such as LLaMA's) plus the
     small files AutoTokenizer needs to load it offline; returns its (BOS, EOS) ids."""
@@ -253,7 +270,10 @@ def save_tokenizer(tokenizer_dir: str | Path, out: str | Path, max_length: int) 
     out = Path(out)
     sentencepiece = source.suffix == ".model"
     copy = out / ("tokenizer.model" if sentencepiece else "tokenizer.json")
-    shutil.copyfile(source, copy)
+    if sentencepiece:
+        shutil.copyfile(source, copy)
+    else:
+        _save_framing_with_bos(source, copy)
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     tokenizer_class = "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast"
     tokenizer_config = {"tokenizer_class": tokenizer_class, "model_max_length": max_length, **special}
