@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from data_pipelines.swap_dir import real_destination, swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
-from trainer.checkpoint import complete_ones_beside
-from trainer.errors import one_line
+from trainer.checkpoint import unreadable
 from trainer.layer_scaling import LayerPlan, make_divisible
 from trainer.model import OpenELM, OpenELMConfig, build_model
 from trainer.optim import decayed
@@ -295,8 +294,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     try:
         return _consolidated(checkpoint_dir)
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as e:  # a truncated or damaged file
-        raise ValueError(f"checkpoint {checkpoint_dir} cannot be read ({one_line(e)}): a file in it is damaged or "
-                         f"incomplete; use another checkpoint{complete_ones_beside(checkpoint_dir)}") from e
+        raise unreadable(checkpoint_dir, e) from e
 
 
 def _consolidated(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
