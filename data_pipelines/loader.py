@@ -8,10 +8,12 @@ DataLoader worker w of K makes batches w, w+K, ... so the order never depends
 on K. The whole state is the stream offset, reported as (epoch, position).
 """
 
+import atexit
 import io
 import os
 import signal
 import tarfile
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -156,9 +158,26 @@ class RankBatches(IterableDataset):
 def _stopping_is_the_trainers(_worker_id: int) -> None:
     """A loader worker ignores SIGTERM and SIGINT: sent to the whole process group (by `timeout`, systemd,
     Slurm at a time limit), they would kill it, and torch would then fail the training step; the training
-    process turns them into a checkpoint and a stop, and its workers end with it."""
+    process turns them into a checkpoint and a stop, and its workers end with it (TokenLoader.close)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _close_if_alive(loader: "weakref.ref[TokenLoader]") -> None:
+    if (alive := loader()) is not None:
+        alive.close()
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """An error in a worker process reaches the trainer as "Caught ValueError in DataLoader worker process 0.
+    Original Traceback ...": the original's one line (a damaged shard's name and fix) is what to say."""
+    text, marker = str(error), f"\n{type(error).__name__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return error
+    try:
+        return type(error)(text.rsplit(marker, 1)[1].strip())
+    except Exception:  # noqa: BLE001 - a type that takes other arguments: keep torch's
+        return error
 
 
 class TokenLoader:
@@ -180,6 +199,16 @@ class TokenLoader:
         self.num_workers = num_workers
         self.consumed = 0  # samples this rank has yielded, across epochs
         self._iter = None
+        if num_workers:
+            # multiprocessing's own stop at interpreter exit (SIGTERM, then wait) would wait forever for
+            # workers that ignore SIGTERM: a loader still open then (an error on its way out) stops first.
+            atexit.register(_close_if_alive, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the worker processes (torch's shutdown: they finish and exit; no signal needed)."""
+        iterator, self._iter = self._iter, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     @property
     def seq_len(self) -> int:
@@ -196,7 +225,10 @@ class TokenLoader:
                 worker_init_fn=_stopping_is_the_trainers,
             )
             self._iter = iter(loader)
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+        except Exception as e:  # noqa: BLE001 - re-raised as it is, less torch's wrapping
+            raise _unwrapped(e) from None
         self.consumed += batch.shape[0]
         return batch
 
@@ -218,4 +250,4 @@ class TokenLoader:
                 )
             position = read // world_size
         self.consumed = epoch * self.dataset.per_rank + position
-        self._iter = None
+        self.close()

@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,15 +142,37 @@ def test_truncated_shard_is_named(tiny_dataset, tmp_path):
         _first_batch(copy)
 
 
-def test_checksum_mismatch_is_named(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_checksum_mismatch_is_named(tiny_dataset, tmp_path, workers):
+    import multiprocessing
+
     copy = _copy(tiny_dataset, tmp_path)
     shard = copy / "train/shard-000000.tar"
     data = bytearray(shard.read_bytes())
     data[700] ^= 0x01  # inside the first sample's data: same size, different bytes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"shard-000000.tar does not match its checksum in the manifest: rebuild the dataset with the same data "
-                                         r"settings and prepare.force=true"):
-        _first_batch(copy)
+    loader = TokenLoader(copy, "train", 0, 1, batch_size=1, seed=0, shuffle=False, num_workers=workers)
+    # Found in a worker process, the error reads as it does in this one: torch's wrapping left out.
+    with pytest.raises(ValueError, match=r"^shard /.*shard-000000.tar does not match its checksum in the manifest: rebuild the "
+                                         r"dataset with the same data settings and prepare.force=true$"):
+        next(loader)
+    loader.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_an_open_loader_with_workers_lets_the_process_exit(tiny_dataset):
+    # Its workers ignore SIGTERM (a process group's, from `timeout` or Slurm, is the trainer's to handle), so
+    # multiprocessing's SIGTERM-and-wait at exit would wait forever: a loader left open (say, held by the
+    # traceback of an error on its way out) stops its workers first.
+    import subprocess
+    import sys
+
+    script = ("from data_pipelines.loader import TokenLoader\n"
+              f"loader = TokenLoader({str(tiny_dataset)!r}, 'train', 0, 1, batch_size=2, seed=0, num_workers=1)\n"
+              "next(loader)\nprint('read', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and done.stdout == "read\n", done.stderr
 
 
 def test_tokenizer_mismatch_is_named(tiny_dataset, tmp_path):

@@ -209,6 +209,21 @@ def test_a_run_begun_again_from_scratch_keeps_nothing_that_passes_for_its_state(
     assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_damaged_shard_stops_the_run_with_its_name_and_its_loader_worker(tiny_dataset, tmp_path):
+    import multiprocessing
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for shard in (data / "train").glob("*.tar"):
+        raw = bytearray(shard.read_bytes())
+        raw[700] ^= 0x01
+        shard.write_bytes(bytes(raw))
+    cfg = small_cfg(data, tmp_path, "logger=none", "train.loader_workers=1")
+    with pytest.raises(ValueError, match=r"^shard .*shard-\d+.tar does not match its checksum in the manifest"):
+        train(cfg)
+    assert multiprocessing.active_children() == []  # else the process would hang at exit (test_loader.py)
+
+
 def test_a_run_extended_on_purpose_follows_its_new_schedule_from_the_first_resumed_step(tiny_dataset, tmp_path):
     from trainer.optim import warmup_cosine_lr
 

@@ -440,6 +440,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         metrics.summary({"final_loss": losses[-1]} if losses else {})
     finally:
         collector.stop()
+        loader.close()
         preemption.close()
         metrics.close()
 
