@@ -232,7 +232,7 @@ def validate(cfg: dict) -> None:
     need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
     need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
     need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")
-    for key in ("loader_workers", "gc_every"):
+    for key in ("loader_workers", "gc_every", "seed"):
         need(t[key] >= 0, f"train.{key}={t[key]}", "must be 0 or more")
     z = cfg["deepspeed"]
     need(z["stage"] in (0, 1, 2, 3), f"deepspeed.stage={z['stage']}", "must be 0, 1, 2 or 3")

@@ -82,6 +82,7 @@ def test_every_model_composes(model):
         (["train.max_steps=8"],  # the default warmup (10) is longer than this run
          "train.warmup_steps=10: must be in [0, train.max_steps=8]: set it within (e.g. train.warmup_steps=2)"),
         (["train.gc_every=-1"], "train.gc_every=-1: must be 0 or more"),
+        (["train.seed=-1"], "train.seed=-1: must be 0 or more"),
         (["data.filters.min_chars=-3"], "data.filters.min_chars=-3: must be 0 or more"),
         (["cluster.num_workers=0"], "cluster.num_workers=0"),
         (["deepspeed.stage=5"], "deepspeed.stage=5"),
