@@ -23,19 +23,20 @@ def check_tokenizer(manifest: Manifest, expected_fingerprint: str | None = None)
 
 
 def verify_dataset(root: str | Path) -> int:
-    """Raises ValueError naming the first bad shard; returns the number of shards checked."""
+    """Raises ValueError naming every bad shard; returns the number of shards checked."""
     manifest = read_manifest(root)
     shards = [s for split in manifest.data["splits"] for s in manifest.shards(split)]
-    progress = Progress("verify")
+    progress, bad = Progress("verify"), []
     for i, shard in enumerate(shards, 1):
         path = manifest.root / shard.name
         if not path.is_file():
-            raise ValueError(f"shard {path} listed in the manifest is missing: {REBUILD_FIX}")
-        actual = sha256_file(path)
-        if actual != shard.sha256:
-            raise ValueError(f"shard {path} is corrupt: sha256 {actual[:16]}..., manifest says {shard.sha256[:16]}...: "
-                             f"{REBUILD_FIX}")
+            bad.append(f"shard {path} listed in the manifest is missing")
+        elif (actual := sha256_file(path)) != shard.sha256:
+            bad.append(f"shard {path} is corrupt: sha256 {actual[:16]}..., manifest says {shard.sha256[:16]}...")
         progress.update({"shards": i}, done_fraction=i / len(shards))
+    if bad:
+        more = f" ({len(bad)} of {len(shards)} shards)" if len(bad) > 1 else ""
+        raise ValueError("; ".join(bad) + f"{more}: {REBUILD_FIX}")
     try:
         check_tokenizer(manifest)  # as a run's loader will
     except FileNotFoundError as e:

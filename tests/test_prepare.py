@@ -273,7 +273,13 @@ def test_verify_accepts_a_good_dataset_and_names_a_corrupt_shard(tmp_path, tiny_
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt: .*: rebuild the dataset with the same data settings and prepare.force=true"):
         verify_dataset(copy)
+    (copy / "train/shard-000004.tar").unlink()  # every bad shard is named, not only the first
+    total = len(read_manifest(copy).shards("train")) + len(read_manifest(copy).shards("val"))
+    with pytest.raises(ValueError, match=r"shard-000002.tar is corrupt: .*; shard .*shard-000004.tar listed in the "
+                                         rf"manifest is missing \(2 of {total} shards\): rebuild the dataset"):
+        verify_dataset(copy)
     shutil.copy(tiny_dataset / "train/shard-000002.tar", shard)
+    shutil.copy(tiny_dataset / "train/shard-000004.tar", copy / "train/shard-000004.tar")
     with open(copy / "tokenizer.json", "a") as f:  # a tokenizer the shards were not made with, refused at train
         f.write(" ")
     with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json does not match the fingerprint"):
