@@ -18,7 +18,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedErr
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.config import accumulation_for, elastic_note
-from cluster.ray_runtime import capacity_note, connect
+from cluster.ray_runtime import CONTROLLER_RETRIES, capacity_note, connect
 from trainer import host_memory
 from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
@@ -91,8 +91,8 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
     return RunConfig(
         name=cfg["run"]["name"],
         storage_path=os.path.join(cfg["run"]["dir"], "ray"),
-        # A controller that cannot start its workers retries a few times, not forever.
-        failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"], controller_failure_limit=3),
+        failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"],
+                                     controller_failure_limit=CONTROLLER_RETRIES),
         callbacks=callbacks,
         # glibc reads these at the worker's start; the loop's thread has its own heap by train().
         worker_runtime_env={"env_vars": host_memory.worker_env()},

@@ -32,6 +32,11 @@ WORKER_ENV = {
 }
 
 
+# A Ray Train controller that cannot start its worker group (too few CPUs or GPUs for the start
+# timeout above) retries this many times, not forever; an autoscaling cluster adds nodes meanwhile.
+CONTROLLER_RETRIES = 3
+
+
 # An embedded Ray is one node that ends with the run, so it leaves out what only a lasting cluster
 # uses: Python workers prestarted for jobs to come (this job's actors cannot use them: they lack its
 # runtime_env), Ray Train's watcher for nodes being drained, and, without a dashboard to show them,
@@ -130,9 +135,10 @@ def capacity_note(cluster: dict, resources: dict) -> str | None:
     short = [f"{need[k]:g} {k}s (it has {resources.get(k, 0):g})" for k in need if resources.get(k, 0) < need[k]]
     if not short:
         return None
-    wait = WORKER_ENV["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]
-    return (f"[elmforge] {workers} worker(s) need {' and '.join(short)}: Ray Train waits up to {wait} s for them (an "
-            "autoscaling cluster adds nodes meanwhile), then fails; lower cluster.num_workers to start now")
+    wait, tries = int(WORKER_ENV["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]), CONTROLLER_RETRIES + 1
+    return (f"[elmforge] {workers} worker(s) need {' and '.join(short)}: Ray Train waits up to {wait} s for them, "
+            f"{tries} times ({wait * tries // 60} minutes; an autoscaling cluster adds nodes meanwhile), then fails; "
+            "lower cluster.num_workers to start now")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -122,6 +122,10 @@ def explain(e: Exception, address: str) -> str:
         source = " (from RAY_AUTH_TOKEN)" if os.environ.get("RAY_AUTH_TOKEN") else ""
         return f"{address} refused the authentication token{source}: {TOKEN_HELP}"
     failure = http_failure(e)
+    if failure and failure[0] == 413:  # the upload of the working directory, zipped, over the server's limit
+        return (f"the Ray Jobs API at {address} refused the working directory's upload as too large (HTTP 413: "
+                f"{failure[1].rstrip('.')}): leave out what the job does not need with submit.excludes (data, "
+                "outputs or checkpoints inside the repository, say), or submit from a smaller checkout")
     if failure:
         return f"the Ray Jobs API at {address} rejected the request (HTTP {failure[0]}): {failure[1]}"
     return (f"cannot reach the Ray Jobs API at {address} ({_no_answer_reason(e)}): is the cluster up, and is this "

@@ -14,6 +14,9 @@ trial resumes its training from its newest checkpoint.
 import csv
 import json
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -94,7 +97,12 @@ def check_space(cfg: dict) -> None:
                                   "choice (e.g. {type:choice,values:[2,4,8]})") from None
         for value in spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"]):
             try:
-                trial_config(cfg, {key: value}, "check")
+                trial = trial_config(cfg, {key: value}, "check")
+                if cfg["cluster"]["address"] is None:  # one that could never start would keep the sweep waiting
+                    try:
+                        require_embedded_cpus(trial["cluster"], cfg["sweep"]["trial_cpus"])
+                    except ValueError as e:
+                        raise ConfigError(str(e)) from None
             except ConfigError as e:
                 problems = str(e).removeprefix("invalid config:").strip().replace("\n  ", "; ")
                 raise ConfigError(f"sweep.space.{key}: a trial with {key}={value} would fail: {problems}; "
@@ -182,13 +190,28 @@ def check_restorable(cfg: dict, out: Path) -> None:
         )
 
 
+@contextmanager
+def _sigterm_as_ctrl_c():
+    """Tune ends a sweep in order (trials stopped, its state saved for a resume) on Ctrl-C only: SIGTERM
+    (`elmforge jobs stop`, `ray job stop`, a node preempted) would kill it mid-step, leaving a worker
+    group's placement group behind at times. While it lasts, SIGTERM is Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> list[dict]:
     """The sweep's config is checked first, then Ray starts, then `prepare_data` runs (on that Ray)."""
     s = cfg["sweep"]
     check_schedule(cfg)
-    check_space(cfg)
     if cfg["cluster"]["address"] is None:  # a trial that could never start would keep the sweep waiting
         require_embedded_cpus(cfg["cluster"], s["trial_cpus"])
+    check_space(cfg)  # each value a trial can draw too
     out = sweep_dir(cfg)
     experiment = out / "tune"
     restoring = resumable(out)
@@ -208,7 +231,8 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
         write_json(out / CONFIG_NAME, cfg)
         tuner = _new_tuner(cfg, trainable, out)
     try:
-        grid = tuner.fit()
+        with _sigterm_as_ctrl_c():
+            grid = tuner.fit()
     except TuneError as e:
         raise TrainingError(f"sweep {s['name']} failed: {one_line(e)}") from e
     # Tune marks the trials it ends on Ctrl-C (or SIGTERM) terminated too: a finished trial wrote its summary.

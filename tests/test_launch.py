@@ -104,8 +104,8 @@ def test_a_joined_cluster_short_of_what_the_group_asks_is_named_before_ray_train
 
     cluster = compose_config(["cluster.address=auto", "cluster.num_workers=6", "cluster.use_gpu=true"])["cluster"]
     assert capacity_note(cluster, {"CPU": 4.0, "GPU": 8.0}) == (
-        "[elmforge] 6 worker(s) need 6 CPUs (it has 4): Ray Train waits up to 300 s for them (an autoscaling cluster "
-        "adds nodes meanwhile), then fails; lower cluster.num_workers to start now")
+        "[elmforge] 6 worker(s) need 6 CPUs (it has 4): Ray Train waits up to 300 s for them, 4 times (20 minutes; an "
+        "autoscaling cluster adds nodes meanwhile), then fails; lower cluster.num_workers to start now")
     assert "need 6 CPUs (it has 0) and 6 GPUs (it has 2)" in capacity_note(cluster, {"GPU": 2.0})
     assert capacity_note(cluster, {"CPU": 6.0, "GPU": 6.0}) is None
     elastic = {**cluster, "min_workers": 2}  # the group starts with its floor

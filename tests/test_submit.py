@@ -253,6 +253,16 @@ def test_a_cluster_that_does_not_answer_is_one_line_with_the_fix(capsys):
     assert submit.explain(raised.value, CLOSED) == expected
 
 
+def test_a_working_directory_too_large_to_upload_names_submit_excludes():
+    # The text of the SDK's error for the server's 413 (aiohttp's limit on the zipped working directory).
+    error = RuntimeError("Request failed with status code 413: Maximum request body size 104857600 exceeded, "
+                         "actual body size 362051584.")
+    message = submit.explain(error, CLOSED)
+    assert message.startswith(f"the Ray Jobs API at {CLOSED} refused the working directory's upload as too large "
+                              "(HTTP 413: Maximum request body size 104857600 exceeded, actual body size 362051584): ")
+    assert "submit.excludes" in message and ".." not in message
+
+
 @pytest.mark.parametrize("env, address, message", [
     ({"RAY_ADDRESS": "127.0.0.1:{port}"}, "auto", "cluster.address=auto: no Ray cluster answers at "),
     ({"RAY_ADDRESS": "http://127.0.0.1:8265"}, "auto",

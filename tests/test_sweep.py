@@ -91,6 +91,13 @@ def test_a_trial_the_embedded_ray_cannot_hold_is_refused_before_ray_starts(tmp_p
     assert ("elmforge sweep: cluster.num_workers=4 workers of cluster.cpus_per_worker=1 plus sweep.trial_cpus=0.1 for "
             "the trial need 4.1 CPUs, more than the embedded Ray's cluster.num_cpus=4") in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
+    # So is one a trial could draw.
+    space = "sweep.space={cluster.num_workers:{type:choice,values:[1,8]}}"
+    assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", space]) == 2
+    assert ("sweep.space.cluster.num_workers: a trial with cluster.num_workers=8 would fail: cluster.num_workers=8 "
+            "workers of cluster.cpus_per_worker=1 plus sweep.trial_cpus=0.1 for the trial need 8.1 CPUs") \
+        in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
 
 
 TWO_TRIALS_REPORT = """
@@ -281,10 +288,10 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen = []
-    for line in proc.stdout:  # Ctrl+C once the first trial has finished and the second has started
-        seen.append(line)
+    for line in proc.stdout:  # once the first trial has finished and the second has started: SIGTERM (as
+        seen.append(line)     # `jobs stop` sends it), which ends a sweep as Ctrl-C does
         if "_00001 started" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
     first_out = "".join(seen) + rest
