@@ -293,7 +293,11 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
             pos = file.tell()
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
-    text, replaced = _decode(raw, first=True)
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows calls "Unicode" text
+        text = raw.decode("utf-16", errors="replace")
+        replaced = text.count("\ufffd")
+    else:
+        text, replaced = _decode(raw, first=True)
     yield Record(text, f"{path}:1", replaced, pos=pos)
 
 
