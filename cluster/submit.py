@@ -184,7 +184,7 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     """Submit the training job; returns (job id, dashboard URL of the job)."""
     submit_cfg = cfg["submit"]
     jobs = client(submit_cfg)
-    _refuse_a_second_writer(jobs, cfg["run"]["name"], resolve_address(submit_cfg))
+    _refuse_a_second_writer(jobs, cfg["run"], resolve_address(submit_cfg))
     job_id = new_job_id(cfg["run"]["name"])
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
@@ -197,7 +197,7 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
                     submission_id=job_id,
                     runtime_env=runtime_env(submit_cfg, job_paths(cfg)),
                     entrypoint_num_cpus=submit_cfg["entrypoint_num_cpus"],
-                    metadata={"run_name": cfg["run"]["name"]},
+                    metadata={"run_name": cfg["run"]["name"], "run_dir": cfg["run"]["dir"]},
                 )
             break
         except Exception as e:
@@ -209,17 +209,20 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
 
 
-def _refuse_a_second_writer(jobs, run_name: str, address: str) -> None:
-    """One job per run: two would write the same run.dir (checkpoints, metrics) and corrupt each other's."""
+def _refuse_a_second_writer(jobs, run: dict, address: str) -> None:
+    """One job per run: two would write the same run.dir (checkpoints, metrics) and corrupt each other's
+    (a job submitted before jobs recorded their run.dir is told by its run.name)."""
     try:
         found = jobs.list_jobs()
     except (RuntimeError, OSError) as e:  # the SDK's errors, as elsewhere here
         raise SubmitError(explain(e, address)) from None
     for job in found:
         status = str(job.status.value)
-        if (job.metadata or {}).get("run_name") == run_name and status not in TERMINAL:
+        meta = job.metadata or {}
+        same = meta["run_dir"] == run["dir"] if "run_dir" in meta else meta.get("run_name") == run["name"]
+        if same and status not in TERMINAL:
             raise SubmitError(
-                f"run.name={run_name} is being trained by job {job.submission_id} ({status}): a second job would "
+                f"run.name={run['name']} is being trained by job {job.submission_id} ({status}): a second job would "
                 f"write the same run.dir; wait for it, stop it (elmforge jobs stop {job.submission_id}), "
                 "or choose another run.name"
             )

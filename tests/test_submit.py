@@ -116,6 +116,9 @@ def test_a_running_job_is_followed_then_stopped(as_user, tmp_path, capsys):
     # A second job for the same run would write the same run.dir: refused while the first runs.
     assert main(["submit", *overrides]) == 1
     assert f"run.name=long is being trained by job {job_id} (RUNNING)" in capsys.readouterr().err
+    # The same run.name under another storage_path is another run.dir: not refused.
+    other = {"name": "long", "dir": str(tmp_path / "elsewhere/outputs/long")}
+    assert submit._refuse_a_second_writer(jobs, other, as_user.address) is None
     assert main(["jobs", "stop", job_id, address]) == 0
     assert f"{job_id}: stop requested" in capsys.readouterr().out
     assert main(["jobs", "logs", job_id, "--follow", address]) == 1  # returns once the job has ended: STOPPED
