@@ -288,9 +288,12 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen = []
-    for line in proc.stdout:  # once the first trial has finished and the second has started: SIGTERM (as
-        seen.append(line)     # `jobs stop` sends it), which ends a sweep as Ctrl-C does
-        if "_00001 started" in line:
+    # Once the first trial has finished: SIGTERM (as `jobs stop` sends it), which ends a sweep as Ctrl-C does.
+    # The second trial's worker group takes seconds to start: on a busy machine a signal sent when it had
+    # started could reach Tune only after its six steps.
+    for line in proc.stdout:
+        seen.append(line)
+        if "_00000 completed" in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
