@@ -203,17 +203,18 @@ def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(exported):
     torch.testing.assert_close(torch.cat(pieces, dim=1)[1], whole[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(exported, use_cache):
+# Prefilled in chunks of 2, the 3 pads end inside the second chunk, with the cache holding 2 of them.
+@pytest.mark.parametrize("options", [{"use_cache": True}, {"use_cache": False},
+                                     {"use_cache": True, "prefill_chunk_size": 2}])
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(exported, options):
     model, out = exported
     hf = load_export(out)
-    short, long = tokens_for(model.cfg, batch=1, seq=4), tokens_for(model.cfg, batch=1, seq=6) + 1
-    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1), long])
+    short, long = tokens_for(model.cfg, batch=1, seq=3), tokens_for(model.cfg, batch=1, seq=6) + 1
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(batch)
-    mask[0, :2] = 0
-    generated = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                            use_cache=use_cache)
-    assert torch.equal(generated[0, 2:], greedy_continuation(model, short, 8)[0])
+    mask[0, :3] = 0
+    generated = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, **options)
+    assert torch.equal(generated[0, 3:], greedy_continuation(model, short, 8)[0])
     assert torch.equal(generated[1], greedy_continuation(model, long, 8)[0])
 
 

@@ -141,6 +141,9 @@ def positions_and_mask(
             raise ValueError(f"position_ids cover {position_ids.shape[-1]} positions; the input has {s}")
         positions = position_ids.to(device).expand(b, s)
         starts = positions[:, 1:] != positions[:, :-1] + 1
+        if padded:  # a pad's position is any number (generate gives pads 1): only real neighbours start one
+            new = keep[:, past:]
+            starts = starts & new[:, 1:] & new[:, :-1]
         if bool(starts.any()):
             if past:  # which cached tokens belong to which sequence is not known
                 raise ValueError(f"position_ids restart within the input (packed sequences) while the cache holds "
