@@ -222,9 +222,9 @@ def _refuse_a_second_writer(jobs, run: dict, address: str) -> None:
         same = meta["run_dir"] == run["dir"] if "run_dir" in meta else meta.get("run_name") == run["name"]
         if same and status not in TERMINAL:
             raise SubmitError(
-                f"run.name={run['name']} is being trained by job {job.submission_id} ({status}): a second job would "
-                f"write the same run.dir; wait for it, stop it (elmforge jobs stop {job.submission_id}), "
-                "or choose another run.name"
+                f"run.name={meta.get('run_name', run['name'])} is being trained by job {job.submission_id} ({status}) "
+                f"in {meta.get('run_dir', 'the same run.dir')}: a second job would write the same run.dir; wait for it, "
+                f"stop it (elmforge jobs stop {job.submission_id}), or choose another run.name (or run.dir)"
             )
 
 

@@ -192,13 +192,14 @@ def check_restorable(cfg: dict, out: Path) -> None:
 
 @contextmanager
 def _sigterm_as_ctrl_c():
-    """Tune ends a sweep in order (trials stopped, its state saved for a resume) on Ctrl-C only: SIGTERM
-    (`elmforge jobs stop`, `ray job stop`, a node preempted) would kill it mid-step, leaving a worker
-    group's placement group behind at times. While it lasts, SIGTERM is Ctrl-C."""
+    """Tune ends a sweep in order (trials stopped, its state saved for a resume) on Ctrl-C or SIGUSR1 only:
+    SIGTERM (`elmforge jobs stop`, `ray job stop`, a node preempted) would kill it mid-step, leaving a
+    worker group's placement group behind at times. While it lasts, SIGTERM is SIGUSR1, whose handler
+    Tune always installs (its Ctrl-C one it may not, and puts back the shell's after one signal)."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGUSR1))
     try:
         yield
     finally:

@@ -19,8 +19,13 @@ def _files(checkpoint: Path) -> list[str]:
 
 
 def _digest(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    """Size and SHA-256; an unreadable file gives its error instead, so that every rank still reaches the
+    collective that follows (one rank raising alone would leave the others waiting there)."""
+    try:
+        with open(path, "rb") as f:
+            return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    except OSError as e:
+        return {"error": f"cannot be read ({e.strerror or e})"}
 
 
 def _my_share(names: list[str]) -> list[str]:
@@ -43,7 +48,11 @@ def record_digests(checkpoint: Path) -> dict:
         box = [names]
         dist.broadcast_object_list(box, src=0)
         names = box[0]
-    return _gathered({name: _digest(checkpoint / name) for name in _my_share(names)})
+    digests = _gathered({name: _digest(checkpoint / name) for name in _my_share(names)})
+    unreadable = [f"{name} {d['error']}" for name, d in sorted(digests.items()) if "error" in d]
+    if unreadable:  # every rank alike
+        raise OSError(f"checkpoint {checkpoint} was written but cannot be read back: {'; '.join(unreadable)}")
+    return digests
 
 
 def damage(checkpoint: Path, recorded: dict | None) -> str | None:
@@ -58,7 +67,9 @@ def damage(checkpoint: Path, recorded: dict | None) -> str | None:
             found[name] = "is missing"
         elif path.stat().st_size != recorded[name]["bytes"]:
             found[name] = f"has {path.stat().st_size} bytes, {recorded[name]['bytes']} when saved"
-        elif _digest(path)["sha256"] != recorded[name]["sha256"]:
+        elif "error" in (now := _digest(path)):
+            found[name] = now["error"]
+        elif now["sha256"] != recorded[name]["sha256"]:
             found[name] = "has changed since it was saved (its SHA-256 differs)"
     found = _gathered(found)
     return "; ".join(f"{name} {what}" for name, what in sorted(found.items())) or None
