@@ -293,9 +293,13 @@ def _read_txt(path: str, compression: str) -> Iterator[Record]:
             pos = file.tell()
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip("."), e) from None
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows calls "Unicode" text
-        text = raw.decode("utf-16", errors="replace")
-        replaced = text.count("\ufffd")
+    # UTF-32's little-endian mark begins with UTF-16's: tried first. UTF-16 is what Windows calls "Unicode".
+    wide = next((c for c, bom in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
+                                  ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE))
+                 if raw.startswith(bom)), None)
+    if wide:
+        text = raw.decode(wide, errors="replace")
+        replaced = text.count("\ufffd") - raw.decode(wide, errors="ignore").count("\ufffd")
     else:
         text, replaced = _decode(raw, first=True)
     yield Record(text, f"{path}:1", replaced, pos=pos)

@@ -83,8 +83,9 @@ def test_a_half_emoji_escape_a_byte_order_mark_and_glob_characters_in_a_file_nam
     assert [r.replaced for r in records] == [1, 0]
     (tmp_path / "b.txt").write_bytes(codecs.BOM_UTF8 + b"plain text")
     assert [r.text for u in read_units({"path": str(tmp_path / "b.txt")}, 0) for r in read_unit(u)] == ["plain text"]
-    # A text file saved as UTF-16 with its byte order mark (Windows' "Unicode"): read as such.
-    for bom, codec in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+    # A text file saved as UTF-16 (Windows' "Unicode") or UTF-32 with its byte order mark: read as such.
+    for bom, codec in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
+                       (codecs.BOM_UTF32_LE, "utf-32-le")):
         (tmp_path / "c.txt").write_bytes(bom + "café 東京 \U0001F600".encode(codec))
         records = [r for u in read_units({"path": str(tmp_path / "c.txt")}, 0) for r in read_unit(u)]
         assert [(r.text, r.replaced) for r in records] == [("café 東京 \U0001F600", 0)]
