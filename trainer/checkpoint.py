@@ -125,16 +125,18 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state
 
 
-def _recorded_digests(path: Path) -> dict | None:
+def _damage(path: Path) -> str | None:
+    """What differs from the file digests its COMPLETE marker recorded (every rank of a run calls it)."""
     try:
-        return json.loads((path / COMPLETE).read_text()).get("files")
+        recorded = json.loads((path / COMPLETE).read_text()).get("files")
     except (OSError, ValueError, AttributeError):  # a marker a user made by hand: nothing recorded to check
-        return None
+        recorded = None
+    return damage(path, recorded)
 
 
 def check_intact(path: Path) -> None:
     """Before resuming: every file as the save recorded it (every rank must call this)."""
-    broken = damage(path, _recorded_digests(path))
+    broken = _damage(path)
     if broken:
         raise damaged(path, broken)
 
@@ -167,7 +169,7 @@ def require_complete(checkpoint_dir: str | Path) -> Path:
                          f"({newest or 'none complete yet'})")
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path}: checkpoint has no {COMPLETE} marker: it was not fully written")
-    broken = damage(path, _recorded_digests(path))
+    broken = _damage(path)
     if broken:
         raise unreadable(path, broken)
     return path

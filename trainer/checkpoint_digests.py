@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from trainer.distributed import from_rank0
+
 
 def _files(checkpoint: Path) -> list[str]:
     """The files DeepSpeed wrote: the top level of the checkpoint, less our marker (a universal form
@@ -42,12 +44,9 @@ def _gathered(part: dict) -> dict:
 
 
 def record_digests(checkpoint: Path) -> dict:
-    """{file name: {"bytes", "sha256"}} of the whole checkpoint, on every rank (all must call it)."""
-    names = _files(checkpoint) if not dist.is_initialized() or dist.get_rank() == 0 else None
-    if dist.is_initialized():
-        box = [names]
-        dist.broadcast_object_list(box, src=0)
-        names = box[0]
+    """{file name: {"bytes", "sha256"}} of the whole checkpoint, on every rank (all must call it, in the
+    process group the save runs in)."""
+    names = from_rank0(_files(checkpoint) if dist.get_rank() == 0 else None)
     digests = _gathered({name: _digest(checkpoint / name) for name in _my_share(names)})
     unreadable = [f"{name} {d['error']}" for name, d in sorted(digests.items()) if "error" in d]
     if unreadable:  # every rank alike

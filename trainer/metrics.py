@@ -85,9 +85,9 @@ class MetricsLogger:
         """On resume, drop records past the checkpoint: those steps are about to be trained again."""
         if not self.path.exists():
             return
-        kept = [line for line in complete_lines(self.path) if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        for record in map(json.loads, kept):
+        kept = [(line, record) for line in complete_lines(self.path) if (record := json.loads(line))["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line, _ in kept))
+        for _, record in kept:
             self._note_validation(record["step"], record)
 
     def _note_validation(self, step: int, record: dict) -> None:

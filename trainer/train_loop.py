@@ -345,7 +345,6 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         Path(run_dir, SUMMARY_NAME).unlink(missing_ok=True)
         if resume is None:  # DeepSpeed's pointer to the checkpoint its zero_to_fp32.py converts: none is left
             (ckpt_root / "latest").unlink(missing_ok=True)
-    if env.is_main:
         print(_start_line(cfg, num_params, env.world_size, resume), flush=True)
 
     def validate() -> dict:
