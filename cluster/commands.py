@@ -314,13 +314,18 @@ def cmd_jobs(cfg: dict, args) -> int:
     jobs = client(cfg["submit"])
     try:
         if args.action == "list":
-            found = sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0)
-            ids = [job.submission_id or job.job_id for job in found]
-            width = max(map(len, ids), default=0)
-            for job_id, job in zip(ids, found):
-                print(f"{job_id:<{width}}  {job.status.value:<9}  {job.entrypoint}")
+            # Ray lists every driver that joined the cluster too (a sweep run on the head, a Ray Client):
+            # those have no submission id, and no log or stop through the Jobs API.
+            listed = jobs.list_jobs()
+            found = sorted((j for j in listed if j.submission_id), key=lambda j: j.start_time or 0)
+            width = max((len(job.submission_id) for job in found), default=0)
+            for job in found:
+                print(f"{job.submission_id:<{width}}  {job.status.value:<9}  {job.entrypoint}")
             if not found:
                 print(f"no jobs on {resolve_address(cfg['submit'])}")
+            if drivers := len(listed) - len(found):
+                print(f"(and {drivers} Ray driver{'s' if drivers > 1 else ''} that joined the cluster without "
+                      "`elmforge submit`: `ray list jobs` shows them)")
         elif args.action == "status":
             info = jobs.get_job_info(args.job_id)
             print(f"{args.job_id}: {info.status.value}{_job_message(info.message, args.job_id)}")

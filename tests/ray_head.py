@@ -23,6 +23,7 @@ class RayHead:
     token: str
     process: subprocess.Popen
     client: str = ""  # its Ray Client server, ray://127.0.0.1:<port>
+    gcs: str = ""  # what a driver joins: 127.0.0.1:<port>
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -93,7 +94,7 @@ def _start_head(log_path: Path, num_cpus: int, timeout: float) -> RayHead:
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", token, process,
-                   f"ray://127.0.0.1:{ports['ray-client-server-port']}")
+                   f"ray://127.0.0.1:{ports['ray-client-server-port']}", f"127.0.0.1:{ports['port']}")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:

@@ -326,3 +326,21 @@ def test_usage_errors_exit_2_before_reaching_a_cluster(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_jobs_list_shows_submitted_jobs_not_the_drivers_that_joined_the_cluster(as_user, capsys):
+    # A driver that joins the cluster directly (a sweep run on the head) is a Ray job without a submission
+    # id: `jobs logs` and `jobs stop` could do nothing with it.
+    joined = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(address='%s'); print(ray.get_runtime_context().get_job_id())"
+         % as_user.gcs], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": as_user.token})
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    driver = joined.stdout.split()[-1]
+    assert driver in [job.job_id for job in submit.client({"address": as_user.address}).list_jobs()]
+    assert main(["jobs", "list", f"submit.address={as_user.address}"]) == 0
+    listed = capsys.readouterr().out
+    assert driver not in listed, listed
+    assert listed.endswith("(and 1 Ray driver that joined the cluster without `elmforge submit`: "
+                           "`ray list jobs` shows them)\n"), listed
+    assert "SUCCEEDED" in listed  # the module's submitted jobs are still there
