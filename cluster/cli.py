@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "jobs" and args.follow and args.action != "logs":
         verb_error("--follow applies to `jobs logs` only")
     try:
-        cfg = compose_config(args.overrides + _implicit_overrides(args))
+        compose = compose_config
+        if args.verb == "sweep":  # a searched key's base value is replaced by every trial's
+            from cluster.sweep_trial import compose_sweep_base as compose
+        cfg = compose(args.overrides + _implicit_overrides(args))
     except ConfigError as e:
         print(f"elmforge {args.verb}: config error\n{e}", file=sys.stderr)
         return 2

@@ -329,6 +329,13 @@ def _not_a_hf_directory(path: Path) -> str:
 
 
 def compose_config(overrides: list[str] = ()) -> dict:
+    cfg = compose_unchecked(overrides)
+    check_and_derive(cfg)
+    return cfg
+
+
+def compose_unchecked(overrides: list[str] = ()) -> dict:
+    """The composed config, finalised: types checked by the schema, values not yet."""
     raw = compose_raw(overrides)
     try:
         cfg = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True, enum_to_str=True)
@@ -339,9 +346,7 @@ def compose_config(overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{e.full_key}: no value; set {e.full_key}=... on the command line{where}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
-    cfg = finalise(cfg)
-    check_and_derive(cfg)
-    return cfg
+    return finalise(cfg)
 
 
 def check_and_derive(cfg: dict) -> None:

@@ -178,8 +178,9 @@ def check_restorable(cfg: dict, out: Path) -> None:
               flush=True)
         return
     before, now, unset = flat_config(started), flat_config(json.loads(json.dumps(cfg))), "<unset>"
-    changed = [k for k in sorted(before.keys() | now.keys())
-               if not k.startswith(RESTORE_MAY_CHANGE) and before.get(k, unset) != now.get(k, unset)]
+    searched = set(cfg["sweep"]["space"])  # each trial draws its own values of these
+    changed = [k for k in sorted(before.keys() | now.keys()) if not k.startswith(RESTORE_MAY_CHANGE)
+               and k not in searched and before.get(k, unset) != now.get(k, unset)]
     if changed:
         diffs = ", ".join(f"{k}={now.get(k, unset)!r} (it started with {before.get(k, unset)!r})" for k in changed)
         raise ConfigError(

@@ -1,5 +1,5 @@
 """A sweep trial's config: the sweep's config with the trial's sampled values (each as the schema takes
-it) and the trial's own run name, run dir and W&B group. Ray- and torch-free, for `sweep --cfg job`."""
+it) and the trial's own run name, run dir and W&B group. Ray- and torch-free, for the command line."""
 
 import copy
 from enum import Enum
@@ -8,8 +8,46 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cluster.config import ConfigError, check_and_derive
+from cluster.config import ConfigError, check_and_derive, compose_unchecked
 from cluster.config_schema import ElmConfig
+
+
+def compose_sweep_base(overrides: list[str]) -> dict:
+    """A sweep's config, checked as its trials will train: every trial replaces the values of the searched
+    keys, so those are checked at a value the space can draw (the first choice, the low bound), not at the
+    base's (a base train.warmup_steps above a searched train.max_steps is no error). Each drawable value is
+    checked in turn before Ray starts (sweep.check_space), which also explains a malformed space."""
+    cfg = compose_unchecked(overrides)
+    space = cfg["sweep"]["space"] or {}
+    apply(cfg, dict.fromkeys(space), typed=False)  # names a key that is not the config's
+    drawn = {}
+    for key, spec in space.items():
+        value = _first_draw(spec)
+        try:
+            cfg = cfg if value is None else apply(cfg, {key: value})
+            drawn[key] = value
+        except ConfigError:
+            pass  # a value the key cannot take: check_space names it, as a value of the space
+    try:
+        check_and_derive(cfg)
+    except ConfigError as e:
+        if not drawn:
+            raise
+        problems = str(e).removeprefix("invalid config:").lstrip("\n")
+        at = ", ".join(f"{key}={value}" for key, value in drawn.items())
+        raise ConfigError(f"invalid config, with each searched key at a value sweep.space draws ({at}):\n"
+                          f"{problems}") from None
+    return cfg
+
+
+def _first_draw(spec):
+    """A value the spec can draw, or None for a malformed one."""
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("type") == "choice":
+        values = spec.get("values")
+        return values[0] if isinstance(values, list) and values else None
+    return spec.get("low")
 
 
 def apply(cfg: dict, params: dict, typed: bool = True) -> dict:

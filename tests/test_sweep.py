@@ -68,8 +68,12 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
      "sweep.space.train.warmup_steps: a trial with train.warmup_steps=10 would fail: train.warmup_steps=10: must be"),
     (["sweep.metric=val_los"], "sweep.metric='val_los': not a metric the training loop reports at a validation"),
     (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
-    (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],
-     "sweep.space.train.lr: a trial with train.lr=-1.0 would fail: train.lr=-1.0: must be positive"),
+    (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],  # the base is checked at the low bound
+     "invalid config, with each searched key at a value sweep.space draws (train.lr=-1.0):\n  train.lr=-1.0: must "
+     "be positive"),
+    (["sweep.space={train.lr:{type:uniform,low:0.1,high:0.2},train.warmup_steps:{type:choice,values:[5,1000]}}",
+      "train.lr=-1.0"],  # a base value every trial replaces is no error; a drawn one is
+     "sweep.space.train.warmup_steps: a trial with train.warmup_steps=1000 would fail: train.warmup_steps=1000: must"),
     # Drawn values go through the schema's types, as command-line values do.
     (["sweep.space={train.precision:{type:choice,values:[fp32,fp8]}}"],
      "sweep.space.train.precision: a trial with train.precision=fp8 would fail: train.precision='fp8': Invalid value "
@@ -98,6 +102,34 @@ def test_a_trial_the_embedded_ray_cannot_hold_is_refused_before_ray_starts(tmp_p
             "workers of cluster.cpus_per_worker=1 plus sweep.trial_cpus=0.1 for the trial need 8.1 CPUs") \
         in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_searched_key_is_checked_at_the_values_trials_draw_not_at_the_base(tmp_path, capsys):
+    from cluster.sweep import check_restorable, check_schedule, check_space
+    from cluster.sweep_trial import compose_sweep_base
+    from trainer.summary import write_json
+
+    # Every trial replaces train.max_steps: the base's 20, below its warmup of 40, is no error.
+    base = ["sweep=lr_tiny", f"storage_path={tmp_path}", "train.max_steps=20", "train.warmup_steps=40",
+            "sweep.space={train.max_steps:{type:choice,values:[60,80]}}"]
+    with pytest.raises(ConfigError, match="train.warmup_steps=40: must be in"):
+        compose_config(base)  # as any other verb checks it
+    cfg = compose_sweep_base(base)
+    assert cfg["train"]["max_steps"] == 60
+    check_schedule(cfg)
+    check_space(cfg)
+    assert main(["sweep", *base, "--cfg", "job"]) == 0
+    assert "  max_steps: 60\n" in capsys.readouterr().out
+    # A value the space draws is still checked, against the rest of the config.
+    short = [*base[:-1], "sweep.space={train.max_steps:{type:choice,values:[60,30]}}"]
+    with pytest.raises(ConfigError, match="a trial with train.max_steps=30 would fail: train.warmup_steps=40"):
+        check_space(compose_sweep_base(short))
+    # A restored sweep does not compare what trials draw with what it started with; other keys it does.
+    write_json(tmp_path / "config.json", {**cfg, "train": {**cfg["train"], "max_steps": 20}})
+    check_restorable(cfg, tmp_path)
+    write_json(tmp_path / "config.json", {**cfg, "train": {**cfg["train"], "eval_every": 5}})
+    with pytest.raises(ConfigError, match=r"train.eval_every=10 \(it started with 5\)"):
+        check_restorable(cfg, tmp_path)
 
 
 TWO_TRIALS_REPORT = """
