@@ -20,3 +20,36 @@ def test_a_users_copy_beside_the_checkpoints_is_neither_resumed_from_nor_pruned(
     _prune(tmp_path, keep=2)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["step_10_keep", "step_4", "step_6", "step_6_backup", "step_8"]  # step_8 may still be written
+
+
+def _digests_on_two_ranks(checkpoint: str) -> dict:
+    from pathlib import Path
+
+    from trainer.checkpoint_digests import _files, _my_share, damage, record_digests
+    from trainer.distributed import init_distributed
+
+    init_distributed(use_gpu=False)
+    recorded = record_digests(Path(checkpoint))
+    return {"share": _my_share(_files(Path(checkpoint))), "digests": recorded,
+            "damage": damage(Path(checkpoint), recorded)}
+
+
+def test_ranks_hash_shares_of_the_checkpoint_balanced_by_size(tmp_path):
+    import hashlib
+
+    from distributed import run_ranks
+
+    # ZeRO-1/2: one model-states file as large as the optimizer shards together.
+    sizes = {"mp_rank_00_model_states.pt": 3000, **{f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 1000
+                                                    for r in range(3)}}
+    for i, (name, size) in enumerate(sizes.items()):
+        (tmp_path / name).write_bytes(bytes([i]) * size)
+    (tmp_path / COMPLETE).write_text("{}\n")  # the marker itself is not hashed
+    ranks = run_ranks(2, _digests_on_two_ranks, str(tmp_path))
+    shares = [set(r["share"]) for r in ranks]
+    assert shares[0] | shares[1] == set(sizes) and not shares[0] & shares[1]
+    assert [sum(sizes[n] for n in share) for share in shares] == [3000, 3000]
+    expected = {n: {"bytes": s, "sha256": hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()}
+                for n, s in sizes.items()}
+    assert ranks[0]["digests"] == ranks[1]["digests"] == expected
+    assert ranks[0]["damage"] is ranks[1]["damage"] is None

@@ -2,8 +2,8 @@
 it is loaded: a file damaged since (a failing disk, a copy cut short, an overwrite) is named as such
 instead of loading as weights that train to NaN, or worse, to something plausible.
 
-Every rank hashes a share of the files (rank r takes every world-th file of rank 0's listing), so a
-large checkpoint on shared storage costs each rank one read of its share, at save and at load.
+Every rank hashes a share of the files, shares balanced by size from rank 0's listing, so a large
+checkpoint on shared storage costs each rank one read of its share, at save and at load.
 """
 
 import hashlib
@@ -14,10 +14,10 @@ import torch.distributed as dist
 from trainer.distributed import from_rank0
 
 
-def _files(checkpoint: Path) -> list[str]:
-    """The files DeepSpeed wrote: the top level of the checkpoint, less our marker (a universal form
-    made later for another world size is a directory, checked by its own marker)."""
-    return sorted(p.name for p in checkpoint.iterdir() if p.is_file() and p.name != "COMPLETE")
+def _files(checkpoint: Path) -> dict[str, int]:
+    """The files DeepSpeed wrote, by size: the top level of the checkpoint, less our marker (a universal
+    form made later for another world size is a directory, checked by its own marker)."""
+    return {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file() and p.name != "COMPLETE"}
 
 
 def _digest(path: Path) -> dict:
@@ -30,9 +30,17 @@ def _digest(path: Path) -> dict:
         return {"error": f"cannot be read ({e.strerror or e})"}
 
 
-def _my_share(names: list[str]) -> list[str]:
+def _my_share(sizes: dict[str, int]) -> list[str]:
+    """This rank's files: the largest first, each to the rank with the fewest bytes so far (the same on
+    every rank). DeepSpeed's model-states file can be as large as all the optimizer shards together."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return names[rank::world]
+    load, mine = [0] * world, []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        least = load.index(min(load))
+        load[least] += sizes[name]
+        if least == rank:
+            mine.append(name)
+    return mine
 
 
 def _gathered(part: dict) -> dict:
@@ -46,8 +54,8 @@ def _gathered(part: dict) -> dict:
 def record_digests(checkpoint: Path) -> dict:
     """{file name: {"bytes", "sha256"}} of the whole checkpoint, on every rank (all must call it, in the
     process group the save runs in)."""
-    names = from_rank0(_files(checkpoint) if dist.get_rank() == 0 else None)
-    digests = _gathered({name: _digest(checkpoint / name) for name in _my_share(names)})
+    sizes = from_rank0(_files(checkpoint) if dist.get_rank() == 0 else None)
+    digests = _gathered({name: _digest(checkpoint / name) for name in _my_share(sizes)})
     unreadable = [f"{name} {d['error']}" for name, d in sorted(digests.items()) if "error" in d]
     if unreadable:  # every rank alike
         raise OSError(f"checkpoint {checkpoint} was written but cannot be read back: {'; '.join(unreadable)}")
@@ -60,7 +68,7 @@ def damage(checkpoint: Path, recorded: dict | None) -> str | None:
     if not recorded:
         return None
     found = {}
-    for name in _my_share(sorted(recorded)):
+    for name in _my_share({name: d["bytes"] for name, d in recorded.items()}):
         path = checkpoint / name
         if not path.is_file():
             found[name] = "is missing"
