@@ -236,18 +236,19 @@ class TokenLoader:
         epoch, position = divmod(self.consumed, self.dataset.per_rank)
         return {"epoch": epoch, "position": position, "world_size": self.dataset.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> int:
         """Continue from a saved position, also one saved with another number of ranks: W ranks at
         position p have read the epoch's first W * p permuted samples, whatever W (the epoch's dropped
-        tail aside, which depends on W), so the position moves to W * p / this run's ranks."""
+        tail aside, which depends on W), so the position moves to W * p / this run's ranks. Past an
+        epoch's end a step's samples straddle two epochs, and W * p may not divide: the new ranks then
+        start at the next sample they can share, and the samples skipped (fewer than the ranks) are
+        returned; none is read twice."""
         epoch, position, world_size = state["epoch"], state["position"], self.dataset.world_size
+        skipped = 0
         if state["world_size"] != world_size:
             read = state["world_size"] * position
-            if read % world_size:
-                raise ValueError(
-                    f"loader state at epoch {epoch}, position {position} of {state['world_size']} ranks "
-                    f"({read} samples read) does not divide among {world_size} ranks"
-                )
-            position = read // world_size
+            position = -(-read // world_size)
+            skipped = position * world_size - read
         self.consumed = epoch * self.dataset.per_rank + position
         self.close()
+        return skipped

@@ -78,6 +78,26 @@ def test_a_run_continues_on_another_number_of_ranks(tiny_dataset, tmp_path, zero
     assert (tmp_path / "checkpoints" / "step_2" / "universal" / "COMPLETE").is_file() == (stage > 0)
 
 
+def test_a_run_past_an_epoch_end_continues_on_another_number_of_ranks(tmp_path_factory, tmp_path):
+    from corpus import TOKENIZER_CFG, data_cfg
+    from data_pipelines.prepare import prepare
+    from trainer.checkpoint import read_client_state
+
+    root = tmp_path_factory.mktemp("small")
+    small = prepare(data_cfg(write_jsonl(root / "corpus.jsonl", make_documents(10)), root / "dataset"), TOKENIZER_CFG)
+
+    def cfg(ranks, *overrides):
+        return cfg_for(small, tmp_path, "deepspeed=zero2", f"train.grad_accum_steps={2 // ranks}", "train.max_steps=12",
+                       *overrides, workers=ranks)
+
+    run_ranks(1, train, cfg(1, "train.faults.sigterm_at_step=10"))
+    # 10 steps of 8 samples: one sample into the second epoch of 79, which 2 ranks cannot share evenly.
+    assert read_client_state(tmp_path / "checkpoints" / "step_10")["loader"] == {"epoch": 1, "position": 1,
+                                                                                 "world_size": 1}
+    second = run_ranks(2, train, cfg(2))[0]
+    assert second["resumed_from"] == "step_10" and len(second["losses"]) == 2
+
+
 def test_resuming_with_another_global_batch_or_model_is_refused_before_anything_loads(tiny_dataset, tmp_path):
     overrides = ("deepspeed=zero2", "train.max_steps=2")
     run_ranks(2, train, cfg_for(tiny_dataset, tmp_path, *overrides))

@@ -335,7 +335,13 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     )
     start_step = 0
     if state is not None:
-        loader.load_state_dict(state["loader"])
+        skipped = loader.load_state_dict(state["loader"])
+        if skipped and env.is_main:
+            saved = state["loader"]
+            read = saved["world_size"] * saved["position"]
+            print(f"[train] {resume.name} had read {read} sample{'s' if read > 1 else ''} of epoch {saved['epoch']}, "
+                  f"which {env.world_size} ranks cannot share evenly: the data goes on {skipped} "
+                  f"sample{'s' if skipped > 1 else ''} later", flush=True)
         set_rng_state(state["rng"])
         start_step = state["step"]
     if t_cfg["eval_every"]:  # a val split too small for the ranks fails now, not at the first evaluation
