@@ -53,3 +53,21 @@ def test_ranks_hash_shares_of_the_checkpoint_balanced_by_size(tmp_path):
                 for n, s in sizes.items()}
     assert ranks[0]["digests"] == ranks[1]["digests"] == expected
     assert ranks[0]["damage"] is ranks[1]["damage"] is None
+
+
+def test_a_marker_cut_short_is_named_not_taken_for_one_without_digests(tmp_path):
+    import json
+
+    import pytest
+
+    from trainer.checkpoint import require_complete
+
+    checkpoint = tmp_path / "step_5"
+    checkpoint.mkdir()
+    (checkpoint / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    marker = json.dumps({"step": 5, "files": {"mp_rank_00_model_states.pt": {"bytes": 100, "sha256": "0" * 64}}})
+    (checkpoint / COMPLETE).write_text(marker[: len(marker) // 2])
+    with pytest.raises(ValueError, match=r"step_5 cannot be read \(its COMPLETE marker is not the JSON a save writes"):
+        require_complete(checkpoint)
+    (checkpoint / COMPLETE).write_text('{"step": 5}\n')  # saved before digests were recorded: loads unchecked
+    assert require_complete(checkpoint) == checkpoint

@@ -92,7 +92,10 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_
     dist.barrier()
     files = record_digests(root / tag)
     if is_main:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+        marker = root / tag / COMPLETE  # whole or not at all: a marker cut short would still mark it complete
+        written = marker.with_name("COMPLETE.tmp")
+        written.write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+        os.replace(written, marker)
         (root / "latest.tmp").write_text(tag)
         os.replace(root / "latest.tmp", root / "latest")
         _prune(root, keep)
@@ -128,10 +131,13 @@ def load_checkpoint(engine, path: Path) -> dict:
 def _damage(path: Path) -> str | None:
     """What differs from the file digests its COMPLETE marker recorded (every rank of a run calls it)."""
     try:
-        recorded = json.loads((path / COMPLETE).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):  # a marker a user made by hand: nothing recorded to check
-        recorded = None
-    return damage(path, recorded)
+        marker = json.loads((path / COMPLETE).read_text())
+    except OSError as e:
+        return f"its {COMPLETE} marker cannot be read ({e.strerror or e})"
+    except ValueError:
+        return f"its {COMPLETE} marker is not the JSON a save writes (cut short or overwritten)"
+    # Checkpoints saved before digests were recorded (and markers a user wrote as {}) have none to check.
+    return damage(path, marker.get("files") if isinstance(marker, dict) else None)
 
 
 def check_intact(path: Path) -> None:
