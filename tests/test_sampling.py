@@ -84,3 +84,13 @@ def test_complete_decodes_only_the_continuation():
     text = complete(model, tokenizer, prompt, max_new_tokens=10, greedy=True)
     assert text == tokenizer.decode([t for t in new if t != eos])
     assert not text.startswith(prompt)
+
+
+def test_rows_of_a_padded_embedding_past_the_tokenizers_vocabulary_are_never_drawn(model):
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT]))[0, -1]
+    top = int(logits.argmax())  # 97 rows: say the tokenizer has fewer tokens, and the most likely is not one
+    assert generate(model, PROMPT, 1, greedy=True)[0] == top
+    assert generate(model, PROMPT, 1, greedy=True, num_tokens=top)[0] == int(logits[:top].argmax())
+    drawn = {t for s in range(20) for t in generate(model, PROMPT, 6, temperature=5.0, seed=s, num_tokens=10)}
+    assert drawn <= set(range(10)) and len(drawn) > 1

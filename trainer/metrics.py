@@ -86,7 +86,9 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = [(line, record) for line in complete_lines(self.path) if (record := json.loads(line))["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line, _ in kept))
+        rewritten = self.path.with_name(self.path.name + ".tmp")  # a kill meanwhile keeps the whole history
+        rewritten.write_text("".join(line + "\n" for line, _ in kept))
+        os.replace(rewritten, self.path)
         for _, record in kept:
             self._note_validation(record["step"], record)
 

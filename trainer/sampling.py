@@ -37,10 +37,13 @@ def generate(
     greedy: bool = False,
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
+    num_tokens: Optional[int] = None,
 ) -> list[int]:
     """The new token ids after `prompt_ids` (the prompt itself is not repeated); ends with eos_id if it was drawn.
 
     The model sees at most its max_context_length latest tokens. seed=None draws a fresh seed.
+    num_tokens: the tokenizer's vocabulary size, where the model's embedding has more rows (padded):
+    ids from there on are no token and are never drawn.
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty; give at least one token (BOS)")
@@ -62,7 +65,7 @@ def generate(
         with torch.no_grad():
             for _ in range(max_new_tokens):
                 window = torch.tensor([ids[-context_length:]], dtype=torch.long, device=device)
-                logits = model(window)[0, -1].float()
+                logits = model(window)[0, -1, :num_tokens].float()
                 token = _next_token(logits, temperature, top_k, greedy, generator)
                 ids.append(token)
                 new.append(token)
@@ -81,6 +84,7 @@ def complete(model: OpenELM, tokenizer: TextTokenizer, prompt: str, max_new_toke
     """
     bos, eos = tokenizer.special_ids()
     kw.setdefault("eos_id", eos)
+    kw.setdefault("num_tokens", tokenizer.vocab_size)
     prompt_ids = [bos] + tokenizer.encode_batch([prompt])[0]
     new = generate(model, prompt_ids, max_new_tokens, **kw)
     if new and new[-1] == kw["eos_id"]:
