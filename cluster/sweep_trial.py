@@ -18,7 +18,7 @@ def compose_sweep_base(overrides: list[str]) -> dict:
     base's (a base train.warmup_steps above a searched train.max_steps is no error). Each drawable value is
     checked in turn before Ray starts (sweep.check_space), which also explains a malformed space."""
     cfg = compose_unchecked(overrides)
-    space = cfg["sweep"]["space"] or {}
+    space = (cfg["sweep"] or {}).get("space") or {}  # no sweep= given: cmd_sweep says what to give
     apply(cfg, dict.fromkeys(space), typed=False)  # names a key that is not the config's
     drawn = {}
     for key, spec in space.items():
