@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 import conf
 from cluster import config_schema
 from cluster.config_schema import ElmConfig
-from data_pipelines.sources import PACKAGE_SCHEME
+from data_pipelines.sources import PACKAGE_SCHEME, hashed_specs
 from trainer.model_config import OpenELMConfig
 
 ConfigStore.instance().store(name="elmforge_schema", node=ElmConfig)
@@ -94,6 +94,7 @@ def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     for group, keys in UNHASHED.items():
         relevant[group] = {k: v for k, v in cfg[group].items() if k not in keys}
+    relevant["data"]["sources"] = hashed_specs(cfg["data"]["sources"])
     # Workers x micro-batch x accumulation: 2 workers with 1 and 1 worker accumulating 2 train alike
     # (same samples per step), so a run continues on another number of workers (trainer/reshard.py).
     t = cfg["train"]
@@ -278,6 +279,8 @@ def validate(cfg: dict) -> None:
     for i, src in enumerate(d["sources"]):
         need(bool(src["path"]) != bool(src["hf"]), f"data.sources[{i}]", "set exactly one of `path` (local files) or `hf`")
         need(src["weight"] >= 0, f"data.sources[{i}].weight={src['weight']}", "must be 0 or more")
+        need(src["separator"] is None or (src["separator"] != "" and bool(src["path"])), f"data.sources[{i}].separator="
+             f"{src['separator']!r}", "splits the .txt files of a `path` source: a non-empty string (null: a file is one document)")
     need(sum(src["weight"] for src in d["sources"]) > 0, "data.sources[*].weight", "at least one weight must be positive")
     need(
         d["seq_len"] <= min(m["max_context_length"], m["rope_max_length"]),

@@ -51,6 +51,7 @@ class SourceConfig:
     hf_split: str = "train"
     hf_data_files: Optional[str] = None  # glob of files within the dataset, to pick a subset
     text_field: str = "text"
+    separator: Optional[str] = None  # .txt files: documents end at it ("<|endoftext|>", "\n\n"); null: one per file
     weight: float = 1.0  # share of output tokens, normalised over sources
     repeat: bool = False  # may be read again when it runs out before its share
 

@@ -31,8 +31,8 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import (
-    ReadUnit, bad_record_error, check_files, check_saved_dataset, check_source, fingerprint_sources, no_document_error,
-    read_unit, read_units, saved_to_disk, source_name,
+    ReadUnit, bad_record_error, check_files, check_saved_dataset, check_source, fingerprint_sources, hashed_specs,
+    no_document_error, read_unit, read_units, saved_to_disk, source_name,
 )
 from data_pipelines.swap_dir import real_destination, remove_leftovers, swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
@@ -79,6 +79,7 @@ def build_settings(data_cfg: dict, tokenizer_cfg: dict) -> dict:
 def dataset_fingerprint(data_cfg: dict, tokenizer_cfg: dict) -> str:
     """Everything that changes the shards: input bytes, data settings and the tokenizer."""
     spec = {"data": {k: data_cfg.get(k) for k in FINGERPRINT_KEYS}, "tokenizer": tokenizer_cfg}
+    spec["data"]["sources"] = hashed_specs(data_cfg["sources"])
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     digest.update(fingerprint_sources(data_cfg["sources"]).encode())
     if tokenizer_cfg["kind"] != "bpe" and tokenizer_cfg.get("path") and os.path.isfile(tokenizer_cfg["path"]):

@@ -5,8 +5,9 @@ Hugging Face dataset) so readers can run in parallel while the order of
 documents stays fixed. `package://data_pipelines/...` names a file shipped in
 this package (the bundled sample corpus).
 
-Local formats: .jsonl, .json (JSON lines), .txt (one document per file), each
-optionally .gz or .zst compressed, and .parquet. Non-UTF-8 bytes are replaced
+Local formats: .jsonl, .json (JSON lines), .txt (one document per file, or the
+documents between a source's `separator`), each optionally .gz or .zst
+compressed, and .parquet. Non-UTF-8 bytes are replaced
 and counted; a record without the text field is a bad record (skipped and
 counted, or an error with `on_bad_record=error`); a file that is not what its
 extension says is an error naming it.
@@ -33,6 +34,7 @@ PACKAGE_SCHEME = "package://"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 COMPRESSIONS = (".gz", ".zst")
+LATER_SETTINGS = ("separator",)  # source settings added after the first datasets were prepared
 PROBE_RECORDS = 100  # records of each JSON-lines file looked at for the text field before any work
 
 
@@ -58,6 +60,7 @@ class ReadUnit:
     shard: int = 0
     num_shards: int = 1
     size: int = 0  # bytes on disk, for progress (0 when unknown)
+    separator: Optional[str] = None  # .txt: documents end at it (None: the file is one document)
 
 
 def source_name(spec: dict, index: int) -> str:
@@ -177,7 +180,18 @@ def read_units(spec: dict, index: int) -> list[ReadUnit]:
         return [ReadUnit(index, hf=hf, shard=k, num_shards=n) for k in range(n)]
     if not spec.get("path"):
         raise ValueError(f"data source {source_name(spec, index)!r} needs `path` (local files) or `hf` (a dataset id)")
-    return [ReadUnit(index, path=f, size=os.path.getsize(f)) for f in expand_files(spec["path"])]
+    separator = document_separator(spec)
+    return [ReadUnit(index, path=f, size=os.path.getsize(f), separator=separator) for f in expand_files(spec["path"])]
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
+
+
+def document_separator(spec: dict) -> Optional[str]:
+    """A source's `separator` with \\n, \\r, \\t and \\\\ read as the characters (a command-line override
+    keeps them as written; YAML's double quotes have already)."""
+    separator = spec.get("separator")
+    return None if separator is None else re.sub(r"\\([nrt\\])", lambda m: _ESCAPES[m.group(1)], separator)
 
 
 def _format_of(path: str) -> tuple[str, str]:
@@ -286,23 +300,63 @@ def _no_text(record, text_field: str) -> str:
     return f"no field {text_field!r}; its fields: {', '.join(fields[:20])}{' ...' if len(fields) > 20 else ''}"
 
 
-def _read_txt(path: str, compression: str) -> Iterator[Record]:
+def _read_txt(path: str, compression: str, separator: Optional[str] = None) -> Iterator[Record]:
+    """The file as one document, or the documents between its separators. Those of a UTF-8 file are read a
+    block at a time, so one document, not the file, is held (and tokenized) at once."""
     try:
         with _open_binary(path, compression) as (f, file):
-            raw = f.read()
-            pos = file.tell()
+            head = f.read(4)
+            # UTF-32's little-endian mark begins with UTF-16's: tried first. UTF-16 is what Windows calls "Unicode".
+            wide = next((c for c, bom in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
+                                          ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE))
+                         if head.startswith(bom)), None)
+            if wide:
+                raw = head + f.read()
+                text = raw.decode(wide, errors="replace")
+                replaced = text.count("\ufffd") - raw.decode(wide, errors="ignore").count("\ufffd")
+                if separator is None:
+                    yield Record(text, f"{path}:1", replaced, pos=file.tell())
+                    return
+                # Genuine U+FFFD in such a file is rare: where some were replaced, each document counts its own.
+                pieces = ((piece, piece.count("\ufffd") if replaced else 0) for piece in text.split(separator))
+            elif separator is None:
+                text, replaced = _decode(head + f.read(), first=True)
+                yield Record(text, f"{path}:1", replaced, pos=file.tell())
+                return
+            else:
+                pieces = (_decode(raw, first=i == 0) for i, raw in enumerate(_split_bytes(f, head, separator.encode())))
+            yield from _documents(pieces, path, separator, file)
     except BAD_FILE_ERRORS as e:
-        raise _bad_file(path, compression.lstrip("."), e) from None
-    # UTF-32's little-endian mark begins with UTF-16's: tried first. UTF-16 is what Windows calls "Unicode".
-    wide = next((c for c, bom in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
-                                  ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE))
-                 if raw.startswith(bom)), None)
-    if wide:
-        text = raw.decode(wide, errors="replace")
-        replaced = text.count("\ufffd") - raw.decode(wide, errors="ignore").count("\ufffd")
-    else:
-        text, replaced = _decode(raw, first=True)
-    yield Record(text, f"{path}:1", replaced, pos=pos)
+        raise _bad_file(path, compression.lstrip(".") or "text", e) from None
+
+
+def _split_bytes(stream, head: bytes, separator: bytes, block: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes between separators. In UTF-8 a character's bytes never occur inside another's, so the
+    separator's bytes are found exactly where the text holds it."""
+    pending, start = bytearray(head), 0
+    while True:
+        while (end := pending.find(separator, start)) != -1:
+            yield bytes(pending[:end])
+            del pending[: end + len(separator)]
+            start = 0
+        start = max(0, len(pending) - len(separator) + 1)  # a separator may begin in the bytes kept
+        more = stream.read(block)
+        if not more:
+            break
+        pending += more
+    yield bytes(pending)
+
+
+def _documents(pieces: Iterator[tuple[str, int]], path: str, separator: str, file) -> Iterator[Record]:
+    """The documents of (text, replaced) pieces between separators, line breaks around each dropped;
+    empty ones skipped. A document's origin is the line it starts on."""
+    line = 1
+    for text, replaced in pieces:
+        body = text.strip("\r\n")
+        if body.strip():
+            first = line + text[: len(text) - len(text.lstrip("\r\n"))].count("\n")
+            yield Record(body, f"{path}:{first}", replaced, pos=file.tell())
+        line += text.count("\n") + separator.count("\n")
 
 
 def _parquet_file(path: str, text_field: str, key: str = "a data source's text_field, or eval's --text-field"):
@@ -364,7 +418,7 @@ def read_unit(unit: ReadUnit, text_field: str = "text") -> Iterator[Record]:
     if fmt == "parquet":
         yield from _read_parquet(unit.path, text_field)
     elif fmt == "txt":
-        yield from _read_txt(unit.path, compression)
+        yield from _read_txt(unit.path, compression, unit.separator)
     else:
         yield from _read_lines(unit.path, compression, text_field)
 
@@ -386,6 +440,9 @@ def check_files(spec: dict, index: int) -> list[str]:
             filled += _probe_compression(path, compression)
         else:
             filled += _probe_json_lines(path, compression, text_field, key)
+    if spec.get("separator") is not None and not any(_format_of(path)[0] == "txt" for path in files):
+        raise ValueError(f"data.sources.{index}.separator: splits .txt files into documents, and data source "
+                         f"{source_name(spec, index)!r} has none ({files[0]} ...): leave it out")
     if not filled and spec.get("weight", 1.0) > 0:
         empty = "its file is empty" if len(files) == 1 else f"its {len(files)} files are empty"
         raise no_document_error(source_name(spec, index), index, empty)
@@ -423,6 +480,13 @@ def _probe_compression(path: str, compression: str) -> bool:
         raise _bad_file(path, compression.lstrip("."), e) from None
 
 
+def hashed_specs(sources: list[dict]) -> list[dict]:
+    """The sources' settings as dataset fingerprints and run names hash them: a setting added since the
+    first datasets were prepared is left out at its default, so those datasets stay up to date and
+    runs keep their derived names."""
+    return [{k: v for k, v in spec.items() if not (k in LATER_SETTINGS and v is None)} for spec in sources]
+
+
 def fingerprint_sources(sources: list[dict]) -> str:
     """SHA-256 over the sources' specs and every local input file's name and bytes.
 
@@ -430,7 +494,7 @@ def fingerprint_sources(sources: list[dict]) -> str:
     is the hub's to version); local files, a local dataset directory's included,
     change the fingerprint whenever a byte does.
     """
-    digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(hashed_specs(sources), sort_keys=True).encode())
     for spec in sources:
         if not spec.get("hf"):
             for path in expand_files(spec["path"]):

@@ -241,3 +241,82 @@ def test_records_say_how_far_into_their_file_reading_got(tmp_path, name):
     assert positions == sorted(positions) and 0 < positions[-1] <= size
     if name in ("a.jsonl", "a.parquet"):
         assert positions[0] < size // 2 and positions[-1] == size
+
+
+SEPARATED = "Once upon a time.\n<|endoftext|>\nThe end came.\n\n<|endoftext|>\n<|endoftext|>\n\nA third, on line 8.\n"
+
+
+@pytest.mark.parametrize("name, write", [
+    ("s.txt", lambda p, raw: p.write_bytes(raw)),
+    ("s.txt.gz", lambda p, raw: p.write_bytes(gzip.compress(raw))),
+    ("s.txt.zst", lambda p, raw: p.write_bytes(zstandard.compress(raw))),
+])
+def test_a_separator_splits_txt_files_into_documents_with_the_line_each_starts_on(tmp_path, name, write):
+    write(tmp_path / name, SEPARATED.encode())
+    spec = {"path": str(tmp_path / name), "separator": "<|endoftext|>"}
+    records = [r for u in read_units(spec, 0) for r in read_unit(u)]
+    # Line breaks around a document go, and so does an empty one between two separators.
+    assert [(r.text, r.origin) for r in records] == [
+        ("Once upon a time.", f"{tmp_path / name}:1"), ("The end came.", f"{tmp_path / name}:3"),
+        ("A third, on line 8.", f"{tmp_path / name}:8")]
+    assert texts({"path": str(tmp_path / name)}) == [SEPARATED]  # without one: the file is one document
+
+
+def test_a_separator_is_found_wherever_the_blocks_read_cut_it():
+    import io
+
+    from data_pipelines.sources import _split_bytes
+
+    raw = "é<sep>ab<sep><sep>東京 <se <sep>\U0001F600<sep>".encode()
+    for block in range(1, 12):
+        stream = io.BytesIO(raw)
+        assert list(_split_bytes(stream, stream.read(4), b"<sep>", block)) == raw.split(b"<sep>")
+
+
+def test_separator_escapes_bad_bytes_and_wide_encodings(tmp_path):
+    import codecs
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfcaf\xe9\n\nsecond \xef\xbf\xbd paragraph\n\n\nthird")
+    spec = {"path": str(tmp_path / "p.txt"), "separator": "\\n\\n"}  # as a command-line override keeps it
+    records = [r for u in read_units(spec, 0) for r in read_unit(u)]
+    # The mark goes; the bad byte counts in its own document, a genuine U+FFFD in none.
+    assert [(r.text, r.replaced) for r in records] == [
+        ("caf\ufffd", 1), ("second \ufffd paragraph", 0), ("third", 0)]
+    (tmp_path / "w.txt").write_bytes(codecs.BOM_UTF16_LE + "東京\n\nnext one\n\n".encode("utf-16-le"))
+    records = [r for u in read_units({**spec, "path": str(tmp_path / "w.txt")}, 0) for r in read_unit(u)]
+    assert [(r.text, r.origin[-2:]) for r in records] == [("東京", ":1"), ("next one", ":3")]
+
+
+def test_a_separator_where_it_can_split_nothing_is_refused_before_any_work(tmp_path):
+    from cluster.config import ConfigError, compose_config
+
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS))
+    with pytest.raises(ValueError, match=r"data.sources.0.separator: splits .txt files into documents, and data "
+                                         r"source 'a' has none \(.*a.jsonl ...\): leave it out"):
+        check_files({"name": "a", "path": str(tmp_path / "a.jsonl"), "separator": "\n"}, 0)
+    for source, value in (("{name:a,path:a.txt,separator:''}", "''"), ("{name:h,hf:org/set,separator:x}", "'x'")):
+        with pytest.raises(ConfigError, match=rf"data.sources\[0\].separator={value}: splits the .txt files of a "
+                                              r"`path` source"):
+            compose_config([f"data.sources=[{source}]"])
+
+
+def test_the_separator_setting_leaves_older_run_names_and_datasets_as_they_were():
+    from cluster.config import compose_config, derive_run_name
+    from data_pipelines.prepare import dataset_fingerprint
+
+    cfg = compose_config([])
+    before = {**cfg, "data": {**cfg["data"], "sources": [
+        {k: v for k, v in s.items() if k != "separator"} for s in cfg["data"]["sources"]]}}
+    assert derive_run_name(cfg) == derive_run_name(before)
+    assert dataset_fingerprint(cfg["data"], cfg["tokenizer"]) == dataset_fingerprint(before["data"], cfg["tokenizer"])
+    split = {**cfg, "data": {**cfg["data"], "sources": [{**s, "separator": "\n\n"} for s in cfg["data"]["sources"]]}}
+    assert derive_run_name(split) != derive_run_name(cfg)
+    assert dataset_fingerprint(split["data"], cfg["tokenizer"]) != dataset_fingerprint(cfg["data"], cfg["tokenizer"])
+
+
+def test_a_txt_file_of_separated_documents_prepares_each_as_its_own(tmp_path):
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{d}\n<|endoftext|>\n" for d in DOCS))
+    cfg = data_cfg(corpus, tmp_path / "ds", sources=[{"path": str(corpus), "separator": "<|endoftext|>"}])
+    stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
+    assert stats["documents_kept"] == len(set(DOCS))
