@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                                               ".json (JSON lines), .parquet, also .gz/.zst compressed")
     ev.add_argument("--text-field", default="text", help="with --text: the JSON field or parquet column holding "
                                                          "the text (default: text)")
+    ev.add_argument("--separator", help="with --text: documents in .txt files end at this string, as a data "
+                                        "source's separator (e.g. '<|endoftext|>'; default: a file is one document)")
     ev.add_argument("--batch-size", type=_positive(int), default=8, help="samples per forward (default: 8)")
     ev.add_argument("--max-batches", type=_positive(int), help="score at most this many batches (default: all)")
     ev.add_argument("--seq-len", type=_positive(int), help="with --text (default: the length a checkpoint trained "
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         verb_error("--seq-len applies to --text only (the val split's samples have the dataset's length)")
     if args.verb == "eval" and args.text_field != "text" and not args.text:
         verb_error("--text-field applies to --text only")
+    if args.verb == "eval" and args.separator is not None and not args.text:
+        verb_error("--separator applies to --text only")
+    if args.verb == "eval" and args.separator == "":
+        verb_error("--separator: give the string documents end at (leave it out: a file is one document)")
     if args.verb == "report":
         return _run("report", _report, args)
     if args.verb == "jobs" and args.action is None:

@@ -241,7 +241,7 @@ def cmd_eval(cfg: dict, args) -> None:
         if seq_len > model.cfg.max_context_length:
             raise ValueError(f"--seq-len {seq_len}: longer than the model's context ({model.cfg.max_context_length} "
                              "tokens, max_context_length)")
-        texts = text_batches(args.text, tokenizer, seq_len, args.batch_size, args.text_field)
+        texts = text_batches(args.text, tokenizer, seq_len, args.batch_size, args.text_field, args.separator)
         batches = itertools.islice(texts, args.max_batches)
         where = " ".join(args.text)
     else:

@@ -238,6 +238,14 @@ def test_text_batches_read_every_txt_file_of_a_glob(tokenizer, tmp_path):
     assert np.array_equal(got.numpy(), expected_samples(tokenizer, docs, 8))
 
 
+def test_text_batches_split_a_txt_file_at_a_separator_as_prepare_does(tokenizer, tmp_path):
+    docs = make_documents(3, seed=5)
+    (tmp_path / "stories.txt").write_text("".join(f"{d}\n<|endoftext|>\n" for d in docs))
+    got = torch.cat(list(text_batches(str(tmp_path / "stories.txt"), tokenizer, seq_len=8, batch_size=4,
+                                      separator="<|endoftext|>")))
+    assert np.array_equal(got.numpy(), expected_samples(tokenizer, docs, 8))
+
+
 def test_a_file_too_short_for_one_sample_is_an_error_naming_it(tokenizer, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("select")

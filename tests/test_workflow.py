@@ -222,6 +222,8 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         (["eval", hf, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
         (["eval", hf, "--seq-len", "16"], "--seq-len applies to --text only"),
         (["eval", hf, "--text-field", "body"], "--text-field applies to --text only"),
+        (["eval", hf, "--separator", "x"], "--separator applies to --text only"),
+        (["eval", hf, "--text", "a.txt", "--separator="], "--separator: give the string documents end at"),
         (["generate", hf, "--prompt", "x", "--temperature", "nan"], "argument --temperature: must be finite and > 0"),
         (["generate", hf, "--greedy", "--top-k", "2"], "elmforge generate: error: the following arguments are"),
     ]:

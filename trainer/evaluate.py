@@ -119,16 +119,18 @@ def validation_batches(
 
 
 def text_batches(
-    paths: str | list[str], tokenizer: TextTokenizer, seq_len: int, batch_size: int, text_field: str = "text"
+    paths: str | list[str], tokenizer: TextTokenizer, seq_len: int, batch_size: int, text_field: str = "text",
+    separator: str | None = None,
 ) -> Iterator[torch.Tensor]:
     """Documents of .txt/.jsonl/... files (paths or globs) packed like training data (BOS doc EOS)
-    into (B, seq_len+1) batches.
+    into (B, seq_len+1) batches. `separator` splits .txt files into documents, as a data source's does.
 
     The tail that does not fill a sample is dropped; the last batch may be smaller. A bad record
     (say, a JSON line without `text_field`) is an error naming it: an eval figure must cover its input.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
-    units = [unit for path in paths for unit in read_units({"path": path}, 0)]  # now: a missing file fails here
+    # Now: a missing file fails here.
+    units = [unit for path in paths for unit in read_units({"path": path, "separator": separator}, 0)]
     bos, eos = tokenizer.special_ids()
     packer = Packer(seq_len, bos, eos, token_dtype(tokenizer.vocab_size))
 
