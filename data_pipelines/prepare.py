@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -276,7 +277,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     target = real_destination(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -453,11 +454,13 @@ def _is_our_manifest(path: Path) -> bool:
 
 
 def _remove_stale_builds(out: Path) -> None:
-    """Temporary directories of earlier runs that were killed (their process is gone)."""
+    """Temporary directories of earlier builds on this machine that were killed (their process is gone).
+    Another machine's (storage shared between nodes) may still be written: its process cannot be seen."""
     remove_leftovers(out)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[1]
-        if not pid.isdigit():  # not one of ours
+    prefix = f".{out.name}.tmp-"
+    for stale in out.parent.glob(f"{prefix}*"):
+        host, _, pid = stale.name[len(prefix):].rpartition("-")
+        if not pid.isdigit() or host not in ("", socket.gethostname()):  # not ours, or another machine's
             continue
         try:
             os.kill(int(pid), 0)

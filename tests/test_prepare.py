@@ -329,3 +329,22 @@ def test_a_tokenizer_actors_error_reaches_the_user_as_its_kind_or_as_a_value_err
     unencodable = UnicodeEncodeError("utf-8", "\ud83d", 0, 1, "surrogates not allowed")  # takes five arguments
     plain = _without_ray(unencodable)
     assert type(plain) is ValueError and str(plain) == str(unencodable)
+
+
+def test_a_killed_build_of_this_machine_is_cleaned_up_and_another_machines_is_left(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from data_pipelines.prepare import _remove_stale_builds
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    names = {"mine": f".ds.tmp-{socket.gethostname()}-{dead}", "older": f".ds.tmp-{dead}",
+             "other": f".ds.tmp-node-7.cluster-{dead}", "alive": f".ds.tmp-{socket.gethostname()}-{os.getpid()}"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    _remove_stale_builds(tmp_path / "ds")
+    # On storage shared between nodes, another machine's build may still be written: its process is not ours to see.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["other"], names["alive"]])
