@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="checkpoint directories, averaged when several (default: the run's newest)")
     which.add_argument("--average", type=_positive(int), default=1,
                        help="average the run's last K checkpoints (OpenELM: 5)")
-    export.add_argument("--out", help="output directory (default: run.dir/hf)")
+    export.add_argument("--out", help="output directory (default: run.dir/hf, or with --checkpoint its run's hf/)")
     ev = sub.choices["eval"]
     ev.add_argument("--text", nargs="+", help="files or globs to score instead of the val split: .txt, .jsonl, "
                                               ".json (JSON lines), .parquet, also .gz/.zst compressed")

@@ -169,20 +169,41 @@ def cmd_export(cfg: dict, args) -> None:
         raise ValueError("--checkpoint: these checkpoints were trained with different tokenizers (" + ", ".join(
             f"{p} {(c.get('tokenizer_fingerprint') or 'unknown')[:12]}" for p, c in zip(checkpoints, clients))
             + "); average checkpoints of one tokenizer only")
+    out = _export_dir(cfg, args, checkpoints)
     client = clients[-1]
     data_dir = client["config"]["data"]["dir"]
     found = dataset_tokenizer_file(data_dir, client.get("tokenizer_fingerprint"))
-    out = Path(args.out or Path(cfg["run"]["dir"], "hf"))
     export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=found[0] if found else None)
     one_run = len({c.parent for c in checkpoints}) == 1  # else each is named with its run's directory
-    names = ", ".join(c.name if one_run else f"{c.parent.parent.name}/{c.name}" for c in checkpoints)
+
+    def name(checkpoint: Path) -> str:
+        return checkpoint.name if one_run else f"{checkpoint.parent.parent.name}/{checkpoint.name}"
+
     missing = f" (no tokenizer: the training data at {data_dir} is gone or was re-prepared with another one)"
-    print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{names}{'' if found else missing}")
+    print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{', '.join(map(name, checkpoints))}"
+          f"{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
-    step, max_steps = client["step"], client["config"]["train"]["max_steps"]
-    if step < max_steps:  # a stopped run (or one still training): its export is not the run's result
-        print(f"  note         {checkpoints[-1].name} is not the run's last step (train.max_steps={max_steps}): it "
-              "stopped early or is still training; export again once it has finished")
+    newest = {}  # each run's newest checkpoint given: a stopped run's (or one still training) is not its result
+    for checkpoint, state in zip(checkpoints, clients):
+        if state["step"] >= newest.get(checkpoint.parent, (None, {"step": -1}))[1]["step"]:
+            newest[checkpoint.parent] = (checkpoint, state)
+    for checkpoint, state in newest.values():
+        if state["step"] < (max_steps := state["config"]["train"]["max_steps"]):
+            print(f"  note         {name(checkpoint)} is not the run's last step (train.max_steps={max_steps}): it "
+                  "stopped early or is still training; export again once it has finished")
+
+
+def _export_dir(cfg: dict, args, checkpoints: list[Path]) -> Path:
+    """--out, else the hf/ of the run the checkpoints are of: run.dir's, or given checkpoints' own run's."""
+    if args.out:
+        return Path(args.out)
+    if not args.checkpoint:
+        return Path(cfg["run"]["dir"], "hf")
+    runs = {c.resolve().parent for c in checkpoints}
+    if len(runs) == 1 and checkpoints[0].resolve().parent.name == "checkpoints":
+        return checkpoints[0].resolve().parent.parent / "hf"
+    what = "checkpoints of several runs" if len(runs) > 1 else f"{checkpoints[0]}, outside a run's checkpoints/,"
+    raise ValueError(f"--checkpoint: {what} belong to no one run directory to export into: give --out <dir>")
 
 
 def _device(cfg: dict):

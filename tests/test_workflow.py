@@ -50,9 +50,19 @@ def test_export_average_eval_and_generate(workspace, capsys):
     import shutil  # checkpoints of two runs: each named with its run
 
     shutil.copytree(step4, root / "outputs/copy/checkpoints/step_4")
-    assert main(["export", *common, "--checkpoint", str(root / "outputs/copy/checkpoints/step_4"),
-                 str(root / "outputs/base/checkpoints/step_6"), f"--out={root / 'hf_two_runs'}"]) == 0
-    assert "average of copy/step_4, base/step_6" in capsys.readouterr().out
+    two_runs = [str(root / "outputs/copy/checkpoints/step_4"), str(root / "outputs/base/checkpoints/step_6")]
+    assert main(["export", *common, "--checkpoint", *two_runs, f"--out={root / 'hf_two_runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "average of copy/step_4, base/step_6" in out
+    assert "note         copy/step_4 is not the run's last step (train.max_steps=6)" in out and "base/step_6 is" not in out
+    # Without --out: the checkpoint's own run's hf/, never the run.dir of the command line's config.
+    assert main(["export", *common, "--checkpoint", two_runs[0]]) == 0
+    assert (root / "outputs/copy/hf/config.json").is_file()
+    assert sorted(p.parent.name for p in (root / "outputs").glob("*/hf")) == ["copy"]
+    capsys.readouterr()
+    assert main(["export", *common, "--checkpoint", *two_runs]) == 1
+    assert ("--checkpoint: checkpoints of several runs belong to no one run directory to export into: give --out "
+            "<dir>") in capsys.readouterr().err
 
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_last'}"]) == 0
     capsys.readouterr()
