@@ -176,6 +176,16 @@ def test_sigterm_or_ctrl_c_to_the_ray_driver_checkpoints_and_the_rerun_resumes(t
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, second["steps"] + 1))
 
+    # The injected preemption under Ray, where the loop runs in a worker thread no signal reaches: as the
+    # driver does on SIGTERM, it asks through run.dir/STOP, and every rank checkpoints and stops.
+    at = second["steps"] + 2
+    done = subprocess.run([*cmd, f"train.faults.sigterm_at_step={at}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    third = read_summary(run_dir)
+    assert third["stopped_by"] == "train.faults.sigterm_at_step" and third["steps"] == at
+    assert third["checkpoint"].endswith(f"step_{at}") and not (run_dir / "STOP").exists()
+
 
 def test_training_that_fails_on_a_worker_ends_with_one_clear_message(tmp_path):
     from corpus import make_documents, write_jsonl

@@ -2,9 +2,12 @@
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import torch
+
+from trainer.preemption import request_stop
 
 
 def maybe_kill(faults: dict, step: int, rank: int, run_dir: str, key: str = "kill_at_step") -> None:
@@ -22,14 +25,22 @@ def maybe_kill(faults: dict, step: int, rank: int, run_dir: str, key: str = "kil
 
 
 def maybe_sigterm(faults: dict, step: int, run_dir: str, rank: int) -> None:
-    """Send SIGTERM to this process after `sigterm_at_step` (every rank), once per run, as a preemption would."""
+    """Send SIGTERM to this process after `sigterm_at_step` (every rank), once per run, as a preemption would.
+    Under Ray the loop runs in a worker thread, which no signal handler reaches: a preemption is SIGTERM to
+    the driver, which writes run.dir/STOP, and so rank 0 writes it here."""
     if faults["sigterm_at_step"] != step:
+        return
+    in_a_thread = threading.current_thread() is not threading.main_thread()
+    if in_a_thread and rank != 0:
         return
     marker = Path(run_dir) / f".fault_sigterm_at_step_{step}_rank_{rank}"
     if marker.exists():
         return
     marker.write_text("SIGTERM by train.faults.sigterm_at_step\n")
-    os.kill(os.getpid(), signal.SIGTERM)
+    if in_a_thread:
+        request_stop(run_dir, "train.faults.sigterm_at_step")
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def maybe_poison(loss: torch.Tensor, faults: dict, step: int, rank: int) -> torch.Tensor:
