@@ -274,7 +274,7 @@ def cmd_eval(cfg: dict, args) -> None:
                                     "on: name one with data.dir=, or score files with --text")
         if tokenizer is not None:
             _require_data_of(tokenizer, data_dir, args)
-        batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches)
+        batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, whole=True)
         where = f"{data_dir} (val split)"
     r = evaluate_loss(model.to(_device(cfg)), batches, _device(cfg))
     print(f"[eval] {args.path} on {where}: loss {r['ce_loss']:.4f} | perplexity {r['perplexity']:.2f} | "

@@ -35,6 +35,24 @@ def test_validation_loss_is_logged_at_the_configured_steps(workspace):
     assert read_summary(root / "outputs/base")["final_val_loss"] == records[-1]["val_loss"]
 
 
+def test_eval_on_the_val_split_scores_every_sample_whatever_the_batch_size(workspace, capsys):
+    from data_pipelines.manifest import read_manifest
+    from trainer.checkpoint import read_client_state
+
+    root, common = workspace
+    step = root / "outputs/base/checkpoints/step_6"
+    manifest = read_manifest(read_client_state(step)["config"]["data"]["dir"])
+    samples = manifest.num_samples("val")
+    assert samples >= 3
+    scored = []
+    for batch in (2, samples - 1):  # the second leaves one sample for a last, smaller batch
+        assert main(["eval", str(step), *common, f"--batch-size={batch}"]) == 0
+        line = capsys.readouterr().out
+        scored.append((float(line.split("loss ")[1].split(" ")[0]), int(line.split("| ")[-1].split()[0].replace(",", ""))))
+    assert scored[0][1] == scored[1][1] == samples * manifest.seq_len
+    assert scored[0][0] == pytest.approx(scored[1][0], abs=2e-4)
+
+
 def test_export_average_eval_and_generate(workspace, capsys):
     root, common = workspace
     assert main(["export", *common, "run.name=base", "--average", "2", f"--out={root / 'hf'}"]) == 0

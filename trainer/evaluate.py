@@ -95,27 +95,32 @@ def validation_batches(
     max_batches: Optional[int] = None,
     tokenizer_fingerprint: Optional[str] = None,
     dataset_fingerprint: Optional[str] = None,
+    whole: bool = False,
 ) -> Iterator[torch.Tensor]:
     """One unshuffled pass over this rank's share of the `val` split, in (batch_size, seq_len+1) batches.
 
     Ranks split the samples as the training loader does (rank r takes r, r+W, ...), and every rank
     gets per_rank // batch_size batches (at most max_batches): the same count everywhere, so
     collectives inside the forward (ZeRO-3) stay matched. The few samples this leaves out are the
-    price of equal counts. A tokenizer_fingerprint refuses data tokenized with another tokenizer, a
-    dataset_fingerprint a dataset rebuilt since (a training run's, which validates again and again).
+    price of equal counts; whole=True scores them too, in a last smaller batch (`elmforge eval`: its
+    figure then does not depend on the batch size). A tokenizer_fingerprint refuses data tokenized
+    with another tokenizer, a dataset_fingerprint a dataset rebuilt since (a training run's, which
+    validates again and again).
     """
     loader = TokenLoader(
         data_dir, "val", rank, world_size, batch_size, seed=0, shuffle=False, tokenizer_fingerprint=tokenizer_fingerprint,
         dataset_fingerprint=dataset_fingerprint,
     )
-    per_rank = loader.dataset.per_rank
-    n = per_rank // batch_size if max_batches is None else min(per_rank // batch_size, max_batches)
-    if n == 0:
+    full, rest = divmod(loader.dataset.per_rank, batch_size)
+    if whole and rest:  # the next batch begins with the split's last samples (then the next epoch's)
+        batches = itertools.chain(itertools.islice(loader, full), (b[:rest] for b in itertools.islice(loader, 1)))
+        return itertools.islice(batches, max_batches)
+    if full == 0:
         raise ValueError(
-            f"{data_dir}: the val split gives each of {world_size} ranks {per_rank} samples, "
+            f"{data_dir}: the val split gives each of {world_size} ranks {rest} samples, "
             f"fewer than one batch of {batch_size}: lower the batch size or prepare more validation data"
         )
-    return itertools.islice(loader, n)
+    return itertools.islice(loader, full if max_batches is None else min(full, max_batches))
 
 
 def text_batches(
