@@ -84,7 +84,7 @@ def _train_here(cfg: dict) -> dict:
 
 
 def cmd_train(cfg: dict, args) -> None:
-    from trainer.train_loop import finished_run
+    from trainer.train_loop import check_init_from, finished_run
 
     for key in ("data.dir", "run.dir"):
         section, name = key.split(".")
@@ -95,6 +95,7 @@ def cmd_train(cfg: dict, args) -> None:
         if answers:
             _print_summary(cfg, summary)
         return
+    check_init_from(cfg)  # before the data is prepared (or rebuilt) for a model that cannot start
     if cfg["cluster"]["launcher"] == "local" or launched_by_torchrun():
         summary = _train_here(cfg)
         if not (summary and int(os.environ.get("RANK", 0)) == 0):

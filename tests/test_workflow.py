@@ -117,6 +117,13 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     err = capsys.readouterr().err
     assert "describes another model than model=openelm_tiny: layers 2 (model=openelm_tiny: 3)" in err
     assert not (root / "outputs/mismatch/checkpoints").exists()
+    # Refused before any data is prepared: a dataset of another name is not built for a model that cannot start.
+    vocab = main(["train", *args, "run.name=mismatch", f"train.init_from={root / 'hf_init'}", "data.name=other_vocab",
+                  "tokenizer.vocab_size=512"])
+    err = capsys.readouterr().err
+    assert vocab == 1 and "vocab_size 300 (model=openelm_tiny: 512). Pick the model= that matches it (its vocab_size: " \
+        "tokenizer.vocab_size=300, and data of its tokenizer)" in err, err
+    assert not (root / "data/other_vocab").exists()
 
     # The directory's tokenizer must be the dataset's: the same file, or the same vocabulary saved otherwise.
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -137,6 +144,13 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     fix = f"prepare the data with tokenizer=file tokenizer.path={tokenizer} tokenizer.vocab_size={other.get_vocab_size()} "
     assert fix in err, err
     assert not (root / "outputs/other_tokenizer/checkpoints").exists()
+    # A tokenizer file the data would be prepared with is compared before it is.
+    data_tokenizer = next((root / "data").glob("*/tokenizer.json"))
+    assert main(["train", *args, "run.name=other_tokenizer", f"train.init_from={root / 'hf_init'}", "tokenizer=file",
+                 f"tokenizer.path={data_tokenizer}", "tokenizer.vocab_size=300", "data.name=with_file"]) == 1
+    err = capsys.readouterr().err
+    assert f"is not tokenizer.path={data_tokenizer}, which the data is prepared with (" in err and fix in err, err
+    assert not (root / "data/with_file").exists()
 
 
 def test_a_run_started_from_a_hugging_face_directory_resumes_without_it(workspace, capsys):

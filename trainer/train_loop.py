@@ -58,12 +58,43 @@ def model_config(cfg: dict) -> OpenELMConfig:
     hf = config_from_hf(json.loads(path.read_text()), source=str(path))
     differences = composed.architecture_differences(hf, f"model={composed.name}", shapes_only=True)
     if differences:
+        vocab = ""
+        if hf.vocab_size != composed.vocab_size:  # the tiny model's is tokenizer.vocab_size's
+            key = "tokenizer" if cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] else "model"
+            vocab = f" (its vocab_size: {key}.vocab_size={hf.vocab_size}, and data of its tokenizer)"
         raise ValueError(
             f"train.init_from: {path} describes another model than model={composed.name}: "
-            f"{'; '.join(differences)}. Pick the model= that matches it"
+            f"{'; '.join(differences)}. Pick the model= that matches it{vocab}"
         )
     # The checkpoint's exact layer lists; the run's own name and activation checkpointing.
     return replace(hf, name=composed.name, activation_checkpointing=composed.activation_checkpointing)
+
+
+def check_init_from(cfg: dict) -> None:
+    """What can be refused of train.init_from before any data is prepared: its architecture, and its
+    tokenizer against a tokenizer file the data would be prepared with (a run that has a checkpoint
+    resumes from it instead)."""
+    model_config(cfg)
+    init_from, tokenizer = cfg["train"]["init_from"], cfg["tokenizer"]
+    if not init_from or tokenizer["kind"] == "bpe" or latest_checkpoint(Path(cfg["run"]["dir"], "checkpoints")):
+        return
+    theirs = find_tokenizer_file(init_from)
+    if theirs is not None:
+        _require_tokenizer_of(theirs, load_tokenizer(tokenizer["path"]), f"tokenizer.path={tokenizer['path']}, "
+                              "which the data is prepared with")
+
+
+def _require_tokenizer_of(theirs: Path, data_tokenizer, which: str) -> None:
+    """The model's tokenizer file `theirs` has the ids of the data's tokenizer (`which` names it)."""
+    model_tokenizer = load_tokenizer(theirs)
+    if not model_tokenizer.same_ids_as(data_tokenizer):
+        raise ValueError(
+            f"train.init_from: the model's tokenizer {theirs} ({model_tokenizer.fingerprint[:12]}) is not "
+            f"{which} ({data_tokenizer.fingerprint[:12]}): prepare the data with "
+            f"tokenizer={'llama' if theirs.suffix == '.model' else 'file'} tokenizer.path={theirs} "
+            f"tokenizer.vocab_size={model_tokenizer.vocab_size} (under another data.name=), or start from a model "
+            "of this dataset's tokenizer"
+        )
 
 
 def _check_data(model_cfg: OpenELMConfig, manifest, init_from: str | None) -> None:
@@ -76,17 +107,8 @@ def _check_data(model_cfg: OpenELMConfig, manifest, init_from: str | None) -> No
     if manifest.seq_len > model_cfg.rope_max_length:
         raise ValueError(f"{manifest.root}: seq_len {manifest.seq_len} exceeds model.rope_max_length")
     theirs = find_tokenizer_file(init_from) if init_from else None
-    if theirs is None:
-        return
-    model_tokenizer, data_fp = load_tokenizer(theirs), manifest.data["tokenizer"]["fingerprint"]
-    if not model_tokenizer.same_ids_as(load_tokenizer(manifest.tokenizer_path)):
-        raise ValueError(
-            f"train.init_from: the model's tokenizer {theirs} ({model_tokenizer.fingerprint[:12]}) is not the one "
-            f"{manifest.root} was prepared with ({data_fp[:12]}): prepare the data with "
-            f"tokenizer={'llama' if theirs.suffix == '.model' else 'file'} tokenizer.path={theirs} "
-            f"tokenizer.vocab_size={model_tokenizer.vocab_size} (under another data.name=), or start from a model "
-            "of this dataset's tokenizer"
-        )
+    if theirs is not None:
+        _require_tokenizer_of(theirs, load_tokenizer(manifest.tokenizer_path), f"the one {manifest.root} was prepared with")
 
 
 def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv, load_universal: bool = False):
