@@ -226,7 +226,12 @@ def _model_and_tokenizer(cfg: dict, args, required: bool):
 
     model, found = load_for_eval(args.path)
     if args.tokenizer:
-        found = load_tokenizer(args.tokenizer)
+        given = load_tokenizer(args.tokenizer)
+        if found is not None and not given.same_ids_as(found):  # the model's rows are its own tokenizer's ids
+            raise ValueError(f"--tokenizer {args.tokenizer} ({given.fingerprint[:12]}) has other tokens or ids than "
+                             f"the tokenizer found with {args.path} ({found.fingerprint[:12]}), whose ids the model "
+                             "was trained on: leave --tokenizer out")
+        found = given
     # Only a data.dir the user named: the default one belongs to the demo's data, not to this model.
     elif found is None and _data_dir_named(args):
         found = dataset_tokenizer(cfg["data"]["dir"])

@@ -311,6 +311,14 @@ def test_a_model_without_a_tokenizer_takes_one_from_the_command_line(workspace, 
     assert main([*scored, str(root / "other_ids.json")]) == 1
     assert (f"--tokenizer {root / 'other_ids.json'} (") in (err := capsys.readouterr().err), err
     assert f"is not the one {data_dir} was tokenized with (" in err and "score on data prepared with it" in err
+    # A model that carries its tokenizer takes another only with the same ids.
+    text = write_jsonl(root / "scored.jsonl", make_documents(10, seed=8))
+    own = ["eval", str(root / "hf_tok"), *common, "--text", str(text), "--seq-len=16", "--tokenizer"]
+    assert main([*own, str(root / "resaved.json")]) == 0
+    capsys.readouterr()
+    assert main([*own, str(root / "other_ids.json")]) == 1
+    assert (f"--tokenizer {root / 'other_ids.json'} (") in (err := capsys.readouterr().err) and (
+        f"has other tokens or ids than the tokenizer found with {root / 'hf_tok'} (") in err, err
     # --cfg job needs no prompt.
     assert main(["generate", str(bare), "--cfg", "job", *common]) == 0
     assert "run:" in capsys.readouterr().out
