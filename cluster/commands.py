@@ -165,8 +165,7 @@ def cmd_export(cfg: dict, args) -> None:
 
     checkpoints = _checkpoints_to_export(cfg, args)
     clients = [read_client_state(c) for c in checkpoints]
-    tokenizers = {c.get("tokenizer_fingerprint") for c in clients}
-    if len(tokenizers) > 1:  # their embeddings' rows mean different tokens: an average is no model
+    if not _one_tokenizer(clients):  # their embeddings' rows mean different tokens: an average is no model
         raise ValueError("--checkpoint: these checkpoints were trained with different tokenizers (" + ", ".join(
             f"{p} {(c.get('tokenizer_fingerprint') or 'unknown')[:12]}" for p, c in zip(checkpoints, clients))
             + "); average checkpoints of one tokenizer only")
@@ -192,6 +191,18 @@ def cmd_export(cfg: dict, args) -> None:
         if state["step"] < (max_steps := state["config"]["train"]["max_steps"]):
             print(f"  note         {name(checkpoint)} is not the run's last step (train.max_steps={max_steps}): it "
                   "stopped early or is still training; export again once it has finished")
+
+
+def _one_tokenizer(clients: list[dict]) -> bool:
+    """The checkpoints' tokenizers are one: the same file, or the same tokens and ids saved otherwise (as
+    transformers re-saves one), which only their datasets' tokenizer files can show."""
+    from trainer.evaluate import dataset_tokenizer
+
+    fingerprints = {c.get("tokenizer_fingerprint"): c["config"]["data"]["dir"] for c in clients}
+    if len(fingerprints) == 1:
+        return True
+    found = [dataset_tokenizer(data_dir, fp) if fp else None for fp, data_dir in fingerprints.items()]
+    return None not in found and all(t.same_ids_as(found[0]) for t in found[1:])
 
 
 def _export_dir(cfg: dict, args, checkpoints: list[Path]) -> Path:

@@ -386,6 +386,20 @@ def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_pat
     err = fails("export", "--checkpoint", str(other), step6, f"--out={tmp_path / 'x'}")
     assert f"trained with different tokenizers ({other} ffffffffffff, {step6} " in err, err
     assert not (tmp_path / "x").exists()
+    # One tokenizer saved otherwise (a dataset prepared with a re-saved export's tokenizer.json) is one.
+    import hashlib
+
+    data = tmp_path / "resaved_data"
+    shutil.copytree(torch.load(states, weights_only=True)["config"]["data"]["dir"], data)
+    (data / "tokenizer.json").write_text(json.dumps(json.loads((data / "tokenizer.json").read_text()), indent=3))
+    fingerprint = hashlib.sha256((data / "tokenizer.json").read_bytes()).hexdigest()
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = fingerprint
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    config = {**saved["config"], "data": {**saved["config"]["data"], "dir": str(data)}}
+    torch.save({**saved, "tokenizer_fingerprint": fingerprint, "config": config}, states)
+    assert main(["export", "--checkpoint", str(other), step6, f"--out={tmp_path / 'averaged'}", *common]) == 0
+    assert f"{tmp_path / 'averaged'}: average of {tmp_path.name}/step_4, base/step_6" in capsys.readouterr().out
 
     # A damaged file in a checkpoint (a truncated optimizer partition) is named, in one line, by each verb.
     damaged = tmp_path / "damaged/step_6"
