@@ -54,7 +54,7 @@ def cmd_prepare(cfg: dict, args) -> None:
     if not (options["dry_run"] or options["verify"]):
         require_writable(cfg["data"]["dir"], "data.dir")
     if options["dry_run"]:
-        print(describe_plan(cfg["data"], cfg["tokenizer"]))
+        print(describe_plan(cfg["data"], cfg["tokenizer"], force=options["force"]))
     elif options["verify"]:
         verify_dataset(cfg["data"]["dir"])
     else:

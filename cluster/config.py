@@ -267,6 +267,9 @@ def validate(cfg: dict) -> None:
     need(not c["dashboard"] or c["address"] is None, "cluster.dashboard=true",
          "starts a dashboard for an embedded Ray only (cluster.address null); a cluster's dashboard is its head's")
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
+    p = cfg["prepare"]
+    need(not (p["verify"] and (p["dry_run"] or p["force"])), "prepare.verify=true",
+         "checks a built dataset and writes nothing: give it alone, not with prepare.dry_run or prepare.force")
     need(d["seq_len"] >= 1, f"data.seq_len={d['seq_len']}", "must be at least 1")
     need(0 <= d["val_fraction"] < 1, f"data.val_fraction={d['val_fraction']}", "must be in [0, 1)")
     for key in ("min_chars", "min_tokens"):

@@ -378,7 +378,7 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     }
 
 
-def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
+def describe_plan(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> str:
     """What prepare would read and write, checked without writing anything or contacting a hub."""
     sources = data_cfg["sources"]
     shares = normalised_weights([s.get("weight", 1.0) for s in sources])
@@ -410,7 +410,9 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict) -> str:
     if (Path(data_cfg["dir"]) / MANIFEST_NAME).is_file():
         built, why = _built_fingerprint(Path(data_cfg["dir"]))
         fresh = built == dataset_fingerprint(data_cfg, tokenizer_cfg)
-        lines.append(f"  existing dataset: {'up to date' if fresh else f'{why}: would rebuild'}")
+        state = "up to date, but prepare.force: would rebuild" if fresh and force else "up to date" if fresh else \
+            f"{why}: would rebuild"
+        lines.append(f"  existing dataset: {state}")
     return "\n".join(lines)
 
 

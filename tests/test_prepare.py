@@ -70,6 +70,10 @@ def test_rebuild_is_byte_identical_and_reuse_does_no_work(tmp_path, capsys):
     prepare(data_cfg(corpus, tmp_path / "a"), TOKENIZER_CFG)
     assert "up to date" in capsys.readouterr().out
     assert (a / "manifest.json").stat().st_mtime_ns == before
+    # The dry run says the same, and that prepare.force would rebuild it anyway.
+    assert describe_plan(data_cfg(corpus, tmp_path / "a"), TOKENIZER_CFG).endswith("existing dataset: up to date")
+    assert describe_plan(data_cfg(corpus, tmp_path / "a"), TOKENIZER_CFG, force=True).endswith(
+        "existing dataset: up to date, but prepare.force: would rebuild")
 
 
 def test_changed_input_or_setting_rebuilds(tmp_path):
@@ -301,6 +305,9 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["prepare", f"storage_path={tmp_path}", "prepare.verify=true"]) == 1
     err = capsys.readouterr().err
     assert "manifest.json not found" in err and "Traceback" not in err
+    for other in ("prepare.dry_run=true", "prepare.force=true"):  # verify writes nothing: it would ignore them
+        assert main(["prepare", f"storage_path={tmp_path}", "prepare.verify=true", other]) == 2
+        assert "prepare.verify=true: checks a built dataset and writes nothing: give it alone" in capsys.readouterr().err
 
 
 def test_a_corpus_too_small_for_a_val_sample_is_told_and_the_loader_names_the_fix(tmp_path, capsys):
