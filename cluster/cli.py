@@ -104,10 +104,13 @@ def _positive(kind):
 
 
 def _implicit_overrides(args) -> list[str]:
-    """Under torchrun the world size is torchrun's, unless the user said otherwise."""
-    if commands.launched_by_torchrun() and not any(o.startswith("cluster.num_workers=") for o in args.overrides):
-        return [f"cluster.num_workers={os.environ['WORLD_SIZE']}"]
-    return []
+    """Under torchrun the world size is torchrun's and the launch Ray-free (what run_config.json records),
+    unless the user said otherwise."""
+    if not commands.launched_by_torchrun():
+        return []
+    given = {o.split("=", 1)[0].lstrip("+") for o in args.overrides}
+    implied = {"cluster.num_workers": os.environ["WORLD_SIZE"], "cluster.launcher": "local"}
+    return [f"{key}={value}" for key, value in implied.items() if key not in given]
 
 
 def _report(args) -> None:

@@ -70,17 +70,27 @@ def _train_here(cfg: dict) -> dict:
     from trainer.train_loop import train
 
     env = init_distributed(cfg["cluster"]["use_gpu"])
-    if env.world_size != cfg["cluster"]["num_workers"]:
-        raise ValueError(
-            f"cluster.num_workers={cfg['cluster']['num_workers']} but this launch has {env.world_size} processes; "
-            f"set cluster.num_workers={env.world_size}"
-        )
+    wanted = cfg["cluster"]["num_workers"]
+    if env.world_size != wanted:
+        if launched_by_torchrun():
+            raise ValueError(f"cluster.num_workers={wanted} but torchrun started {env.world_size} processes: set "
+                             f"cluster.num_workers={env.world_size}, or leave it out (torchrun's count is taken)")
+        raise ValueError(f"cluster.num_workers={wanted} but cluster.launcher=local trains in this one process: set "
+                         f"cluster.num_workers=1, or start {wanted} with torchrun --nproc_per_node={wanted} -m "
+                         "cluster.cli train ...")
+    run_dir = Path(cfg["run"]["dir"])
+    new = not run_dir.exists()
     if env.is_main:
         _prepare(cfg, use_ray=False, for_run=True)
-        Path(cfg["run"]["dir"]).mkdir(parents=True, exist_ok=True)
-        clear_stop_request(cfg["run"]["dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clear_stop_request(run_dir)
     dist.barrier()
-    return train(cfg)
+    try:
+        return train(cfg)
+    except BaseException:
+        if env.is_main and new and run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before it wrote
+            run_dir.rmdir()
+        raise
 
 
 def cmd_train(cfg: dict, args) -> None:

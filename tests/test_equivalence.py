@@ -264,6 +264,8 @@ def test_torchrun_runs_the_same_loop_and_ctrl_c_stops_it_for_a_resume(tmp_path):
     assert "2 ranks, ZeRO-2" in out and "training stopped on request (SIGINT;" in out, out[-3000:]
     stopped = read_summary(tmp_path / "outputs/torchrun")
     assert stopped["stopped_by"] == "SIGINT" and 2 <= stopped["steps"] < 30
+    recorded = json.loads((tmp_path / "outputs/torchrun/run_config.json").read_text())["cluster"]
+    assert recorded["launcher"] == "local" and recorded["num_workers"] == 2  # as torchrun launched it
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

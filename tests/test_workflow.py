@@ -116,7 +116,13 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     assert main(["train", *args, "run.name=mismatch", f"train.init_from={root / 'hf_init'}", "model.num_layers=3"]) == 1
     err = capsys.readouterr().err
     assert "describes another model than model=openelm_tiny: layers 2 (model=openelm_tiny: 3)" in err
-    assert not (root / "outputs/mismatch/checkpoints").exists()
+    assert not (root / "outputs/mismatch").exists()
+    # A run refused once started (no val sample to validate on) leaves no empty run directory behind.
+    assert main(["train", *args, "run.name=noval", "data.name=noval", "data.val_fraction=0", "train.eval_every=1"]) == 1
+    assert "split 'val' of" in capsys.readouterr().err and not (root / "outputs/noval").exists()
+    assert main(["train", *args, "run.name=two", "cluster.num_workers=2"]) == 1
+    assert ("cluster.num_workers=2 but cluster.launcher=local trains in this one process: set cluster.num_workers=1, "
+            "or start 2 with torchrun --nproc_per_node=2 -m cluster.cli train ...") in capsys.readouterr().err
     # Refused before any data is prepared: a dataset of another name is not built for a model that cannot start.
     vocab = main(["train", *args, "run.name=mismatch", f"train.init_from={root / 'hf_init'}", "data.name=other_vocab",
                   "tokenizer.vocab_size=512"])
