@@ -74,6 +74,7 @@ class SourceStats:
 def build_settings(data_cfg: dict, tokenizer_cfg: dict) -> dict:
     """The settings that change the shards, as {"data.seq_len": 2048, ..., "tokenizer.kind": "bpe", ...}."""
     return {**{f"data.{k}": data_cfg.get(k) for k in FINGERPRINT_KEYS},
+            "data.sources": hashed_specs(data_cfg["sources"]),
             **{f"tokenizer.{k}": v for k, v in tokenizer_cfg.items()}}
 
 

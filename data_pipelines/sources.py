@@ -481,10 +481,12 @@ def _probe_compression(path: str, compression: str) -> bool:
 
 
 def hashed_specs(sources: list[dict]) -> list[dict]:
-    """The sources' settings as dataset fingerprints and run names hash them: a setting added since the
-    first datasets were prepared is left out at its default, so those datasets stay up to date and
-    runs keep their derived names."""
-    return [{k: v for k, v in spec.items() if not (k in LATER_SETTINGS and v is None)} for spec in sources]
+    """The sources' settings as dataset fingerprints, run names and a resume's data check compare them: a
+    setting added since the first datasets were prepared is left out at its default (those datasets stay
+    up to date, runs keep their names and resume), and a separator is compared as read (YAML's "\\n" and
+    the command line's "\\\\n" are one)."""
+    specs = [{k: v for k, v in spec.items() if not (k in LATER_SETTINGS and v is None)} for spec in sources]
+    return [{**spec, "separator": document_separator(spec)} if "separator" in spec else spec for spec in specs]
 
 
 def fingerprint_sources(sources: list[dict]) -> str:

@@ -302,16 +302,22 @@ def test_a_separator_where_it_can_split_nothing_is_refused_before_any_work(tmp_p
 
 def test_the_separator_setting_leaves_older_run_names_and_datasets_as_they_were():
     from cluster.config import compose_config, derive_run_name
-    from data_pipelines.prepare import dataset_fingerprint
+    from data_pipelines.prepare import build_settings, dataset_fingerprint
 
     cfg = compose_config([])
     before = {**cfg, "data": {**cfg["data"], "sources": [
         {k: v for k, v in s.items() if k != "separator"} for s in cfg["data"]["sources"]]}}
     assert derive_run_name(cfg) == derive_run_name(before)
     assert dataset_fingerprint(cfg["data"], cfg["tokenizer"]) == dataset_fingerprint(before["data"], cfg["tokenizer"])
+    assert build_settings(cfg["data"], cfg["tokenizer"]) == build_settings(before["data"], cfg["tokenizer"])  # resumes
     split = {**cfg, "data": {**cfg["data"], "sources": [{**s, "separator": "\n\n"} for s in cfg["data"]["sources"]]}}
     assert derive_run_name(split) != derive_run_name(cfg)
     assert dataset_fingerprint(split["data"], cfg["tokenizer"]) != dataset_fingerprint(cfg["data"], cfg["tokenizer"])
+    # The command line's spelling of a separator (escapes kept as typed) and YAML's are one setting.
+    typed = {**cfg, "data": {**cfg["data"], "sources": [{**s, "separator": "\\n\\n"} for s in cfg["data"]["sources"]]}}
+    assert derive_run_name(typed) == derive_run_name(split)
+    assert dataset_fingerprint(typed["data"], cfg["tokenizer"]) == dataset_fingerprint(split["data"], cfg["tokenizer"])
+    assert build_settings(typed["data"], cfg["tokenizer"]) == build_settings(split["data"], cfg["tokenizer"])
 
 
 def test_a_txt_file_of_separated_documents_prepares_each_as_its_own(tmp_path):
