@@ -302,7 +302,10 @@ def _no_text(record, text_field: str) -> str:
 
 def _read_txt(path: str, compression: str, separator: Optional[str] = None) -> Iterator[Record]:
     """The file as one document, or the documents between its separators. Those of a UTF-8 file are read a
-    block at a time, so one document, not the file, is held (and tokenized) at once."""
+    block at a time, so one document, not the file, is held (and tokenized) at once. Windows' line ends
+    are split as \\n ones (cleaning drops every \\r in any case), so "\\n\\n" finds their paragraphs."""
+    if separator is not None:
+        separator = separator.replace("\r\n", "\n")
     try:
         with _open_binary(path, compression) as (f, file):
             head = f.read(4)
@@ -318,32 +321,43 @@ def _read_txt(path: str, compression: str, separator: Optional[str] = None) -> I
                     yield Record(text, f"{path}:1", replaced, pos=file.tell())
                     return
                 # Genuine U+FFFD in such a file is rare: where some were replaced, each document counts its own.
-                pieces = ((piece, piece.count("\ufffd") if replaced else 0) for piece in text.split(separator))
+                pieces = ((piece, piece.count("\ufffd") if replaced else 0)
+                          for piece in text.replace("\r\n", "\n").split(separator))
             elif separator is None:
                 text, replaced = _decode(head + f.read(), first=True)
                 yield Record(text, f"{path}:1", replaced, pos=file.tell())
                 return
             else:
-                pieces = (_decode(raw, first=i == 0) for i, raw in enumerate(_split_bytes(f, head, separator.encode())))
+                blocks = _lf_blocks(f, head)
+                pieces = (_decode(raw, first=i == 0) for i, raw in enumerate(_split_bytes(blocks, separator.encode())))
             yield from _documents(pieces, path, separator, file)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
 
 
-def _split_bytes(stream, head: bytes, separator: bytes, block: int = 1 << 20) -> Iterator[bytes]:
+def _lf_blocks(stream, head: bytes, size: int = 1 << 20) -> Iterator[bytes]:
+    """The stream's bytes a block at a time, after `head`, with \\r\\n as \\n (a \\r that ends a block waits
+    for the next)."""
+    carry, block = b"", head
+    while block:
+        block = carry + block
+        carry = b"\r" if block.endswith(b"\r") else b""
+        yield block[: len(block) - len(carry)].replace(b"\r\n", b"\n")
+        block = stream.read(size)
+    yield carry
+
+
+def _split_bytes(blocks: Iterator[bytes], separator: bytes) -> Iterator[bytes]:
     """The bytes between separators. In UTF-8 a character's bytes never occur inside another's, so the
     separator's bytes are found exactly where the text holds it."""
-    pending, start = bytearray(head), 0
-    while True:
+    pending, start = bytearray(), 0
+    for block in blocks:
+        pending += block
         while (end := pending.find(separator, start)) != -1:
             yield bytes(pending[:end])
             del pending[: end + len(separator)]
             start = 0
         start = max(0, len(pending) - len(separator) + 1)  # a separator may begin in the bytes kept
-        more = stream.read(block)
-        if not more:
-            break
-        pending += more
     yield bytes(pending)
 
 

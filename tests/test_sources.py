@@ -262,15 +262,19 @@ def test_a_separator_splits_txt_files_into_documents_with_the_line_each_starts_o
     assert texts({"path": str(tmp_path / name)}) == [SEPARATED]  # without one: the file is one document
 
 
-def test_a_separator_is_found_wherever_the_blocks_read_cut_it():
+def test_a_separator_and_windows_line_ends_are_found_wherever_the_blocks_read_cut_them():
     import io
 
-    from data_pipelines.sources import _split_bytes
+    from data_pipelines.sources import _lf_blocks, _split_bytes
 
     raw = "é<sep>ab<sep><sep>東京 <se <sep>\U0001F600<sep>".encode()
+    crlf = b"one\r\n\r\ntwo\r\nlines\r\n\r\n\r\nthree\r"
     for block in range(1, 12):
         stream = io.BytesIO(raw)
-        assert list(_split_bytes(stream, stream.read(4), b"<sep>", block)) == raw.split(b"<sep>")
+        assert list(_split_bytes(_lf_blocks(stream, stream.read(4), block), b"<sep>")) == raw.split(b"<sep>")
+        stream = io.BytesIO(crlf)
+        assert list(_split_bytes(_lf_blocks(stream, stream.read(4), block), b"\n\n")) == [
+            b"one", b"two\nlines", b"\nthree\r"]
 
 
 def test_separator_escapes_bad_bytes_and_wide_encodings(tmp_path):
@@ -282,6 +286,13 @@ def test_separator_escapes_bad_bytes_and_wide_encodings(tmp_path):
     # The mark goes; the bad byte counts in its own document, a genuine U+FFFD in none.
     assert [(r.text, r.replaced) for r in records] == [
         ("caf\ufffd", 1), ("second \ufffd paragraph", 0), ("third", 0)]
+    # Windows' line ends: its paragraphs are found by "\n\n" too (and by "\r\n\r\n").
+    (tmp_path / "crlf.txt").write_bytes(b"First paragraph.\r\n\r\nSecond,\r\non two lines.\r\n\r\nThird.\r\n")
+    for separator in ("\\n\\n", "\r\n\r\n"):
+        records = [r for u in read_units({"path": str(tmp_path / "crlf.txt"), "separator": separator}, 0)
+                   for r in read_unit(u)]
+        assert [(r.text, r.origin[-2:]) for r in records] == [
+            ("First paragraph.", ":1"), ("Second,\non two lines.", ":3"), ("Third.", ":6")]
     (tmp_path / "w.txt").write_bytes(codecs.BOM_UTF16_LE + "東京\n\nnext one\n\n".encode("utf-16-le"))
     records = [r for u in read_units({**spec, "path": str(tmp_path / "w.txt")}, 0) for r in read_unit(u)]
     assert [(r.text, r.origin[-2:]) for r in records] == [("東京", ":1"), ("next one", ":3")]
