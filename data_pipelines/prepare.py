@@ -12,6 +12,7 @@ interrupted run never leaves a directory that looks complete. A dataset whose
 manifest carries the same fingerprint (settings and input bytes) is reused.
 """
 
+import glob
 import hashlib
 import io
 import json
@@ -461,7 +462,7 @@ def _remove_stale_builds(out: Path) -> None:
     Another machine's (storage shared between nodes) may still be written: its process cannot be seen."""
     remove_leftovers(out)
     prefix = f".{out.name}.tmp-"
-    for stale in out.parent.glob(f"{prefix}*"):
+    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):  # a name may hold [ ] * ?
         host, _, pid = stale.name[len(prefix):].rpartition("-")
         if not pid.isdigit() or host not in ("", socket.gethostname()):  # not ours, or another machine's
             continue

@@ -1,6 +1,7 @@
 """Publish a directory whole: built beside its destination, then swapped in, so readers see the old one
 or the new one, never a mix, and a failed build leaves the old one untouched."""
 
+import glob
 import os
 import shutil
 import tempfile
@@ -31,5 +32,5 @@ def swap_into_place(new: Path, out: Path) -> None:
 
 def remove_leftovers(out: Path) -> None:
     """What swaps into `out` left behind when killed while deleting the directory they replaced."""
-    for leftover in out.parent.glob(f".{out.name}.old-*"):
+    for leftover in out.parent.glob(f"{glob.escape(f'.{out.name}.old-')}*"):  # a name may hold [ ] * ?
         shutil.rmtree(leftover, ignore_errors=True)

@@ -355,3 +355,8 @@ def test_a_killed_build_of_this_machine_is_cleaned_up_and_another_machines_is_le
     _remove_stale_builds(tmp_path / "ds")
     # On storage shared between nodes, another machine's build may still be written: its process is not ours to see.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["other"], names["alive"]])
+    # A name with glob characters is matched as written, and matches no other dataset's leftovers.
+    for name in (f".corpus[v2].tmp-{socket.gethostname()}-{dead}", ".corpus[v2].old-1", ".corpusv.old-1"):
+        (tmp_path / name).mkdir()
+    _remove_stale_builds(tmp_path / "corpus[v2]")
+    assert ".corpusv.old-1" in {p.name for p in tmp_path.iterdir()} and not list(tmp_path.glob(".corpus[[]v2]*"))
