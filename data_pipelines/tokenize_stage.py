@@ -33,6 +33,7 @@ BLOCK_BYTES = 4 << 20
 STORE_BLOCKS_PER_ACTOR = 8
 MIN_STORE_BUDGET = 128 << 20
 ACTORS_PER_READER = 16
+READER_CPUS = 0.25
 
 
 def record_tables(unit_index: int, units: list[ReadUnit], text_field: str, on_bad_record: str) -> Iterator[pa.Table]:
@@ -214,6 +215,17 @@ def _without_ray(error: BaseException) -> BaseException:
         return ValueError(message)
 
 
+def _require_room(workers: int, readers: int, cpus: float) -> None:
+    """The actor pool is placed whole before any reader runs: a pool the cluster cannot hold would wait
+    forever, without a word."""
+    needed = workers + READER_CPUS * readers
+    if needed > cpus:
+        raise ValueError(
+            f"data.workers={workers} tokenizer actors of 1 CPU and {readers} reader(s) of {READER_CPUS} need "
+            f"{needed:g} CPUs, more than the {cpus:g} Ray has: lower data.workers (or leave it null, for Ray's CPUs "
+            "less one), or give Ray more (cluster.num_cpus for the embedded one)")
+
+
 def default_workers() -> int:
     """Tokenizer actors for data.workers=null: Ray's CPUs less one (for the reader and the driver), but
     on a one-node Ray on this machine no more than its cores: an embedded Ray is given more logical
@@ -241,6 +253,8 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
     warnings.filterwarnings("ignore", message=".*minimum number of concurrent actors", category=UserWarning)
     if workers is None:
         workers = default_workers()
+    readers = -(-workers // ACTORS_PER_READER)
+    _require_room(workers, readers, ray.cluster_resources().get("CPU", 0))
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ctx = ds.context  # this pipeline's own copy of the DataContext; the process-wide one is left alone
     ctx.execution_options.preserve_order = True  # output order = input order, whatever the pool size
@@ -256,9 +270,9 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
         partial(_read_stage, units=units, text_field=text_field, on_bad_record=on_bad_record),
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0.25,  # mostly I/O; different resources also keep Ray from fusing it into the actors
+        num_cpus=READER_CPUS,  # mostly I/O; different resources also keep Ray from fusing it into the actors
         # Reading is a few % of the work; each reader is a process.
-        compute=ray.data.TaskPoolStrategy(size=-(-workers // ACTORS_PER_READER)),
+        compute=ray.data.TaskPoolStrategy(size=readers),
     )
     ds = ds.map_batches(
         DocumentProcessor,
@@ -266,6 +280,10 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
         batch_size=BATCH,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
+        # Ray Data restarts actors that die, but one built from arguments in the object store (the tokenizer)
+        # may not come back (ray-project/ray#53727, which Ray logs as an error at every build): a lost actor
+        # fails the build instead, which the next prepare builds again.
+        max_restarts=0,
     )
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

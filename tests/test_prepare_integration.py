@@ -44,6 +44,16 @@ def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local
     assert checksums[0] == checksums[1] == checksums[2]
     printed = "".join(capfd.readouterr())
     assert "[prepare " in printed and "Progress bars disabled" not in printed
+    assert "max_restarts > 0" not in printed  # Ray's error-level line about restarting the tokenizer actors
+
+
+def test_more_tokenizer_actors_than_ray_can_place_are_refused_at_once(tmp_path, ray_local):
+    write_jsonl(tmp_path / "c.jsonl", make_documents(20, seed=2))
+    cfg = data_cfg(tmp_path / "c.jsonl", tmp_path / "ds", workers=4)  # and a reader: 4.25 of 4 CPUs
+    with pytest.raises(ValueError, match=r"data.workers=4 tokenizer actors of 1 CPU and 1 reader\(s\) of 0.25 need "
+                                         r"4.25 CPUs, more than the 4 Ray has: lower data.workers"):
+        prepare(cfg, TOKENIZER_CFG)
+    assert not (tmp_path / "ds").exists()
 
 
 def test_errors_inside_ray_workers_name_the_record(tmp_path, ray_local):
