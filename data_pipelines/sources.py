@@ -34,6 +34,8 @@ PACKAGE_SCHEME = "package://"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 COMPRESSIONS = (".gz", ".zst")
+# `datasets`' builders that read the files hf_data_files names (a hub dataset's are relative to its repo).
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "webdataset", "pandas")
 LATER_SETTINGS = ("separator",)  # source settings added after the first datasets were prepared
 PROBE_RECORDS = 100  # records of each JSON-lines file looked at for the text field before any work
 
@@ -518,6 +520,10 @@ def fingerprint_sources(sources: list[dict]) -> str:
         elif os.path.isdir(spec["hf"]):
             for path in _dataset_files(spec["hf"]):
                 _hash_file(digest, os.path.relpath(path, spec["hf"]), path)
+        elif spec["hf"] in PACKAGED_BUILDERS and spec.get("hf_data_files"):  # local files (or URLs)
+            for path in sorted(glob.glob(os.path.expanduser(spec["hf_data_files"]), recursive=True)):
+                if os.path.isfile(path):
+                    _hash_file(digest, path, path)
     return digest.hexdigest()
 
 

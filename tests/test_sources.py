@@ -156,6 +156,14 @@ def test_hugging_face_datasets_stream_local_files_by_shard(tmp_path, monkeypatch
     stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
     assert stats["documents_read"] == len(DOCS) and stats["sources"][0]["name"] == "hub"
 
+    # A packaged builder over local files (hf: json): a changed file is a changed input, as for `path`.
+    from data_pipelines.sources import fingerprint_sources
+
+    builder = [{"hf": "json", "hf_data_files": str(repo / "*.jsonl")}]
+    before = fingerprint_sources(builder)
+    (repo / "train-00001.jsonl").write_bytes(jsonl_bytes(DOCS[8:]))
+    assert fingerprint_sources(builder) != before
+
 
 def test_a_wrong_text_field_is_found_before_any_work(tmp_path):
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(DOCS)))
