@@ -219,17 +219,27 @@ def differing_settings(runs: list[Run]) -> list[dict | None]:
     flats = [None if r.config is None else
              flat_config({k: v for k, v in r.config.items() if k not in NOT_COMPARED}) for r in runs]
     known = [f for f in flats if f is not None]
-    keys = sorted({k for f in known for k in f})
+    keys = sorted({k for f in known for k in f}, key=lambda k: (not _changes_results(k), k))
     differ = [k for k in keys if len({json.dumps(f.get(k, "unset"), sort_keys=True) for f in known}) > 1]
     return [None if f is None else {k: f.get(k, "unset") for k in differ} for f in flats]
 
 
-def settings_text(settings: dict | None) -> str | None:
+def _changes_results(key: str) -> bool:
+    """A setting that changes what a run computes (those that name it: cluster.config's RESULT_KEYS less
+    UNHASHED), shown before those that change how it ran or was watched."""
+    from cluster.config import RESULT_KEYS, UNHASHED
+
+    group, _, name = key.partition(".")
+    return group in RESULT_KEYS and name.split(".")[0] not in UNHASHED.get(group, ())
+
+
+def settings_text(settings: dict | None) -> tuple[str, str] | None:
+    """(what the table shows: the first SETTINGS_SHOWN, the rest counted; all of them, for its tooltip)."""
     if settings is None:
         return None
     items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
     more = len(items) - SETTINGS_SHOWN
-    return ", ".join(items[:SETTINGS_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
+    return ", ".join(items[:SETTINGS_SHOWN]) + (f" (+{more} more)" if more > 0 else ""), ", ".join(items)
 
 
 def run_status(run: Run) -> str:
@@ -337,7 +347,8 @@ def _html(runs: list[Run], rows: list[dict], charts: dict[str, Path], inputs: li
             cells.append(("mfu_median", _fmt(r["mfu_median"], ".1%")))  # as the progress line prints it
         if show_settings:
             text = settings_text(r["settings"])
-            cells.append(("settings", "&ndash;" if text is None else f"<code>{html.escape(text)}</code>"))
+            cells.append(("settings", "&ndash;" if text is None else
+                          f'<code title="{html.escape(text[1], quote=True)}">{html.escape(text[0])}</code>'))
         cells += [("status", html.escape(r["status"])), ("dir", f"<code>{html.escape(r['dir'])}</code>")]
         tds = "".join(f'<td class="{c}">{v}</td>' for c, v in cells)
         body.append(f'<tr data-run="{html.escape(r["name"], quote=True)}">{tds}</tr>')

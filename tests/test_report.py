@@ -178,6 +178,23 @@ def test_the_table_shows_the_settings_in_which_runs_differ(tmp_path):
     assert rows["old"]["settings"] == "\u2013"
 
 
+def test_settings_that_change_what_a_run_computes_come_first_and_all_are_in_the_tooltip(tmp_path):
+    # Eight that change how a run went or was watched, and the warmup, which changes its result.
+    watched = {"train": {"log_every": 1, "checkpoint_every": 2, "eval_batches": 3, "keep_checkpoints": 4,
+                         "warmup_steps": 5}, "cluster": {"launcher": "ray", "num_cpus": 4, "dashboard": False},
+               "data": {"workers": 1}}
+    other = {"train": {"log_every": 9, "checkpoint_every": 9, "eval_batches": 9, "keep_checkpoints": 9,
+                       "warmup_steps": 50}, "cluster": {"launcher": "local", "num_cpus": 9, "dashboard": True},
+             "data": {"workers": 9}}
+    for name, config in (("a", watched), ("b", other)):
+        write_run(tmp_path / name, 4, seed=0.1)
+        (tmp_path / name / "run_config.json").write_text(json.dumps(config))
+    page = build_report([str(tmp_path)], str(tmp_path / "report"))["html"]
+    shown = parse_page(page).rows["b"]["settings"]
+    assert shown.startswith("train.warmup_steps=50, ") and shown.endswith(" (+1 more)"), shown
+    assert 'title="train.warmup_steps=50, cluster.dashboard=true, cluster.launcher=local, ' in Path(page).read_text()
+
+
 def test_summary_json_wins_over_metrics(tmp_path):
     records = write_run(tmp_path / "r", 5, seed=0.1, summary=True)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -326,8 +343,8 @@ def test_report_of_a_real_training_run(tiny_dataset, tmp_path):
     other = compose_config([*overrides, "train.lr=0.01", "train.log_every=2", "logger.project=elsewhere"])
     train(other)
     page = parse_page(build_report([str(tmp_path / "outputs")], str(tmp_path / "report"))["html"])
-    assert page.rows[cfg["run"]["name"]]["settings"] == f"train.log_every={cfg['train']['log_every']}, train.lr={cfg['train']['lr']}"
-    assert page.rows[other["run"]["name"]]["settings"] == "train.log_every=2, train.lr=0.01"
+    assert page.rows[cfg["run"]["name"]]["settings"] == f"train.lr={cfg['train']['lr']}, train.log_every={cfg['train']['log_every']}"
+    assert page.rows[other["run"]["name"]]["settings"] == "train.lr=0.01, train.log_every=2"
 
 
 @pytest.mark.parametrize("n", [3, 10, 20, 25, 64])
