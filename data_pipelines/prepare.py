@@ -47,7 +47,7 @@ FINGERPRINT_KEYS = (
 )
 # The likely fix when a source keeps no document, by the reason most of them were dropped.
 NOTHING_KEPT_HINTS = {
-    "missing_text_field": "set its text_field to the field that holds the text",
+    "missing_text_field": "set its text_field to the field that holds the text (a null value counts as none)",
     "invalid_json": "its files are not JSON lines",
     "empty": "its documents are empty after cleaning",
     "too_few_characters": "lower data.filters.min_chars",
