@@ -33,8 +33,8 @@ from data_pipelines.progress import Progress, format_count
 from data_pipelines.shard_writer import ShardWriter, tar_header
 from data_pipelines.source_cache import SourceCacheReader, SourceCacheWriter
 from data_pipelines.sources import (
-    ReadUnit, bad_record_error, check_files, check_saved_dataset, check_source, fingerprint_sources, hashed_specs,
-    no_document_error, read_unit, read_units, saved_to_disk, source_name,
+    ReadUnit, bad_record_error, check_files, check_saved_dataset, check_source, document_separator, fingerprint_sources,
+    hashed_specs, no_document_error, read_unit, read_units, saved_to_disk, source_name,
 )
 from data_pipelines.swap_dir import real_destination, remove_leftovers, swap_into_place
 from data_pipelines.tokenize_stage import tokenized_batches
@@ -398,6 +398,8 @@ def describe_plan(data_cfg: dict, tokenizer_cfg: dict, force: bool = False) -> s
         else:
             files = check_files(spec, i)
             where = f"{len(files)} file(s), {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB"
+            if spec.get("separator") is not None:
+                where += f", .txt documents split at {document_separator(spec)!r}"
         want = f", {format_count(shares[i] * target)} tokens" if target else ""
         repeat = ", may repeat" if spec.get("repeat") else ""
         lines.append(f"  {source_name(spec, i)}: weight {shares[i]:.2%}{want}{repeat}: {where}")

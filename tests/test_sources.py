@@ -343,5 +343,6 @@ def test_a_txt_file_of_separated_documents_prepares_each_as_its_own(tmp_path):
     corpus = tmp_path / "stories.txt"
     corpus.write_text("".join(f"{d}\n<|endoftext|>\n" for d in DOCS))
     cfg = data_cfg(corpus, tmp_path / "ds", sources=[{"path": str(corpus), "separator": "<|endoftext|>"}])
+    assert "1 file(s), 0.0 MB, .txt documents split at '<|endoftext|>'" in describe_plan(cfg, TOKENIZER_CFG)
     stats = read_manifest(prepare(cfg, TOKENIZER_CFG)).data["stats"]
     assert stats["documents_kept"] == len(set(DOCS))
