@@ -202,9 +202,8 @@ def finalise(cfg: dict) -> dict:
     for source in cfg["data"]["sources"]:  # package:// stays: where the package lies differs between machines
         if source.get("path") and not source["path"].startswith(PACKAGE_SCHEME):
             source["path"] = os.path.abspath(os.path.expanduser(source["path"]))
-        local = os.path.expanduser(source.get("hf") or "")
-        if source.get("hf") and (source["hf"].startswith("~") or os.path.isdir(local)):  # a local dataset directory:
-            source["hf"] = os.path.abspath(local)  # absolute, for Ray workers elsewhere (a hub id is no directory)
+        if (source.get("hf") or "").startswith("~"):  # a local dataset directory (a hub id never starts so)
+            source["hf"] = os.path.expanduser(source["hf"])
     return cfg
 
 

@@ -38,9 +38,6 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert cfg["data"]["sources"][0]["path"].startswith("package://")  # the same on every machine
     sources = compose_config(["data.sources=[{path:corpus/*.jsonl},{path:'~/web.jsonl'}]"])["data"]["sources"]
     assert [s["path"] for s in sources] == [str(tmp_path / "corpus/*.jsonl"), os.path.expanduser("~/web.jsonl")]
-    (tmp_path / "saved/my_set").mkdir(parents=True)  # a local dataset directory, named relatively; a hub id stays
-    sources = compose_config(["data.sources=[{hf:saved/my_set},{hf:HuggingFaceFW/fineweb}]"])["data"]["sources"]
-    assert [s["hf"] for s in sources] == [str(tmp_path / "saved/my_set"), "HuggingFaceFW/fineweb"]
 
 
 def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
