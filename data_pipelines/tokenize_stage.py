@@ -215,15 +215,26 @@ def _without_ray(error: BaseException) -> BaseException:
         return ValueError(message)
 
 
-def _require_room(workers: int, readers: int, cpus: float) -> None:
-    """The actor pool is placed whole before any reader runs: a pool the cluster cannot hold would wait
-    forever, without a word."""
-    needed = workers + READER_CPUS * readers
+def _require_room(workers: int, cpus: float) -> None:
+    """The actor pool is placed whole before a reader runs, and then at least one reader must fit beside
+    it: on a Ray that cannot grow, a pool without that room would wait forever, without a word."""
+    needed = workers + READER_CPUS
     if needed > cpus:
         raise ValueError(
-            f"data.workers={workers} tokenizer actors of 1 CPU and {readers} reader(s) of {READER_CPUS} need "
-            f"{needed:g} CPUs, more than the {cpus:g} Ray has: lower data.workers (or leave it null, for Ray's CPUs "
-            "less one), or give Ray more (cluster.num_cpus for the embedded one)")
+            f"data.workers={workers} tokenizer actors of 1 CPU and a reader of {READER_CPUS} need {needed:g} CPUs, "
+            f"more than the {cpus:g} this Ray has: lower data.workers (or leave it null, for Ray's CPUs less one), "
+            "or give Ray more (cluster.num_cpus for the embedded one)")
+
+
+def _one_node_here() -> bool:
+    """Ray is one node, this machine's (an embedded Ray, or a one-node cluster started here)."""
+    import ray
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - Ray client mode and the like: not known to be here
+        return False
 
 
 def default_workers() -> int:
@@ -234,13 +245,7 @@ def default_workers() -> int:
     import ray
 
     workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
-            workers = min(workers, len(os.sched_getaffinity(0)))
-    except Exception:  # Ray client mode and the like: keep the logical count
-        pass
-    return workers
+    return min(workers, len(os.sched_getaffinity(0))) if _one_node_here() else workers
 
 
 def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -> Iterator[pa.Table]:
@@ -254,7 +259,8 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
     if workers is None:
         workers = default_workers()
     readers = -(-workers // ACTORS_PER_READER)
-    _require_room(workers, readers, ray.cluster_resources().get("CPU", 0))
+    if _one_node_here():  # a cluster of several nodes may grow (an autoscaler): Ray waits for it there
+        _require_room(workers, ray.cluster_resources().get("CPU", 0))
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ctx = ds.context  # this pipeline's own copy of the DataContext; the process-wide one is left alone
     ctx.execution_options.preserve_order = True  # output order = input order, whatever the pool size

@@ -50,10 +50,16 @@ def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, ray_local
 def test_more_tokenizer_actors_than_ray_can_place_are_refused_at_once(tmp_path, ray_local):
     write_jsonl(tmp_path / "c.jsonl", make_documents(20, seed=2))
     cfg = data_cfg(tmp_path / "c.jsonl", tmp_path / "ds", workers=4)  # and a reader: 4.25 of 4 CPUs
-    with pytest.raises(ValueError, match=r"data.workers=4 tokenizer actors of 1 CPU and 1 reader\(s\) of 0.25 need "
-                                         r"4.25 CPUs, more than the 4 Ray has: lower data.workers"):
+    with pytest.raises(ValueError, match=r"data.workers=4 tokenizer actors of 1 CPU and a reader of 0.25 need "
+                                         r"4.25 CPUs, more than the 4 this Ray has: lower data.workers"):
         prepare(cfg, TOKENIZER_CFG)
     assert not (tmp_path / "ds").exists()
+    # Readers run as a pool of tasks: one beside the actors is room enough, however many actors.
+    from data_pipelines.tokenize_stage import _require_room
+
+    _require_room(65, 66)  # data.workers null on a 66-CPU node: its CPUs less one
+    # The default (null) takes what fits: Ray's CPUs less one, at most this machine's cores.
+    assert read_manifest(prepare({**cfg, "workers": None}, TOKENIZER_CFG)).data["stats"]["documents_read"] == 20
 
 
 def test_errors_inside_ray_workers_name_the_record(tmp_path, ray_local):
