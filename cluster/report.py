@@ -224,13 +224,17 @@ def differing_settings(runs: list[Run]) -> list[dict | None]:
     return [None if f is None else {k: f.get(k, "unset") for k in differ} for f in flats]
 
 
+# The batch's factors: the run name hashes their product (the samples per step), not each.
+BATCH_KEYS = ("cluster.num_workers", "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_tokens")
+
+
 def _changes_results(key: str) -> bool:
     """A setting that changes what a run computes (those that name it: cluster.config's RESULT_KEYS less
-    UNHASHED), shown before those that change how it ran or was watched."""
+    UNHASHED, and the batch's factors), shown before those that change how it ran or was watched."""
     from cluster.config import RESULT_KEYS, UNHASHED
 
     group, _, name = key.partition(".")
-    return group in RESULT_KEYS and name.split(".")[0] not in UNHASHED.get(group, ())
+    return key in BATCH_KEYS or group in RESULT_KEYS and name.split(".")[0] not in UNHASHED.get(group, ())
 
 
 def settings_text(settings: dict | None) -> tuple[str, str] | None:

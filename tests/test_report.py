@@ -193,6 +193,13 @@ def test_settings_that_change_what_a_run_computes_come_first_and_all_are_in_the_
     shown = parse_page(page).rows["b"]["settings"]
     assert shown.startswith("train.warmup_steps=50, ") and shown.endswith(" (+1 more)"), shown
     assert 'title="train.warmup_steps=50, cluster.dashboard=true, cluster.launcher=local, ' in Path(page).read_text()
+    # The batch's factors change the result too: their product names the run.
+    for name, workers in (("a", 1), ("b", 2)):
+        config = json.loads((tmp_path / name / "run_config.json").read_text())
+        config["cluster"]["num_workers"] = workers
+        (tmp_path / name / "run_config.json").write_text(json.dumps(config))
+    page = build_report([str(tmp_path)], str(tmp_path / "report"))["html"]
+    assert parse_page(page).rows["b"]["settings"].startswith("cluster.num_workers=2, train.warmup_steps=50, ")
 
 
 def test_summary_json_wins_over_metrics(tmp_path):

@@ -127,8 +127,8 @@ def test_training_starts_from_a_hugging_face_directory(workspace, capsys):
     vocab = main(["train", *args, "run.name=mismatch", f"train.init_from={root / 'hf_init'}", "data.name=other_vocab",
                   "tokenizer.vocab_size=512"])
     err = capsys.readouterr().err
-    assert vocab == 1 and "vocab_size 300 (model=openelm_tiny: 512). Pick the model= that matches it (its vocab_size: " \
-        "tokenizer.vocab_size=300, and data of its tokenizer)" in err, err
+    assert vocab == 1 and "vocab_size 300 (model=openelm_tiny: 512). Pick the model= that matches it (its vocabulary: " \
+        "model.vocab_size=300, with data of its tokenizer)" in err, err
     assert not (root / "data/other_vocab").exists()
 
     # The directory's tokenizer must be the dataset's: the same file, or the same vocabulary saved otherwise.

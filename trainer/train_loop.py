@@ -59,9 +59,8 @@ def model_config(cfg: dict) -> OpenELMConfig:
     differences = composed.architecture_differences(hf, f"model={composed.name}", shapes_only=True)
     if differences:
         vocab = ""
-        if hf.vocab_size != composed.vocab_size:  # the tiny model's is tokenizer.vocab_size's
-            key = "tokenizer" if cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] else "model"
-            vocab = f" (its vocab_size: {key}.vocab_size={hf.vocab_size}, and data of its tokenizer)"
+        if hf.vocab_size != composed.vocab_size:  # no model= names it: the tokenizer's size (openelm_tiny's follows it)
+            vocab = f" (its vocabulary: model.vocab_size={hf.vocab_size}, with data of its tokenizer)"
         raise ValueError(
             f"train.init_from: {path} describes another model than model={composed.name}: "
             f"{'; '.join(differences)}. Pick the model= that matches it{vocab}"
