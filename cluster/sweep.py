@@ -98,6 +98,7 @@ def check_space(cfg: dict) -> None:
         for value in spec["values"] if spec["type"] == "choice" else (spec["low"], spec["high"]):
             try:
                 trial = trial_config(cfg, {key: value}, "check")
+                check_schedule(trial)  # a drawn train.max_steps may end trials before ASHA's first rung
                 if cfg["cluster"]["address"] is None:  # one that could never start would keep the sweep waiting
                     try:
                         require_embedded_cpus(trial["cluster"], cfg["sweep"]["trial_cpus"])

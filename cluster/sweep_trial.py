@@ -35,7 +35,7 @@ def compose_sweep_base(overrides: list[str]) -> dict:
             raise
         problems = str(e).removeprefix("invalid config:").lstrip("\n")
         at = ", ".join(f"{key}={value}" for key, value in drawn.items())
-        raise ConfigError(f"invalid config, with each searched key at a value sweep.space draws ({at}):\n"
+        raise ConfigError(f"invalid config, with searched keys at values sweep.space draws ({at}):\n"
                           f"{problems}") from None
     return cfg
 

@@ -69,7 +69,7 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     (["sweep.metric=val_los"], "sweep.metric='val_los': not a metric the training loop reports at a validation"),
     (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
     (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],  # the base is checked at the low bound
-     "invalid config, with each searched key at a value sweep.space draws (train.lr=-1.0):\n  train.lr=-1.0: must "
+     "invalid config, with searched keys at values sweep.space draws (train.lr=-1.0):\n  train.lr=-1.0: must "
      "be positive"),
     (["sweep.space={train.lr:{type:uniform,low:0.1,high:0.2},train.warmup_steps:{type:choice,values:[5,1000]}}",
       "train.lr=-1.0"],  # a base value every trial replaces is no error; a drawn one is
@@ -78,6 +78,9 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     (["sweep.space={train.precision:{type:choice,values:[fp32,fp8]}}"],
      "sweep.space.train.precision: a trial with train.precision=fp8 would fail: train.precision='fp8': Invalid value "
      "'fp8', expected one of [fp32, bf16]"),
+    (["sweep.space={train.max_steps:{type:choice,values:[40,8]}}", "train.warmup_steps=2"],  # checked at 40, then 8
+     "sweep.space.train.max_steps: a trial with train.max_steps=8 would fail: train.eval_every=10 is above "
+     "train.max_steps=8"),
     (["sweep.space={train.warmup_steps:{type:uniform,low:2,high:8}}"],
      "sweep.space.train.warmup_steps: uniform draws fractional numbers, and train.warmup_steps takes int values: "
      "search it with choice"),
