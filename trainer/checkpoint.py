@@ -94,7 +94,10 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_
     if is_main:
         marker = root / tag / COMPLETE  # whole or not at all: a marker cut short would still mark it complete
         written = marker.with_name("COMPLETE.tmp")
-        written.write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+        with open(written, "w") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the name says so, even across a power loss
         os.replace(written, marker)
         (root / "latest.tmp").write_text(tag)
         os.replace(root / "latest.tmp", root / "latest")

@@ -136,6 +136,8 @@ def text_batches(
     paths = [paths] if isinstance(paths, str) else list(paths)
     # Now: a missing file fails here.
     units = [unit for path in paths for unit in read_units({"path": path, "separator": separator}, 0)]
+    if separator is not None and not any(".txt" in Path(u.path).suffixes for u in units):
+        raise ValueError(f"--separator splits .txt files into documents, and {' '.join(paths)} holds none: leave it out")
     bos, eos = tokenizer.special_ids()
     packer = Packer(seq_len, bos, eos, token_dtype(tokenizer.vocab_size))
 
