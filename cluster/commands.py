@@ -193,11 +193,11 @@ def cmd_export(cfg: dict, args) -> None:
     print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{', '.join(map(name, checkpoints))}"
           f"{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
-    newest = {}  # each run's newest checkpoint given: a stopped run's (or one still training) is not its result
-    for checkpoint, state in zip(checkpoints, clients):
-        if state["step"] >= newest.get(checkpoint.parent, (None, {"step": -1}))[1]["step"]:
-            newest[checkpoint.parent] = (checkpoint, state)
-    for checkpoint, state in newest.values():
+    # Each run's newest checkpoint given: a stopped run's (or one still training) is not the run's result.
+    runs = {checkpoint.parent for checkpoint in checkpoints}
+    for run in sorted(runs):
+        checkpoint, state = max(((c, s) for c, s in zip(checkpoints, clients) if c.parent == run),
+                                key=lambda given: given[1]["step"])
         if state["step"] < (max_steps := state["config"]["train"]["max_steps"]):
             print(f"  note         {name(checkpoint)} is not the run's last step (train.max_steps={max_steps}): it "
                   "stopped early or is still training; export again once it has finished")

@@ -94,7 +94,7 @@ def derive_run_name(cfg: dict) -> str:
     relevant = {k: cfg[k] for k in RESULT_KEYS}
     for group, keys in UNHASHED.items():
         relevant[group] = {k: v for k, v in cfg[group].items() if k not in keys}
-    relevant["data"]["sources"] = hashed_specs(cfg["data"]["sources"])
+    relevant["data"]["sources"] = hashed_specs(cfg["data"]["sources"])  # (relevant["data"] is a copy)
     # Workers x micro-batch x accumulation: 2 workers with 1 and 1 worker accumulating 2 train alike
     # (same samples per step), so a run continues on another number of workers (trainer/reshard.py).
     t = cfg["train"]

@@ -311,10 +311,7 @@ def _read_txt(path: str, compression: str, separator: Optional[str] = None) -> I
     try:
         with _open_binary(path, compression) as (f, file):
             head = f.read(4)
-            # UTF-32's little-endian mark begins with UTF-16's: tried first. UTF-16 is what Windows calls "Unicode".
-            wide = next((c for c, bom in (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
-                                          ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE))
-                         if head.startswith(bom)), None)
+            wide = _wide_encoding(head)
             if wide:
                 raw = head + f.read()
                 text = raw.decode(wide, errors="replace")
@@ -335,6 +332,14 @@ def _read_txt(path: str, compression: str, separator: Optional[str] = None) -> I
             yield from _documents(pieces, path, separator, file)
     except BAD_FILE_ERRORS as e:
         raise _bad_file(path, compression.lstrip(".") or "text", e) from None
+
+
+def _wide_encoding(head: bytes) -> Optional[str]:
+    """utf-16 or utf-32 where the file's first bytes are its byte order mark (UTF-16 is what Windows calls
+    "Unicode"); UTF-32's little-endian mark begins with UTF-16's, so it is tried first."""
+    marks = (("utf-32", codecs.BOM_UTF32_LE), ("utf-32", codecs.BOM_UTF32_BE),
+             ("utf-16", codecs.BOM_UTF16_LE), ("utf-16", codecs.BOM_UTF16_BE))
+    return next((encoding for encoding, mark in marks if head.startswith(mark)), None)
 
 
 def _lf_blocks(stream, head: bytes, size: int = 1 << 20) -> Iterator[bytes]:
