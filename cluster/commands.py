@@ -342,7 +342,7 @@ def cmd_submit(cfg: dict, args) -> None:
                           "`elmforge sweep` on a cluster node, or submit it with `ray job submit` "
                           "(docs/cluster.md, section 6)")
     given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith("storage_path=")]  # quoted too
-    if not any(os.path.isabs(path) for path in given):
+    if not given or not os.path.isabs(given[-1]):  # the last one given is the one the job takes
         relative = f"storage_path={given[-1]} is relative; " if given else ""
         raise ConfigError(f"{relative}submit needs storage_path=<absolute path on the cluster's shared storage>")
     job_id, url = submit_job(cfg, args.overrides)

@@ -114,17 +114,29 @@ def connect(cluster: dict) -> None:
         try:
             context = ray.init(**init_kwargs(cluster)) if cluster["address"] is not None else _start_embedded(cluster)
         except ConnectionError as e:
-            if not str(cluster["address"]).startswith("ray://") or "timeout" not in str(e):
-                raise
-            # A Ray Client server that wants a token and gets none does not refuse: it lets the client time out.
-            raise ClusterUnreachable(
-                f"cluster.address={cluster['address']}: the Ray Client server did not let this client in ({e}); "
-                "a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its token "
-                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token) in this environment") from None
+            raise _not_let_in(cluster["address"], e) from None
     if context.dashboard_url:
         print(f"[ray] dashboard: http://{context.dashboard_url}", flush=True)
     elif cluster["address"] is None:
         print("[ray] embedded instance without a dashboard (cluster.dashboard=true starts one)", flush=True)
+
+
+TOKEN_FIX = ("a cluster with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+             "~/.ray/auth_token) in this environment")
+
+
+def _not_let_in(address: str, e: ConnectionError) -> Exception:
+    """A cluster that answers (check_reachable saw to that) but would not take this driver: a Ray Client
+    server that wants a token and gets none lets the client time out; a GCS refuses it, after Ray's own
+    retries. Without RAY_AUTH_MODE=token, the token is the likely want."""
+    if address is None:  # an embedded Ray that did not start
+        return e
+    if str(address).startswith("ray://") and "timeout" in str(e):
+        return ClusterUnreachable(
+            f"cluster.address={address}: the Ray Client server did not let this client in ({e}); {TOKEN_FIX}")
+    if not str(address).startswith("ray://") and os.environ.get("RAY_AUTH_MODE") != "token":
+        return ClusterUnreachable(f"cluster.address={address}: {str(e).splitlines()[0]}; {TOKEN_FIX}")
+    return e
 
 
 def capacity_note(cluster: dict, resources: dict) -> str | None:

@@ -130,6 +130,8 @@ def check_schedule(cfg: dict) -> None:
 def _trial(params: dict, base: dict) -> None:
     """One trial: the training loop on Ray Train workers, validation reports forwarded to Tune."""
     cfg = trial_config(base, params, tune.get_context().get_trial_name())
+    if stopped_early(Path(cfg["run"]["dir"])):  # a restored sweep does not train it past ASHA's decision
+        return
     clear_stop_request(cfg["run"]["dir"])  # the trial launches its workers (a restored sweep re-asks ASHA's stops)
     torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
@@ -164,6 +166,13 @@ class StopByRequestASHA(ASHAScheduler):
                 write_json(record, stop)
                 _ask_to_stop(run_dir, stop)
         return TrialScheduler.CONTINUE
+
+
+def stopped_early(run_dir: Path) -> bool:
+    """The trial stopped for the scheduler and saved (summary.json): done, though Tune may not have recorded
+    it so before the sweep was interrupted (a trial ends seconds after its loop, once Ray Train has shut down)."""
+    summary = read_json(run_dir / SUMMARY_NAME)
+    return summary is not None and stopped_by_scheduler(run_dir, summary) is not None
 
 
 def _ask_to_stop(run_dir: Path, stop: dict) -> None:

@@ -235,6 +235,8 @@ def test_submit_shows_only_its_own_lines_and_jobs_list_is_a_table(as_user, tmp_p
     ([TO_CLOSED], "submit needs storage_path=<absolute path on the cluster's"),
     (["storage_path=store", TO_CLOSED],
      "storage_path=store is relative; submit needs storage_path=<absolute path"),
+    (["storage_path=/tmp/x", "storage_path=store", TO_CLOSED],  # the last one is the job's
+     "storage_path=store is relative; submit needs storage_path=<absolute path"),
     (["sweep=lr_tiny", "storage_path=/tmp/x", TO_CLOSED],
      "sweep=lr_tiny: submit sends `elmforge train`, which does not sweep; run `elmforge sweep` on a cluster node"),
 ])
@@ -306,6 +308,18 @@ def test_joining_a_token_cluster_through_ray_client_without_the_token_mode_names
     assert (f"elmforge sweep: cluster.address={head.client}: the Ray Client server did not let this client in "
             in done.stderr), done.stderr[-2000:]
     assert "needs RAY_AUTH_MODE=token and its token" in done.stderr.splitlines()[-1]
+
+
+def test_joining_a_token_cluster_at_its_gcs_without_the_token_mode_names_the_fix(head, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    cmd = [sys.executable, "-m", "cluster.cli", "sweep", "sweep=lr_tiny", f"cluster.address={head.gcs}",
+           f"storage_path={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RAY_AUTH_TOKEN": head.token},
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"elmforge sweep: cluster.address={head.gcs}: ") and "needs RAY_AUTH_MODE=token" in last, \
+        done.stderr[-2000:]
 
 
 def test_jobs_without_an_action_names_the_actions_and_shows_the_usage(capsys):

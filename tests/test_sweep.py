@@ -135,6 +135,20 @@ def test_a_searched_key_is_checked_at_the_values_trials_draw_not_at_the_base(tmp
         check_restorable(cfg, tmp_path)
 
 
+def test_a_trial_asha_stopped_is_not_trained_again_by_a_restored_sweep(tmp_path):
+    from cluster.report import SCHEDULER_STOP_NAME
+    from cluster.sweep import stopped_early
+    from trainer.summary import write_json, write_summary
+
+    # ASHA's decision recorded, and the stop it asked for saved: done, even if Tune had not recorded it so.
+    write_json(tmp_path / SCHEDULER_STOP_NAME, {"scheduler": "ASHA", "step": 10, "metric": "val_loss", "value": 5.0})
+    assert not stopped_early(tmp_path)  # asked, not yet stopped: the restored trial goes on to its stop
+    write_summary(tmp_path, {"steps": 12, "stopped_by": "stopped early by ASHA at step 10"})
+    assert stopped_early(tmp_path)
+    write_summary(tmp_path, {"steps": 40, "stopped_by": None})  # it reached its last step before the request
+    assert not stopped_early(tmp_path)
+
+
 TWO_TRIALS_REPORT = """
 import sys
 import time
