@@ -23,8 +23,10 @@ def compose_sweep_base(overrides: list[str]) -> dict:
     drawn = {}
     for key, spec in space.items():
         value = _first_draw(spec)
+        if value is None:  # a malformed spec: check_space says what is wrong with it
+            continue
         try:
-            cfg = cfg if value is None else apply(cfg, {key: value})
+            cfg = apply(cfg, {key: value})
             drawn[key] = value
         except ConfigError:
             pass  # a value the key cannot take: check_space names it, as a value of the space
