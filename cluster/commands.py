@@ -194,9 +194,9 @@ def cmd_export(cfg: dict, args) -> None:
           f"{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     # Each run's newest checkpoint given: a stopped run's (or one still training) is not the run's result.
-    runs = {checkpoint.parent for checkpoint in checkpoints}
+    runs = {checkpoint.resolve().parent for checkpoint in checkpoints}
     for run in sorted(runs):
-        checkpoint, state = max(((c, s) for c, s in zip(checkpoints, clients) if c.parent == run),
+        checkpoint, state = max(((c, s) for c, s in zip(checkpoints, clients) if c.resolve().parent == run),
                                 key=lambda given: given[1]["step"])
         if state["step"] < (max_steps := state["config"]["train"]["max_steps"]):
             print(f"  note         {name(checkpoint)} is not the run's last step (train.max_steps={max_steps}): it "

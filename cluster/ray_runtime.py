@@ -17,7 +17,7 @@ import ray
 
 from cluster import ray_worker_setup
 from cluster.quiet_logs import errors_only
-from cluster.submit import ClusterUnreachable
+from cluster.submit import ClusterUnreachable, SubmitError, auth_token
 from trainer.distributed import free_port
 
 # Workers import deepspeed; this picks its CPU backend unless a GPU run overrides it.
@@ -128,15 +128,25 @@ TOKEN_FIX = ("a cluster with token authentication needs RAY_AUTH_MODE=token and 
 def _not_let_in(address: str, e: ConnectionError) -> Exception:
     """A cluster that answers (check_reachable saw to that) but would not take this driver: a Ray Client
     server that wants a token and gets none lets the client time out; a GCS refuses it, after Ray's own
-    retries. Without RAY_AUTH_MODE=token, the token is the likely want."""
-    if address is None:  # an embedded Ray that did not start
+    retries, which read alike to a port that is not a GCS's. Ray sends a token it finds here by itself
+    only for `auto`; otherwise, without RAY_AUTH_MODE=token, a token is a likely want."""
+    if address is None or address == "local":  # a Ray of this process's own that did not start
         return e
     if str(address).startswith("ray://") and "timeout" in str(e):
         return ClusterUnreachable(
             f"cluster.address={address}: the Ray Client server did not let this client in ({e}); {TOKEN_FIX}")
-    if not str(address).startswith("ray://") and os.environ.get("RAY_AUTH_MODE") != "token":
-        return ClusterUnreachable(f"cluster.address={address}: {str(e).splitlines()[0]}; {TOKEN_FIX}")
+    if not str(address).startswith("ray://") and os.environ.get("RAY_AUTH_MODE") != "token" and not (
+            address == "auto" and _token_here()):
+        return ClusterUnreachable(f"cluster.address={address}: {str(e).splitlines()[0]}; if it is a Ray GCS, "
+                                  f"{TOKEN_FIX}")
     return e
+
+
+def _token_here() -> bool:
+    try:
+        return auth_token() is not None
+    except SubmitError:  # a RAY_AUTH_TOKEN_PATH that names no token: none that Ray would find either
+        return False
 
 
 def capacity_note(cluster: dict, resources: dict) -> str | None:

@@ -94,7 +94,7 @@ def _glob_hint(pattern: str, directory: str) -> str:
     for root, _, names in os.walk(directory):
         for name in names:
             try:
-                fmt, compression = _format_of(name)
+                fmt, compression = format_of(name)
             except ValueError:
                 continue
             suffix = f".{fmt}{compression}"
@@ -196,7 +196,7 @@ def document_separator(spec: dict) -> Optional[str]:
     return None if separator is None else re.sub(r"\\([nrt\\])", lambda m: _ESCAPES[m.group(1)], separator)
 
 
-def _format_of(path: str) -> tuple[str, str]:
+def format_of(path: str) -> tuple[str, str]:
     """(format, compression) from the file name."""
     name, compression = path, ""
     for c in COMPRESSIONS:
@@ -435,7 +435,7 @@ def read_unit(unit: ReadUnit, text_field: str = "text") -> Iterator[Record]:
     if unit.hf is not None:
         yield from _read_hf(unit, text_field)
         return
-    fmt, compression = _format_of(unit.path)
+    fmt, compression = format_of(unit.path)
     if fmt == "parquet":
         yield from _read_parquet(unit.path, text_field)
     elif fmt == "txt":
@@ -454,14 +454,14 @@ def check_files(spec: dict, index: int) -> list[str]:
     key = f"data.sources.{index}.text_field"
     filled = 0
     for path in files:
-        fmt, compression = _format_of(path)
+        fmt, compression = format_of(path)
         if fmt == "parquet":
             filled += _parquet_file(path, text_field, key).metadata.num_rows > 0
         elif fmt == "txt":
             filled += _probe_compression(path, compression)
         else:
             filled += _probe_json_lines(path, compression, text_field, key)
-    if spec.get("separator") is not None and not any(_format_of(path)[0] == "txt" for path in files):
+    if spec.get("separator") is not None and not any(format_of(path)[0] == "txt" for path in files):
         raise ValueError(f"data.sources.{index}.separator: splits .txt files into documents, and data source "
                          f"{source_name(spec, index)!r} has none ({files[0]} ...): leave it out")
     if not filled and spec.get("weight", 1.0) > 0:

@@ -215,15 +215,21 @@ def _without_ray(error: BaseException) -> BaseException:
         return ValueError(message)
 
 
-def _require_room(workers: int, cpus: float) -> None:
+def _require_room(workers: int, cpus: float, can_grow: bool = False) -> None:
     """The actor pool is placed whole before a reader runs, and then at least one reader must fit beside
-    it: on a Ray that cannot grow, a pool without that room would wait forever, without a word."""
+    it: without that room the build waits, without a word, forever on a one-node Ray here. A cluster of
+    several nodes may grow (an autoscaler), so there it is said and Ray waits."""
     needed = workers + READER_CPUS
-    if needed > cpus:
-        raise ValueError(
-            f"data.workers={workers} tokenizer actors of 1 CPU and a reader of {READER_CPUS} need {needed:g} CPUs, "
-            f"more than the {cpus:g} this Ray has: lower data.workers (or leave it null, for Ray's CPUs less one), "
-            "or give Ray more (cluster.num_cpus for the embedded one)")
+    if needed <= cpus:
+        return
+    short = (f"data.workers={workers} tokenizer actors of 1 CPU and a reader of {READER_CPUS} need {needed:g} CPUs, "
+             f"more than the {cpus:g} this Ray has")
+    fix = "lower data.workers (or leave it null, for Ray's CPUs less one), or give Ray more"
+    if can_grow:
+        print(f"[prepare] {short}: Ray waits for more (an autoscaler may add nodes); if none will come, stop and "
+              f"{fix}", flush=True)
+        return
+    raise ValueError(f"{short}: {fix} (cluster.num_cpus for the embedded one)")
 
 
 def _one_node_here() -> bool:
@@ -259,8 +265,7 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
     if workers is None:
         workers = default_workers()
     readers = -(-workers // ACTORS_PER_READER)
-    if _one_node_here():  # a cluster of several nodes may grow (an autoscaler): Ray waits for it there
-        _require_room(workers, ray.cluster_resources().get("CPU", 0))
+    _require_room(workers, ray.cluster_resources().get("CPU", 0), can_grow=not _one_node_here())
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ctx = ds.context  # this pipeline's own copy of the DataContext; the process-wide one is left alone
     ctx.execution_options.preserve_order = True  # output order = input order, whatever the pool size

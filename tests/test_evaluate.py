@@ -244,9 +244,10 @@ def test_text_batches_split_a_txt_file_at_a_separator_as_prepare_does(tokenizer,
     got = torch.cat(list(text_batches(str(tmp_path / "stories.txt"), tokenizer, seq_len=8, batch_size=4,
                                       separator="<|endoftext|>")))
     assert np.array_equal(got.numpy(), expected_samples(tokenizer, docs, 8))
-    path = write_jsonl(tmp_path / "eval.jsonl", docs)  # as a data source's separator, refused where it splits nothing
-    with pytest.raises(ValueError, match=f"--separator splits .txt files into documents, and {path} holds none"):
-        text_batches(str(path), tokenizer, seq_len=8, batch_size=4, separator="<|endoftext|>")
+    for name in ("eval.jsonl", "notes.txt.jsonl"):  # as a data source's separator, refused where it splits nothing
+        path = write_jsonl(tmp_path / name, docs)
+        with pytest.raises(ValueError, match=f"--separator splits .txt files into documents, and {path} holds none"):
+            text_batches(str(path), tokenizer, seq_len=8, batch_size=4, separator="<|endoftext|>")
 
 
 def test_a_file_too_short_for_one_sample_is_an_error_naming_it(tokenizer, tmp_path):

@@ -58,6 +58,7 @@ def test_more_tokenizer_actors_than_ray_can_place_are_refused_at_once(tmp_path, 
     from data_pipelines.tokenize_stage import _require_room
 
     _require_room(65, 66)  # data.workers null on a 66-CPU node: its CPUs less one
+    _require_room(8, 4, can_grow=True)  # a cluster of several nodes may grow: said, not refused
     # The default (null) takes what fits: Ray's CPUs less one, at most this machine's cores.
     assert read_manifest(prepare({**cfg, "workers": None}, TOKENIZER_CFG)).data["stats"]["documents_read"] == 20
 

@@ -97,7 +97,7 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, is_
         with open(written, "w") as f:
             f.write(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
             f.flush()
-            os.fsync(f.fileno())  # on disk before the name says so, even across a power loss
+            os.fsync(f.fileno())  # its bytes on disk before the name says it is there
         os.replace(written, marker)
         (root / "latest.tmp").write_text(tag)
         os.replace(root / "latest.tmp", root / "latest")
