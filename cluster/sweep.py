@@ -129,11 +129,14 @@ def check_schedule(cfg: dict) -> None:
 
 def _trial(params: dict, base: dict) -> None:
     """One trial: the training loop on Ray Train workers, validation reports forwarded to Tune."""
-    cfg = trial_config(base, params, tune.get_context().get_trial_name())
+    run_trial(trial_config(base, params, tune.get_context().get_trial_name()), callbacks=[TuneReportCallback()])
+
+
+def run_trial(cfg: dict, callbacks: list | None = None) -> None:
     if stopped_early(Path(cfg["run"]["dir"])):  # a restored sweep does not train it past ASHA's decision
         return
     clear_stop_request(cfg["run"]["dir"])  # the trial launches its workers (a restored sweep re-asks ASHA's stops)
-    torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    torch_trainer(cfg, callbacks=callbacks).fit()
 
 
 class StopByRequestASHA(ASHAScheduler):

@@ -136,8 +136,11 @@ def test_a_searched_key_is_checked_at_the_values_trials_draw_not_at_the_base(tmp
 
 
 def test_a_trial_asha_stopped_is_not_trained_again_by_a_restored_sweep(tmp_path):
+    import ray
+
     from cluster.report import SCHEDULER_STOP_NAME
-    from cluster.sweep import stopped_early
+    from cluster.sweep import run_trial, stopped_early
+    from cluster.sweep_trial import trial_config
     from trainer.summary import write_json, write_summary
 
     # ASHA's decision recorded, and the stop it asked for saved: done, even if Tune had not recorded it so.
@@ -145,6 +148,10 @@ def test_a_trial_asha_stopped_is_not_trained_again_by_a_restored_sweep(tmp_path)
     assert not stopped_early(tmp_path)  # asked, not yet stopped: the restored trial goes on to its stop
     write_summary(tmp_path, {"steps": 12, "stopped_by": "stopped early by ASHA at step 10"})
     assert stopped_early(tmp_path)
+    base = compose_config(["sweep=lr_tiny", f"storage_path={tmp_path}", f"data.dir={tmp_path / 'no_data'}"])
+    trial = {**trial_config(base, {}, "t"), "run": {"name": "t", "dir": str(tmp_path)}}
+    run_trial(trial)  # returns at once: no worker group for a trial that is done (training here would fail)
+    assert not ray.is_initialized()
     write_summary(tmp_path, {"steps": 40, "stopped_by": None})  # it reached its last step before the request
     assert not stopped_early(tmp_path)
 
