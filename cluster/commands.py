@@ -179,22 +179,21 @@ def cmd_export(cfg: dict, args) -> None:
         raise ValueError("--checkpoint: these checkpoints were trained with different tokenizers (" + ", ".join(
             f"{p} {(c.get('tokenizer_fingerprint') or 'unknown')[:12]}" for p, c in zip(checkpoints, clients))
             + "); average checkpoints of one tokenizer only")
-    out = _export_dir(cfg, args, checkpoints)
+    runs = {checkpoint.resolve().parent for checkpoint in checkpoints}  # each run's checkpoints/ directory
+    out = _export_dir(cfg, args, checkpoints, runs)
     client = clients[-1]
     data_dir = client["config"]["data"]["dir"]
     found = dataset_tokenizer_file(data_dir, client.get("tokenizer_fingerprint"))
     export_checkpoints(checkpoints, out, OpenELMConfig(**client["model"]), tokenizer_dir=found[0] if found else None)
-    one_run = len({c.parent for c in checkpoints}) == 1  # else each is named with its run's directory
 
-    def name(checkpoint: Path) -> str:
-        return checkpoint.name if one_run else f"{checkpoint.parent.parent.name}/{checkpoint.name}"
+    def name(checkpoint: Path) -> str:  # with several runs, each is named with its run's directory
+        return checkpoint.name if len(runs) == 1 else f"{checkpoint.parent.parent.name}/{checkpoint.name}"
 
     missing = f" (no tokenizer: the training data at {data_dir} is gone or was re-prepared with another one)"
     print(f"[export] {out}: {'average of ' if len(checkpoints) > 1 else ''}{', '.join(map(name, checkpoints))}"
           f"{'' if found else missing}")
     print(f"  load with    AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     # Each run's newest checkpoint given: a stopped run's (or one still training) is not the run's result.
-    runs = {checkpoint.resolve().parent for checkpoint in checkpoints}
     for run in sorted(runs):
         checkpoint, state = max(((c, s) for c, s in zip(checkpoints, clients) if c.resolve().parent == run),
                                 key=lambda given: given[1]["step"])
@@ -215,15 +214,14 @@ def _one_tokenizer(clients: list[dict]) -> bool:
     return None not in found and all(t.same_ids_as(found[0]) for t in found[1:])
 
 
-def _export_dir(cfg: dict, args, checkpoints: list[Path]) -> Path:
+def _export_dir(cfg: dict, args, checkpoints: list[Path], runs: set[Path]) -> Path:
     """--out, else the hf/ of the run the checkpoints are of: run.dir's, or given checkpoints' own run's."""
     if args.out:
         return Path(args.out)
     if not args.checkpoint:
         return Path(cfg["run"]["dir"], "hf")
-    runs = {c.resolve().parent for c in checkpoints}
-    if len(runs) == 1 and checkpoints[0].resolve().parent.name == "checkpoints":
-        return checkpoints[0].resolve().parent.parent / "hf"
+    if len(runs) == 1 and (only := next(iter(runs))).name == "checkpoints":
+        return only.parent / "hf"
     what = "checkpoints of several runs" if len(runs) > 1 else f"{checkpoints[0]}, outside a run's checkpoints/,"
     raise ValueError(f"--checkpoint: {what} belong to no one run directory to export into: give --out <dir>")
 

@@ -196,6 +196,11 @@ def document_separator(spec: dict) -> Optional[str]:
     return None if separator is None else re.sub(r"\\([nrt\\])", lambda m: _ESCAPES[m.group(1)], separator)
 
 
+def holds_txt(paths: list[str]) -> bool:
+    """Whether a separator has anything to split: a .txt file (compressed or not) among the paths."""
+    return any(format_of(path)[0] == "txt" for path in paths)
+
+
 def format_of(path: str) -> tuple[str, str]:
     """(format, compression) from the file name."""
     name, compression = path, ""
@@ -461,7 +466,7 @@ def check_files(spec: dict, index: int) -> list[str]:
             filled += _probe_compression(path, compression)
         else:
             filled += _probe_json_lines(path, compression, text_field, key)
-    if spec.get("separator") is not None and not any(format_of(path)[0] == "txt" for path in files):
+    if spec.get("separator") is not None and not holds_txt(files):
         raise ValueError(f"data.sources.{index}.separator: splits .txt files into documents, and data source "
                          f"{source_name(spec, index)!r} has none ({files[0]} ...): leave it out")
     if not filled and spec.get("weight", 1.0) > 0:

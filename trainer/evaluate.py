@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data_pipelines.loader import TokenLoader
 from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.packing import Packer, token_dtype
-from data_pipelines.sources import format_of, read_unit, read_units
+from data_pipelines.sources import holds_txt, read_unit, read_units
 from data_pipelines.tokenizer import TextTokenizer, find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import complete_ones_beside, latest_checkpoint, read_client_state, require_complete
 from trainer.hf import CONFIG_FILE, consolidated_state_dict, load_hf_checkpoint, load_weights
@@ -136,7 +136,7 @@ def text_batches(
     paths = [paths] if isinstance(paths, str) else list(paths)
     # Now: a missing file fails here.
     units = [unit for path in paths for unit in read_units({"path": path, "separator": separator}, 0)]
-    if separator is not None and not any(format_of(u.path)[0] == "txt" for u in units):
+    if separator is not None and not holds_txt([u.path for u in units]):
         raise ValueError(f"--separator splits .txt files into documents, and {' '.join(paths)} holds none: leave it out")
     bos, eos = tokenizer.special_ids()
     packer = Packer(seq_len, bos, eos, token_dtype(tokenizer.vocab_size))
