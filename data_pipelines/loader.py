@@ -242,13 +242,17 @@ class TokenLoader:
         tail aside, which depends on W), so the position moves to W * p / this run's ranks. Past an
         epoch's end a step's samples straddle two epochs, and W * p may not divide: the new ranks then
         start at the next sample they can share, and the samples skipped (fewer than the ranks) are
-        returned; none is read twice."""
+        returned; none is read twice. Where the old ranks read into what is, for the new ones, the
+        epoch's dropped tail, the epoch is done: they go on at the next one's start, nothing skipped."""
         epoch, position, world_size = state["epoch"], state["position"], self.dataset.world_size
         skipped = 0
         if state["world_size"] != world_size:
             read = state["world_size"] * position
             position = -(-read // world_size)
-            skipped = position * world_size - read
+            if position > self.dataset.per_rank:
+                epoch, position = epoch + 1, 0
+            else:
+                skipped = position * world_size - read
         self.consumed = epoch * self.dataset.per_rank + position
         self.close()
         return skipped

@@ -107,6 +107,20 @@ def test_past_an_epoch_end_a_position_that_does_not_divide_skips_fewer_samples_t
     assert [set(rows([next(loader) for loader in resumed])) for _ in range(2)] == [set(epoch1[6:8]), set(epoch1[8:10])]
 
 
+def test_a_position_in_the_tail_other_ranks_drop_goes_on_at_the_next_epoch(tiny_dataset):
+    # One rank read all but the last sample of epoch 0; for W ranks the epoch ends earlier (its last
+    # n % W samples are dropped): they start epoch 1 at its first sample, skipping none of it.
+    one = TokenLoader(tiny_dataset, "train", 0, 1, batch_size=1, seed=0)
+    n = one.dataset.per_rank
+    world = next(w for w in range(3, n) if n % w >= 2)
+    epoch1 = rows(take(one, 2 * n))[n:]
+    resumed = [TokenLoader(tiny_dataset, "train", r, world, batch_size=1, seed=0) for r in range(world)]
+    skipped = [loader.load_state_dict({"epoch": 0, "position": n - 1, "world_size": 1}) for loader in resumed]
+    assert skipped == [0] * world
+    assert set(rows([next(loader) for loader in resumed])) == set(epoch1[:world])
+    assert all(loader.state_dict()["epoch"] == 1 for loader in resumed)
+
+
 def test_missing_shard_is_named(tiny_dataset, tmp_path):
     import shutil
 
