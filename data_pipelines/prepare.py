@@ -260,6 +260,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     dataset_fingerprint(data_cfg, tokenizer_cfg) if the caller has just computed it."""
     out = Path(data_cfg["dir"])
     check_replaceable(out)
+    _remove_stale_builds(real_destination(out))  # also when up to date: a killed rebuild's may be large
     fp = fingerprint or dataset_fingerprint(data_cfg, tokenizer_cfg)
     rebuilding = None
     if (out / MANIFEST_NAME).is_file():
@@ -278,7 +279,6 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
         before_build()
     target = real_destination(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(target)
     tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

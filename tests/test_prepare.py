@@ -88,6 +88,21 @@ def test_changed_input_or_setting_rebuilds(tmp_path):
     assert not list(tmp_path.glob(".ds.*")), "temporary directories left behind"
 
 
+def test_a_killed_rebuild_is_cleaned_up_by_a_prepare_that_finds_the_dataset_up_to_date(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    killed = tmp_path / f".ds.tmp-{socket.gethostname()}-{dead}"  # a prepare.force=true rebuild, killed
+    (killed / "train").mkdir(parents=True)
+    prepare(data_cfg(corpus, tmp_path / "ds"), TOKENIZER_CFG)
+    assert "up to date" in capsys.readouterr().out and not killed.exists()
+
+
 @pytest.mark.parametrize("manifest", ['{"format_version": 0}', "{truncated"])
 def test_a_manifest_prepare_cannot_read_is_rebuilt(tmp_path, capsys, manifest):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
