@@ -184,24 +184,28 @@ def _refuse_uris(cfg: dict) -> None:
                           "(a shared file system, or a bucket through s3fs / gcsfuse) and give its path")
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def finalise(cfg: dict) -> dict:
     """Fill derived values and make every path absolute (Ray workers run elsewhere)."""
     _refuse_uris(cfg)
-    cfg["storage_path"] = os.path.abspath(os.path.expanduser(cfg["storage_path"]))
+    cfg["storage_path"] = _absolute(cfg["storage_path"])
     if cfg["data"]["dir"] is None:
         cfg["data"]["dir"] = os.path.join(cfg["storage_path"], "data", cfg["data"]["name"])
-    cfg["data"]["dir"] = os.path.abspath(cfg["data"]["dir"])
+    cfg["data"]["dir"] = _absolute(cfg["data"]["dir"])
     if cfg["run"]["name"] is None:
         cfg["run"]["name"] = derive_run_name(cfg)
     if cfg["run"]["dir"] is None:
         cfg["run"]["dir"] = os.path.join(cfg["storage_path"], "outputs", cfg["run"]["name"])
-    cfg["run"]["dir"] = os.path.abspath(cfg["run"]["dir"])
+    cfg["run"]["dir"] = _absolute(cfg["run"]["dir"])
     for section, key in (("tokenizer", "path"), ("train", "init_from"), ("submit", "working_dir")):
         if cfg[section][key]:
-            cfg[section][key] = os.path.abspath(os.path.expanduser(cfg[section][key]))
+            cfg[section][key] = _absolute(cfg[section][key])
     for source in cfg["data"]["sources"]:  # package:// stays: where the package lies differs between machines
         if source.get("path") and not source["path"].startswith(PACKAGE_SCHEME):
-            source["path"] = os.path.abspath(os.path.expanduser(source["path"]))
+            source["path"] = _absolute(source["path"])
         if (source.get("hf") or "").startswith("~"):  # a local dataset directory (a hub id never starts so)
             source["hf"] = os.path.expanduser(source["hf"])
     return cfg

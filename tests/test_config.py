@@ -38,6 +38,9 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert cfg["data"]["sources"][0]["path"].startswith("package://")  # the same on every machine
     sources = compose_config(["data.sources=[{path:corpus/*.jsonl},{path:'~/web.jsonl'}]"])["data"]["sources"]
     assert [s["path"] for s in sources] == [str(tmp_path / "corpus/*.jsonl"), os.path.expanduser("~/web.jsonl")]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ is the home directory in every path given
+    cfg = compose_config(["data.dir='~/ds'", "run.dir='~/runs/a'"])
+    assert [cfg["data"]["dir"], cfg["run"]["dir"]] == [str(tmp_path / "home/ds"), str(tmp_path / "home/runs/a")]
 
 
 def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
