@@ -336,6 +336,13 @@ def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:
     splits, tails = _write_shards(documents, data_cfg, tokenizer, tmp, dtype, expected)
     shutil.rmtree(tmp / "cache")
     if splits["train"]["samples"] == 0:
+        val_tokens = splits["val"]["tokens"] + tails["val"]
+        if val_tokens > tails["train"]:  # the documents went to val (whole documents are drawn for it)
+            raise ValueError(
+                f"the corpus gives {tails['train']:,} training tokens and {val_tokens:,} val tokens, fewer than "
+                f"one training sample of data.seq_len+1 = {data_cfg['seq_len'] + 1}: lower "
+                f"data.val_fraction={data_cfg['val_fraction']} or add documents"
+            )
         raise ValueError(
             f"the corpus gives {tails['train']:,} training tokens, fewer than one sample of data.seq_len+1 = "
             f"{data_cfg['seq_len'] + 1}: lower data.seq_len or "

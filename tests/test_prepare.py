@@ -241,6 +241,8 @@ def test_a_corpus_smaller_than_one_sample_says_what_to_change(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(100, max_words=30))  # enough, but not to the target
     with pytest.raises(ValueError, match=r"lower data.seq_len or raise data.target_tokens=300$"):
         prepare(data_cfg(corpus, tmp_path / "ds", seq_len=512, val_fraction=0.0, target_tokens=300), TOKENIZER_CFG)
+    with pytest.raises(ValueError, match=r"0 training tokens and [\d,]+ val tokens.*lower data.val_fraction=0.999"):
+        prepare(data_cfg(corpus, tmp_path / "ds", seq_len=16, val_fraction=0.999999), TOKENIZER_CFG)  # all to val
 
 
 def test_missing_source_names_the_pattern(tmp_path):
