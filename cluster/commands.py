@@ -339,10 +339,13 @@ def cmd_submit(cfg: dict, args) -> None:
         raise ConfigError(f"sweep={cfg['sweep']['name']}: submit sends `elmforge train`, which does not sweep; run "
                           "`elmforge sweep` on a cluster node, or submit it with `ray job submit` "
                           "(docs/cluster.md, section 6)")
-    given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith("storage_path=")]  # quoted too
-    if not given or not os.path.isabs(given[-1]):  # the last one given is the one the job takes
-        relative = f"storage_path={given[-1]} is relative; " if given else ""
-        raise ConfigError(f"{relative}submit needs storage_path=<absolute path on the cluster's shared storage>")
+    # The job runs in a copy of working_dir that Ray unpacks in a temporary directory and deletes later:
+    # what it writes must go to an absolute path (the last one given is the one the job takes).
+    for key in ("storage_path", "run.dir", "data.dir"):
+        given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith(f"{key}=")]  # quoted too
+        if (given or key == "storage_path") and not (given and os.path.isabs(given[-1])):
+            relative = f"{key}={given[-1]} is relative; " if given else ""
+            raise ConfigError(f"{relative}submit needs {key}=<absolute path on the cluster's shared storage>")
     job_id, url = submit_job(cfg, args.overrides)
     print(f"[submit] job {job_id}\n  dashboard    {url}\n  logs         elmforge jobs logs {job_id} --follow")
     if args.wait:

@@ -237,6 +237,10 @@ def test_submit_shows_only_its_own_lines_and_jobs_list_is_a_table(as_user, tmp_p
      "storage_path=store is relative; submit needs storage_path=<absolute path"),
     (["storage_path=/tmp/x", "storage_path=store", TO_CLOSED],  # the last one is the job's
      "storage_path=store is relative; submit needs storage_path=<absolute path"),
+    (["storage_path=/tmp/x", "run.dir=outputs/a", TO_CLOSED],  # written in the job's temporary copy, then lost
+     "run.dir=outputs/a is relative; submit needs run.dir=<absolute path"),
+    (["storage_path=/tmp/x", "data.dir='data/mine'", TO_CLOSED],
+     "data.dir=data/mine is relative; submit needs data.dir=<absolute path"),
     (["sweep=lr_tiny", "storage_path=/tmp/x", TO_CLOSED],
      "sweep=lr_tiny: submit sends `elmforge train`, which does not sweep; run `elmforge sweep` on a cluster node"),
 ])
