@@ -7,6 +7,7 @@ set, or ConfigError with one message naming each key at fault and the fix.
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -235,7 +236,11 @@ def validate(cfg: dict) -> None:
          f"must be in [0, train.max_steps={t['max_steps']}]: set it within (e.g. train.warmup_steps="
          f"{max(t['max_steps'], 0) // 4}) or raise train.max_steps")
     need(0 <= t["min_lr_ratio"] <= 1, f"train.min_lr_ratio={t['min_lr_ratio']}", "must be in [0, 1]")
-    need(t["lr"] > 0, f"train.lr={t['lr']}", "must be positive")
+    for key in ("lr", "eps"):  # inf passes `> 0` and trains on NaN
+        need(math.isfinite(t[key]) and t[key] > 0, f"train.{key}={t[key]}", "must be a positive number")
+    for key in ("warmup_init_lr", "weight_decay", "grad_clip", "z_loss_weight"):
+        zero = " (0: none)" if key in ("grad_clip", "z_loss_weight", "weight_decay") else ""
+        need(math.isfinite(t[key]) and t[key] >= 0, f"train.{key}={t[key]}", f"must be a number, 0 or more{zero}")
     need(len(t["betas"]) == 2 and all(0 <= b < 1 for b in t["betas"]), f"train.betas={t['betas']}", "must be two values in [0, 1)")
     for key in ("loader_workers", "gc_every", "seed"):
         need(t[key] >= 0, f"train.{key}={t[key]}", "must be 0 or more")
@@ -271,6 +276,11 @@ def validate(cfg: dict) -> None:
     need(not c["dashboard"] or c["address"] is None, "cluster.dashboard=true",
          "starts a dashboard for an embedded Ray only (cluster.address null); a cluster's dashboard is its head's")
     need(c["cpus_per_worker"] > 0, f"cluster.cpus_per_worker={c['cpus_per_worker']}", "must be positive")
+    need(c["num_cpus"] is None or c["num_cpus"] >= 1, f"cluster.num_cpus={c['num_cpus']}",
+         "must be at least 1 (or null: this machine's cores)")
+    need(c["max_failures"] >= -1, f"cluster.max_failures={c['max_failures']}", "must be 0 or more (or -1: no limit)")
+    entry = cfg["submit"]["entrypoint_num_cpus"]
+    need(math.isfinite(entry) and entry >= 0, f"submit.entrypoint_num_cpus={entry}", "must be 0 or more")
     p = cfg["prepare"]
     need(not (p["verify"] and (p["dry_run"] or p["force"])), "prepare.verify=true",
          "checks a built dataset and writes nothing: give it alone, not with prepare.dry_run or prepare.force")

@@ -118,6 +118,12 @@ def test_every_model_composes(model):
         (["run.name="], "run.name='': must be a plain directory name"),  # it would write into outputs/ itself
         (["run.name=../elsewhere"], "run.name='../elsewhere': must be a plain directory name"),
         (["data.name=a/b"], "data.name='a/b': must be a plain directory name"),
+        (["train.lr=inf"], "train.lr=inf: must be a positive number"),  # it trained on NaN to the end
+        (["train.eps=0"], "train.eps=0.0: must be a positive number"),
+        (["train.warmup_init_lr=-1", "train.z_loss_weight=nan"],
+         "train.warmup_init_lr=-1.0: must be a number, 0 or more\n  train.z_loss_weight=nan: must be a number"),
+        (["cluster.num_cpus=0"], "cluster.num_cpus=0: must be at least 1 (or null"),  # Ray waited forever
+        (["cluster.max_failures=-5"], "cluster.max_failures=-5: must be 0 or more (or -1: no limit)"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):
