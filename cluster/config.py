@@ -39,6 +39,7 @@ def compose_raw(overrides: list[str]):
     # `sweep.space=<dict>` replaces the sweep file's space: Hydra would merge it into the file's (and refuse
     # keys the file lacks), so it is set after composing. cluster/sweep.py checks the keys in it.
     space = [o for o in overrides if o.startswith("sweep.space=")]
+    _refuse_null_groups(overrides)
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
             raw = compose(config_name="config", overrides=[o for o in overrides if o not in space])
@@ -50,6 +51,20 @@ def compose_raw(overrides: list[str]):
     except (HydraException, OmegaConfBaseException) as e:
         message = _explain(e)
         raise ConfigError(message + _unknown_key_hint(message, overrides)) from None
+    except (ValueError, TypeError) as e:  # Hydra's own, on an override it cannot read (`=5`, `cluster=[1,2]`)
+        raise ConfigError(f"{e}, in the overrides {' '.join(overrides)}") from None
+
+
+def _refuse_null_groups(overrides: list[str]) -> None:
+    """`sweep=null` reads like `sweep: null` in conf/config.yaml, but Hydra takes a group's option on
+    the command line (or its removal, `~sweep`) and fails on null with a traceback."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for o in overrides:
+        group, _, value = o.partition("=")
+        if value == "null" and (conf / group).is_dir():
+            options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+            unset = f", or leave it out with ~{group}" if group in ("sweep", "experiment") else ""
+            raise ConfigError(f"{o}: {group} is a config group: choose one of its options ({options}){unset}")
 
 
 NOISE = ("reference_type=", "object_type=", "To append to your config", "Config search path", "provider=")

@@ -124,6 +124,9 @@ def test_every_model_composes(model):
          "train.warmup_init_lr=-1.0: must be a number, 0 or more\n  train.z_loss_weight=nan: must be a number"),
         (["cluster.num_cpus=0"], "cluster.num_cpus=0: must be at least 1 (or null"),  # Ray waited forever
         (["cluster.max_failures=-5"], "cluster.max_failures=-5: must be 0 or more (or -1: no limit)"),
+        (["sweep=null"], "sweep=null: sweep is a config group: choose one of its options (lr_tiny), or leave it out"),
+        (["logger=null"], "logger=null: logger is a config group: choose one of its options (none, wandb)"),
+        (["cluster=[1,2]"], "in the overrides cluster=[1,2]"),  # Hydra's own TypeError, not a traceback
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):
