@@ -69,9 +69,11 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
      "sweep.space.train.warmup_steps: a trial with train.warmup_steps=10 would fail: train.warmup_steps=10: must be"),
     (["sweep.metric=val_los"], "sweep.metric='val_los': not a metric the training loop reports at a validation"),
     (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
+    (["sweep.reduction_factor=1"], "sweep.reduction_factor=1: must be at least 2"),  # ASHA's assertion, once
+    (["sweep.grace_period=0"], "sweep.grace_period=0: must be at least 1"),  # Ray had started
     (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],  # the base is checked at the low bound
      "invalid config, with searched keys at values sweep.space draws (train.lr=-1.0):\n  train.lr=-1.0: must "
-     "be positive"),
+     "be a positive number"),
     (["sweep.space={train.lr:{type:uniform,low:0.1,high:0.2},train.warmup_steps:{type:choice,values:[5,1000]}}",
       "train.lr=-1.0"],  # a base value every trial replaces is no error; a drawn one is
      "sweep.space.train.warmup_steps: a trial with train.warmup_steps=1000 would fail: train.warmup_steps=1000: must"),
