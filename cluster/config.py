@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -58,11 +59,11 @@ def compose_raw(overrides: list[str]):
 def _refuse_null_groups(overrides: list[str]) -> None:
     """`sweep=null` reads like `sweep: null` in conf/config.yaml, but Hydra takes a group's option on
     the command line (or its removal, `~sweep`) and fails on null with a traceback."""
-    conf = Path(__file__).resolve().parent.parent / "conf"
+    groups = Path(conf.__file__).parent
     for o in overrides:
         group, _, value = o.partition("=")
-        if value == "null" and (conf / group).is_dir():
-            options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+        if value == "null" and (groups / group).is_dir():
+            options = ", ".join(sorted(p.stem for p in (groups / group).glob("*.yaml")))
             unset = f", or leave it out with ~{group}" if group in ("sweep", "experiment") else ""
             raise ConfigError(f"{o}: {group} is a config group: choose one of its options ({options}){unset}")
 
@@ -381,7 +382,24 @@ def compose_unchecked(overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{e.full_key}: no value; set {e.full_key}=... on the command line{where}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    added = _keys_not_in_schema(cfg, ElmConfig)
+    if added:  # `+key=value` adds a key the struct config would refuse: a misspelt one would be ignored
+        raise ConfigError(f"{', '.join(added)}: not a config key (a `+` adds keys, but only the schema's are read); "
+                          "check the spelling with `--cfg job`")
     return finalise(cfg)
+
+
+def _keys_not_in_schema(cfg: dict, schema, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key, value in cfg.items():
+        if key not in hints:
+            unknown.append(prefix + key)
+            continue
+        kind = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])  # Optional[X]: X
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            unknown += _keys_not_in_schema(value, kind, f"{prefix}{key}.")
+    return unknown
 
 
 def check_and_derive(cfg: dict) -> None:
