@@ -5,8 +5,10 @@ validates it as a whole, and only then starts work.
 """
 
 import argparse
+import glob
 import math
 import os
+import re
 import sys
 
 # Ray folds lines from different processes that differ only in their numbers into one, "[repeated 2x
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         if verb == "report":  # reads a run's files only: no Hydra config, no overrides
             continue
         if verb in ("eval", "generate"):
-            p.add_argument("path", help="a Hugging Face directory or run.dir/checkpoints/step_N")
+            # Optional here so that main names the missing path alone (argparse would call the overrides required too).
+            p.add_argument("path", nargs="?", help="a Hugging Face directory or run.dir/checkpoints/step_N")
             p.add_argument("--tokenizer", help="tokenizer.json or a SentencePiece .model (default: beside the "
                                                "model, or the run's dataset)")
         if verb == "jobs":
@@ -151,6 +154,11 @@ def _run(verb: str, fn, *fn_args) -> int:
     return status or 0  # a verb may return its own exit status (`jobs status` of a failed job)
 
 
+def _is_override(arg: str) -> bool:
+    """key=value, not a file whose path holds `=` (a `lang=en/` partition directory, say)."""
+    return bool(re.match(r"[+~]*[\w.]+=", arg)) and not glob.glob(arg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -159,11 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     strays = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(strays) != len(extra) or (strays and not hasattr(args, "overrides")):
         verb_error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "text", None):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
-        strays += [t for t in args.text if "=" in t]
-        args.text = [t for t in args.text if "=" not in t] or verb_error("--text: no file given")
+    for listed in ("text", "checkpoint"):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
+        given = getattr(args, listed, None)
+        if given:
+            strays += [a for a in given if _is_override(a)]
+            setattr(args, listed, [a for a in given if not _is_override(a)] or verb_error(f"--{listed}: none given"))
     if strays:
         args.overrides += strays
+    if getattr(args, "path", None) and _is_override(args.path):  # `eval data.dir=...`: no path given
+        args.overrides.insert(0, args.path)
+        args.path = None
+    if args.verb in ("eval", "generate") and args.path is None and args.cfg is None:
+        verb_error("the following arguments are required: path")
     if args.verb == "generate" and args.prompt is None and args.cfg is None:
         verb_error("the following arguments are required: --prompt")
     if getattr(args, "greedy", False) and (args.temperature is not None or args.top_k is not None):

@@ -62,7 +62,7 @@ def test_export_average_eval_and_generate(workspace, capsys):
     assert (root / "hf/tokenizer.json").is_file()
     assert "not the run's last step" not in out
     step4 = root / "outputs/base/checkpoints/step_4"  # an earlier step, as a stopped run's export is
-    assert main(["export", *common, "--checkpoint", str(step4), f"--out={root / 'hf_step4'}"]) == 0
+    assert main(["export", "--checkpoint", str(step4), *common, f"--out={root / 'hf_step4'}"]) == 0  # overrides taken back
     assert ("note         step_4 is not the run's last step (train.max_steps=6): it stopped early or is still "
             "training") in capsys.readouterr().out
     import shutil  # checkpoints of two runs: each named with its run
@@ -237,6 +237,8 @@ def test_a_run_resumes_only_on_the_data_it_trained_on(workspace, capsys):
 
 
 def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, capsys, tmp_path):
+    import shutil
+
     root, common = workspace
     assert main(["export", *common, "run.name=base", f"--out={root / 'hf_flags'}"]) == 0
     hf = str(root / "hf_flags")
@@ -252,6 +254,9 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         return int(line.rsplit("| ", 1)[1].split(" tokens")[0].replace(",", ""))
 
     both, first, second = tokens(*files), tokens(files[0]), tokens(files[1])
+    partition = tmp_path / "lang=en"  # a path with `=` that is a file, not an override
+    partition.mkdir()
+    assert tokens(shutil.copy(files[0], partition)) == first
     assert first < both and second < both and both >= first + second - 2 * 17  # a dropped tail per run at most
     assert main(["eval", hf, "--text", *map(str, files), "--seq-len=16", "--batch-size=1", "--max-batches=2",
                  *common]) == 0
@@ -274,6 +279,7 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
         (["eval", hf, "--text", "a.txt", "--separator="], "--separator: give the string documents end at"),
         (["generate", hf, "--prompt", "x", "--temperature", "nan"], "argument --temperature: must be finite and > 0"),
         (["generate", hf, "--greedy", "--top-k", "2"], "elmforge generate: error: the following arguments are"),
+        (["eval"], "elmforge eval: error: the following arguments are required: path\n"),  # not the overrides
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *common])
