@@ -68,7 +68,8 @@ def _refuse_null_groups(overrides: list[str]) -> None:
             raise ConfigError(f"{o}: {group} is a config group: choose one of its options ({options}){unset}")
 
 
-NOISE = ("reference_type=", "object_type=", "To append to your config", "Config search path", "provider=")
+NOISE = ("reference_type=", "object_type=", "To append to your config", "Config search path", "provider=",
+         "Value '$VALUE' of type")  # OmegaConf's message template, under the filled-in one
 
 
 def _explain(e: Exception) -> str:
