@@ -345,6 +345,7 @@ def validate(cfg: dict) -> None:
              "max_context_length", "rope_max_length")
     for key in sizes:
         need(m[key] >= 1, f"model.{key}={m[key]}", "must be at least 1")
+    need(m["head_dim"] % 2 == 0, f"model.head_dim={m['head_dim']}", "must be even (rotary embeddings turn pairs of dimensions)")
     if all(m[key] >= 1 for key in sizes):  # the layer plan of sizes that exist
         try:
             OpenELMConfig(**m).layer_plan()

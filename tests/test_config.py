@@ -96,6 +96,7 @@ def test_every_model_composes(model):
         (["tokenizer=llama"], "tokenizer.path=None: not set: give tokenizer.path=<path to a SentencePiece .model"),
         (["model.num_query_heads=[4,4,4,4]"], "none of them"),
         (["model.num_layers=0"], "model.num_layers=0: must be at least 1"),
+        (["model.head_dim=33"], "model.head_dim=33: must be even"),  # training started, then failed in RoPE
         (["tokenizer.vocab_size=100", "model.vocab_size=100"],
          "tokenizer.vocab_size=100: must be at least 259 for tokenizer=bpe"),
         (["train.global_batch_tokens=-2048"], "train.global_batch_tokens=-2048: must be at least 1 (or null)"),

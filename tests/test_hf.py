@@ -532,6 +532,7 @@ def test_bad_weights_are_named(corrupt, message, tmp_path):
         ({"num_query_heads": None}, r"config\.json: missing key 'num_query_heads'"),
         ({"ffn_multipliers": [0.5, 4.0]}, r"ffn_multipliers must list one value per layer \(3\)"),
         ({"ffn_with_glu": False}, r"ffn_with_glu=False is not supported"),
+        ({"head_dim": 33}, r"config\.json: head_dim=33 is odd"),  # the first forward failed on it
     ],
 )
 def test_bad_configs_are_named(change, message):

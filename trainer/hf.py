@@ -117,6 +117,8 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> OpenELMConfig:
         if hf.get(key, value) != value:
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {value!r})")
     n, d = _require(hf, "num_transformer_layers", source), _require(hf, "model_dim", source)
+    if _require(hf, "head_dim", source) % 2:
+        raise ValueError(f"{source}: head_dim={hf['head_dim']} is odd; rotary embeddings turn pairs of dimensions")
     divisor = _require(hf, "ffn_dim_divisor", source)
     ffn_multipliers = _per_layer(_require(hf, "ffn_multipliers", source), n, "ffn_multipliers", source)
     qkv = hf.get("qkv_multipliers") or [0.5, 1.0]  # informational once the heads are listed per layer
