@@ -250,18 +250,25 @@ def _model_and_tokenizer(cfg: dict, args, required: bool):
             raise ValueError(f"--tokenizer {args.tokenizer} ({given.fingerprint[:12]}) has other tokens or ids than "
                              f"the tokenizer found with {args.path} ({found.fingerprint[:12]}), whose ids the model "
                              "was trained on: leave --tokenizer out")
-        found = given
+        found, origin = given, f"--tokenizer {args.tokenizer}"
     # Only a data.dir the user named: the default one belongs to the demo's data, not to this model.
     elif found is None and _data_dir_named(args):
-        found = dataset_tokenizer(cfg["data"]["dir"])
+        found, origin = dataset_tokenizer(cfg["data"]["dir"]), f"the tokenizer of data.dir={cfg['data']['dir']}"
+    else:
+        origin = "the tokenizer found with the model"
     if found is None and required:
         raise ValueError(f"{args.path}: no tokenizer beside the model, in its training data or in a data.dir= given; "
                          "name one with --tokenizer, or a prepared dataset with data.dir=")
     if found is not None and found.vocab_size > model.cfg.vocab_size:  # its ids would index past the embedding
-        raise ValueError(f"the tokenizer ({args.tokenizer or 'the one found with the model'}) has {found.vocab_size} "
-                         f"tokens, more than the {model.cfg.vocab_size} of the model at {args.path}: give the "
-                         "tokenizer the model was trained with")
+        raise ValueError(f"{origin} has {found.vocab_size} tokens, more than the {model.cfg.vocab_size} of the model "
+                         f"at {args.path}: use the tokenizer the model was trained with (and data prepared with it)")
     return model, found
+
+
+def _within_context(model, seq_len: int, what: str, fix: str) -> None:
+    if seq_len > model.cfg.max_context_length:
+        raise ValueError(f"{what}: longer than the model's context ({model.cfg.max_context_length} tokens, "
+                         f"max_context_length); {fix}")
 
 
 def _data_dir_named(args) -> bool:
@@ -271,7 +278,7 @@ def _data_dir_named(args) -> bool:
 def cmd_eval(cfg: dict, args) -> None:
     import itertools
 
-    from data_pipelines.manifest import MANIFEST_NAME
+    from data_pipelines.manifest import MANIFEST_NAME, read_manifest
     from trainer.checkpoint import read_client_state
     from trainer.evaluate import evaluate_loss, text_batches, validation_batches
 
@@ -284,9 +291,9 @@ def cmd_eval(cfg: dict, args) -> None:
         # The length the checkpoint trained at; a Hugging Face directory records none.
         trained = read_client_state(args.path)["config"]["data"]["seq_len"] if is_checkpoint else None
         seq_len = args.seq_len or trained or cfg["data"]["seq_len"]
-        if seq_len > model.cfg.max_context_length:
-            raise ValueError(f"--seq-len {seq_len}: longer than the model's context ({model.cfg.max_context_length} "
-                             "tokens, max_context_length)")
+        what = (f"--seq-len {seq_len}" if args.seq_len else f"data.seq_len={seq_len}, the checkpoint's" if trained
+                else f"data.seq_len={seq_len} (a Hugging Face directory records no length)")
+        _within_context(model, seq_len, what, f"give --seq-len {model.cfg.max_context_length} or less")
         texts = text_batches(args.text, tokenizer, seq_len, args.batch_size, args.text_field, args.separator)
         batches = itertools.islice(texts, args.max_batches)
         where = " ".join(args.text)
@@ -294,11 +301,19 @@ def cmd_eval(cfg: dict, args) -> None:
         data_dir = cfg["data"]["dir"]
         if is_checkpoint and not _data_dir_named(args):
             data_dir = read_client_state(args.path)["config"]["data"]["dir"]  # the run's own data by default
+            if not Path(data_dir, MANIFEST_NAME).is_file():
+                raise FileNotFoundError(f"{args.path} trained on {data_dir}, which holds no prepared dataset now: "
+                                        "name one with data.dir=, score files with --text, or prepare the run's data "
+                                        "again (its data settings)")
         elif not _data_dir_named(args) and not Path(data_dir, MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"no prepared dataset at {data_dir} (the default data.dir) to score {args.path} "
                                     "on: name one with data.dir=, or score files with --text")
         if tokenizer is not None:
             _require_data_of(tokenizer, data_dir, args)
+        length = read_manifest(data_dir).seq_len
+        _within_context(model, length, f"{data_dir} has samples of {length} tokens",
+                        f"score files with --text --seq-len {model.cfg.max_context_length}, or a dataset prepared "
+                        f"with data.seq_len={model.cfg.max_context_length} or less")
         batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, whole=True)
         where = f"{data_dir} (val split)"
     r = evaluate_loss(model.to(_device(cfg)), batches, _device(cfg))

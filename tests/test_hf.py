@@ -394,8 +394,26 @@ def test_a_tokenizer_larger_than_the_model_is_refused_by_eval_and_generate(tiny_
     out = save_hf_checkpoint(random_model(small_config(vocab_size=200)), tmp_path / "hf")
     tokenizer = str(tiny_dataset / "tokenizer.json")  # 300 tokens
     assert main(["generate", str(out), "--tokenizer", tokenizer, "--prompt", "x", "--greedy"]) == 1
-    assert f"the tokenizer ({tokenizer}) has 300 tokens, more than the 200 of the model at {out}" in \
-        capsys.readouterr().err
+    assert f"--tokenizer {tokenizer} has 300 tokens, more than the 200 of the model at {out}" in capsys.readouterr().err
+    assert main(["eval", str(out), f"data.dir={tiny_dataset}"]) == 1  # the tokenizer is the dataset's: named so
+    assert f"the tokenizer of data.dir={tiny_dataset} has 300 tokens, more than the 200" in capsys.readouterr().err
+
+
+def test_eval_refuses_samples_longer_than_the_models_context_and_says_where_the_length_came_from(
+        tiny_dataset, tmp_path, capsys):
+    from cluster.cli import main
+
+    out = save_hf_checkpoint(random_model(small_config(vocab_size=300, max_context_length=16)), tmp_path / "hf",
+                             tokenizer_dir=tiny_dataset)
+    assert main(["eval", str(out), f"data.dir={tiny_dataset}"]) == 1  # its samples have 32 tokens
+    assert (f"elmforge eval: {tiny_dataset} has samples of 32 tokens: longer than the model's context (16 tokens, "
+            "max_context_length); score files with --text --seq-len 16") in capsys.readouterr().err
+    text = tmp_path / "a.txt"
+    text.write_text("the table holds rows " * 50)
+    assert main(["eval", str(out), "--text", str(text)]) == 1  # the default data.seq_len, not a --seq-len given
+    assert ("data.seq_len=128 (a Hugging Face directory records no length): longer than the model's context "
+            "(16 tokens, max_context_length); give --seq-len 16 or less") in capsys.readouterr().err
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "16"]) == 0
 
 
 def test_config_json_carries_the_exported_tokenizers_own_bos_and_eos_ids(tmp_path):

@@ -362,6 +362,13 @@ def test_export_refuses_an_unfinished_checkpoint_and_leaves_out_a_changed_tokeni
         assert "no tokenizer beside the model" in capsys.readouterr().err
     finally:
         manifest.write_text(original)
+    manifest.rename(manifest.with_suffix(".moved"))  # the run's dataset gone: its checkpoint has none to score on
+    try:
+        assert main(["eval", step, *common]) == 1
+        assert f"{step} trained on {manifest.parent}, which holds no prepared dataset now: name one with data.dir=" \
+            in capsys.readouterr().err
+    finally:
+        manifest.with_suffix(".moved").rename(manifest)
 
 
 def test_eval_and_export_name_what_is_wrong_with_their_inputs(workspace, tmp_path, capsys):
