@@ -190,6 +190,15 @@ def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, caps
     # Lowered below where it got to: nothing to train, and the message says the run went past it.
     assert main(["train", *common, "run.name=base", "train.max_steps=4", "logger=none"]) == 0
     assert "already finished at step 6, past train.max_steps=4 (" in capsys.readouterr().out
+    # A copy of the run (or one moved, with storage_path): its summary names where it is now.
+    import shutil
+
+    shutil.copytree(root / "outputs/base", root / "outputs/copied")
+    assert main(["train", *common, "run.name=copied", "train.max_steps=6", "logger=none"]) == 0
+    base, copied = read_summary(root / "outputs/base"), read_summary(root / "outputs/copied")
+    assert copied["run_name"] == "copied" and copied["final_loss"] == base["final_loss"]
+    assert copied["checkpoint"] == str(root / "outputs/copied/checkpoints/step_6")
+    assert copied["metrics"] == str(root / "outputs/copied/metrics.jsonl")
 
 
 def test_a_run_resumes_only_on_the_data_it_trained_on(workspace, capsys):

@@ -284,8 +284,16 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
     stopped at the step that max_steps has since been lowered to)."""
     run_dir, step = cfg["run"]["dir"], client["step"]
     summary = read_json(Path(run_dir, SUMMARY_NAME)) or {}
-    if summary.get("steps") != step or summary.get("stopped_by"):
-        metrics = Path(run_dir, "metrics.jsonl")
+    metrics = Path(run_dir, "metrics.jsonl")
+    # Where the run is now: a run directory copied or moved elsewhere (or renamed) still names the old one.
+    here = {"run_name": cfg["run"]["name"], "checkpoint": str(checkpoint), "metrics": str(metrics),
+            "data_dir": str(cfg["data"]["dir"])}
+    if summary.get("steps") == step and not summary.get("stopped_by"):
+        moved = any(summary.get(key) != value for key, value in here.items())
+        summary = {**summary, **here}
+        if moved and is_main:
+            write_summary(run_dir, summary)
+    else:
         last = [r for r in map(json.loads, complete_lines(metrics)) if r["step"] <= step]
         summary = {
             "run_name": cfg["run"]["name"], "steps": step, "resumed_from": checkpoint.name,
@@ -294,8 +302,7 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
             "final_loss": last[-1]["loss"] if last else None,
             **_final_validation(next((r for r in reversed(last) if "val_loss" in r), None)),
             "losses": [], "num_params": non_embedding_params(model_cfg) + model_cfg.vocab_size * model_cfg.model_dim,
-            "data_dir": str(cfg["data"]["dir"]), "checkpoint": str(checkpoint),
-            "metrics": str(metrics), "wandb_dir": None,
+            **here, "wandb_dir": None,
         }
         if is_main:
             write_summary(run_dir, summary)
