@@ -278,9 +278,15 @@ def test_a_damaged_checkpoint_names_itself_and_the_fix_and_loses_nothing(tiny_da
     longer = small_cfg(tiny_dataset, tmp_path, "logger=none", "run.name=damaged", "train.checkpoint_every=2",
                        "train.max_steps=8")
     change = "has changed since it was saved" if damage == "overwritten" else "bytes, [0-9]+ when saved"
-    with pytest.raises(TrainingError, match=f"checkpoint {newest} cannot be read \\({damaged_file} .*{change}.*\\); to "
-                                            f"resume from the one before it, remove {newest}/COMPLETE"):
+    message = (f"checkpoint {newest} cannot be read \\({damaged_file} .*{change}.*\\); to resume from the one before "
+               f"it, remove {newest}/COMPLETE")
+    with pytest.raises(TrainingError, match=message):
         train(longer)
+    if damaged_file.startswith("mp_rank") and damage == "truncated":  # the CLI's check reads its client state first
+        from trainer.train_loop import check_start
+
+        with pytest.raises(TrainingError, match=message):
+            check_start(longer)
     assert {p: p.read_bytes() for p in before} == before
     (newest / "COMPLETE").unlink()  # the fix the message names
     assert train(longer)["resumed_from"] == "step_4"

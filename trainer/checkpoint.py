@@ -205,7 +205,8 @@ def read_client_state(checkpoint_dir: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: holds objects other than tensors and plain data; not loading it ({e})") from None
     except (RuntimeError, OSError, EOFError) as e:  # truncated, or not a torch file at all
-        raise damaged(Path(checkpoint_dir), e) from None
+        # The digests tell which file differs from the save and how (torch's own error names none).
+        raise damaged(Path(checkpoint_dir), _damage(Path(checkpoint_dir)) or e) from None
     missing = [k for k in ("step", "config") if k not in state]
     if missing:
         raise ValueError(f"{path}: no {missing} in the client state (not an elmforge checkpoint?)")
