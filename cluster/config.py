@@ -51,6 +51,10 @@ def compose_raw(overrides: list[str]):
         return raw
     except (HydraException, OmegaConfBaseException) as e:
         message = _explain(e)
+        added = re.match(r"Multiple values for (\w+)\.", message)
+        if added:  # Hydra's advice is for a defaults list; on the command line `+` adds a group, which is set
+            given = next((o for o in overrides if o.lstrip("+").startswith(f"{added[1]}=")), f"{added[1]}=...")
+            message = f"{given}: {added[1]} is already chosen: give {given.lstrip('+')} (no +) to choose another"
         raise ConfigError(message + _unknown_key_hint(message, overrides)) from None
     except (ValueError, TypeError) as e:  # Hydra's own, on an override it cannot read (`=5`, `cluster=[1,2]`)
         raise ConfigError(f"{e}, in the overrides {' '.join(overrides)}") from None

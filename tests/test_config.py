@@ -128,6 +128,7 @@ def test_every_model_composes(model):
         (["sweep=null"], "sweep=null: sweep is a config group: choose one of its options (lr_tiny), or leave it out"),
         (["logger=null"], "logger=null: logger is a config group: choose one of its options (none, wandb)"),
         (["cluster=[1,2]"], "in the overrides cluster=[1,2]"),  # Hydra's own TypeError, not a traceback
+        (["+model=openelm_270m"], "+model=openelm_270m: model is already chosen: give model=openelm_270m (no +)"),
         (["train.max_steps=${oc.env:ELMFORGE_UNSET,ten}"], "Value 'ten' of type 'str' could not be converted to Integer"),
         (["+train.max_step=10", "++cluster.num_worker=4"],  # a + opens the struct: both were ignored
          "train.max_step, cluster.num_worker: not a config key (a `+` adds keys, but only the schema's are read)"),
