@@ -276,6 +276,7 @@ def excluded(path: str, rules) -> bool:
         "wandb/offline-run-x/run.wandb", ".git/HEAD", "cluster/__pycache__/cli.cpython-311.pyc",
         ".pytest_cache/v/cache/nodeids", ".whl/deepspeed-0.19.8-py3-none-any.whl", "torch-2.13.0+cpu-cp311-linux.whl",
         "elmforge.egg-info/PKG-INFO", "build/lib/cluster/cli.py", ".env", "home/.netrc",
+        "sweeps/lr_tiny/t0/checkpoints/step_20/mp_rank_00_model_states.pt", "report/report.html",  # the README's sweep
     ],
 )
 def test_dockerignore_leaves_out(path):
@@ -286,7 +287,7 @@ def test_dockerignore_leaves_out(path):
     "path",
     [
         "setup.cfg", "pyproject.toml", "README.md", "conf/config.yaml", "conf/model/openelm_1_1b.yaml",
-        "cluster/cli.py", "trainer/model.py", "data_pipelines/prepare.py",
+        "cluster/cli.py", "cluster/report.py", "trainer/model.py", "data_pipelines/prepare.py",
         "data_pipelines/sample/sqlite_docs.jsonl.gz", "data_pipelines/sample/SOURCE.md",
     ],
 )
