@@ -44,6 +44,14 @@ def test_zero_stages_give_the_same_losses(tiny_dataset, tmp_path, zero2_losses, 
     assert got != losses(cfg_for(tiny_dataset, tmp_path / "lr", f"deepspeed=zero{stage}", "train.lr=1e-3"), 2)
 
 
+def test_bf16_at_zero0_follows_bf16_at_zero2(tiny_dataset, tmp_path):
+    # Two mixed-precision wrappers; ZeRO-0's made AdamW's state with a step of its own (8e-3 apart by step 4).
+    bf16 = ["train.precision=bf16", "train.grad_accum_steps=2"]
+    zero0 = losses(cfg_for(tiny_dataset, tmp_path / "z0", "deepspeed=zero0", *bf16, workers=1), 1)
+    assert zero0 == pytest.approx(losses(cfg_for(tiny_dataset, tmp_path / "z2", "deepspeed=zero2", *bf16, workers=1), 1),
+                                  rel=1e-5)
+
+
 def test_one_rank_with_accumulation_matches_two_ranks(tiny_dataset, tmp_path, zero2_losses):
     cfg = cfg_for(tiny_dataset, tmp_path, "deepspeed=zero2", "train.grad_accum_steps=2", workers=1)
     assert losses(cfg, 1) == pytest.approx(zero2_losses, rel=1e-6)

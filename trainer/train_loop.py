@@ -130,7 +130,25 @@ def build_engine(cfg: dict, model: torch.nn.Module, env: DistEnv, load_universal
         config=config,
         lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, t_cfg),
     )
+    _undo_state_making_step(engine)
     return engine, scheduler
+
+
+def _undo_state_making_step(engine) -> None:
+    """DeepSpeed's unfused mixed-precision wrapper (bf16 at ZeRO-0) makes the optimizer's state by one
+    step on zero gradients: AdamW's step count then starts one ahead (its bias correction lags all run,
+    the first update 0.73x as large) and the fp32 master weights take one weight decay at the full lr.
+    Undone: no state (AdamW makes it at the first real step), masters as cloned from the model."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, FP16_UnfusedOptimizer):
+        return
+    wrapper.optimizer.state.clear()
+    with torch.no_grad():
+        for masters, params in zip(wrapper.fp32_groups, wrapper.fp16_groups):
+            for master, param in zip(masters, params):
+                master.copy_(param)
 
 
 def _clip_or_drop_grads(engine, max_norm: float) -> tuple[float, bool]:
