@@ -44,6 +44,17 @@ def test_zero_stages_give_the_same_losses(tiny_dataset, tmp_path, zero2_losses, 
     assert got != losses(cfg_for(tiny_dataset, tmp_path / "lr", f"deepspeed=zero{stage}", "train.lr=1e-3"), 2)
 
 
+def test_zero0_logs_the_gradient_norm_deepspeed_logs(tiny_dataset, tmp_path):
+    # ZeRO-0 (fp32) computes the norm in the loop; torch's one-pass fp32 norm had been 2e-5 off DeepSpeed's.
+    def norms(stage):
+        run_ranks(1, train, cfg_for(tiny_dataset, tmp_path / stage, f"deepspeed={stage}", "train.max_steps=3",
+                                    "model.model_dim=256", "model.vocab_size=4096",  # a 1M-value embedding
+                                    "train.grad_accum_steps=2", workers=1))
+        return [json.loads(line)["grad_norm"] for line in open(tmp_path / stage / "metrics.jsonl")]
+
+    assert norms("zero0") == pytest.approx(norms("zero2"), rel=1e-6)
+
+
 def test_bf16_at_zero0_follows_bf16_at_zero2(tiny_dataset, tmp_path):
     # Two mixed-precision wrappers; ZeRO-0's made AdamW's state with a step of its own (8e-3 apart by step 4).
     bf16 = ["train.precision=bf16", "train.grad_accum_steps=2"]
