@@ -260,13 +260,13 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
     dataset_fingerprint(data_cfg, tokenizer_cfg) if the caller has just computed it."""
     out = Path(data_cfg["dir"])
     check_replaceable(out)
-    _remove_stale_builds(real_destination(out))  # also when up to date: a killed rebuild's may be large
     fp = fingerprint or dataset_fingerprint(data_cfg, tokenizer_cfg)
     rebuilding = None
     if (out / MANIFEST_NAME).is_file():
         built, why = _built_fingerprint(out)
         if built == fp and not force:
             print(f"[prepare] {out} is up to date (fingerprint {fp[:12]}); nothing to do", flush=True)
+            _name_stale_builds(real_destination(out))  # a killed rebuild's may be large
             return out
         rebuilding = f"{out}: prepare.force=true" if built == fp else f"{out} {why}"
     for i, spec in enumerate(data_cfg["sources"]):  # cheap checks of every source, before any work (or Ray)
@@ -279,6 +279,7 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
         before_build()
     target = real_destination(out)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target)
     tmp = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -466,18 +467,33 @@ def _is_our_manifest(path: Path) -> bool:
     return isinstance(data, dict) and "format_version" in data and "splits" in data
 
 
-def _remove_stale_builds(out: Path) -> None:
+def _stale_builds(out: Path) -> list[Path]:
     """Temporary directories of earlier builds on this machine that were killed (their process is gone).
     Another machine's (storage shared between nodes) may still be written: its process cannot be seen."""
-    remove_leftovers(out)
-    prefix = f".{out.name}.tmp-"
-    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):  # a name may hold [ ] * ?
-        host, _, pid = stale.name[len(prefix):].rpartition("-")
+    prefix, stale = f".{out.name}.tmp-", []
+    for build in out.parent.glob(f"{glob.escape(prefix)}*"):  # a name may hold [ ] * ?
+        host, _, pid = build.name[len(prefix):].rpartition("-")
         if not pid.isdigit() or host not in ("", socket.gethostname()):  # not ours, or another machine's
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
+            stale.append(build)
         except PermissionError:  # alive, another user's
             pass
+    return stale
+
+
+def _remove_stale_builds(out: Path) -> None:
+    remove_leftovers(out)
+    for stale in _stale_builds(out):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _name_stale_builds(out: Path) -> None:
+    """Said, not deleted, by a prepare with nothing to build: a process of another pid namespace with this
+    host name (a container on a shared volume) looks dead from here, and its build may be live; a
+    prepare that builds removes them, as it must replace the dataset alone anyway."""
+    for stale in _stale_builds(out):
+        print(f"[prepare] {stale} is left from a build that was killed (or runs in another container): delete "
+              "it, or the next build of this dataset will", flush=True)
