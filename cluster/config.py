@@ -49,12 +49,14 @@ def compose_raw(overrides: list[str]):
         if space:
             raw.sweep.space = OverridesParser.create().parse_overrides(space[-1:])[0].value()
         return raw
+    except ConfigError:
+        raise
     except (HydraException, OmegaConfBaseException) as e:
         message = _explain(e)
         added = re.match(r"Multiple values for (\w+)\.", message)
         if added:  # Hydra's advice is for a defaults list; on the command line `+` adds a group, which is set
             given = next((o for o in overrides if o.lstrip("+").startswith(f"{added[1]}=")), f"{added[1]}=...")
-            message = f"{given}: {added[1]} is already chosen: give {given.lstrip('+')} (no +) to choose another"
+            message = f"{given}: {added[1]} is in conf/config.yaml's defaults list: give {given.lstrip('+')} (no +)"
         raise ConfigError(message + _unknown_key_hint(message, overrides)) from None
     except (ValueError, TypeError) as e:  # Hydra's own, on an override it cannot read (`=5`, `cluster=[1,2]`)
         raise ConfigError(f"{e}, in the overrides {' '.join(overrides)}") from None
@@ -65,8 +67,8 @@ def _refuse_null_groups(overrides: list[str]) -> None:
     the command line (or its removal, `~sweep`) and fails on null with a traceback."""
     groups = Path(conf.__file__).parent
     for o in overrides:
-        group, _, value = o.partition("=")
-        if value == "null" and (groups / group).is_dir():
+        group, _, value = o.lstrip("+").partition("=")
+        if (value.lower() == "null" or value.startswith("[")) and (groups / group).is_dir():
             options = ", ".join(sorted(p.stem for p in (groups / group).glob("*.yaml")))
             unset = f", or leave it out with ~{group}" if group in ("sweep", "experiment") else ""
             raise ConfigError(f"{o}: {group} is a config group: choose one of its options ({options}){unset}")
@@ -402,9 +404,12 @@ def _keys_not_in_schema(cfg: dict, schema, prefix: str = "") -> list[str]:
         if key not in hints:
             unknown.append(prefix + key)
             continue
-        kind = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])  # Optional[X]: X
+        kind = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])  # Optional[X], list[X]: X
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             unknown += _keys_not_in_schema(value, kind, f"{prefix}{key}.")
+        elif dataclasses.is_dataclass(kind) and isinstance(value, list):  # data.sources
+            for i, entry in enumerate(value):
+                unknown += _keys_not_in_schema(entry, kind, f"{prefix}{key}.{i}.") if isinstance(entry, dict) else []
     return unknown
 
 

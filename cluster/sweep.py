@@ -118,7 +118,7 @@ def check_schedule(cfg: dict) -> None:
     if s["metric"] not in REPORTED_METRICS:
         raise ConfigError(f"sweep.metric={s['metric']!r}: not a metric the training loop reports at a validation "
                           f"({', '.join(REPORTED_METRICS)})")
-    for key, least in (("num_samples", 1), ("max_concurrent_trials", 1), ("grace_period", 1), ("reduction_factor", 2)):
+    for key, least in (("num_samples", 1), ("max_concurrent_trials", 0), ("grace_period", 1), ("reduction_factor", 2)):
         if s[key] < least:  # ASHA and Tune assert these, after Ray has started
             raise ConfigError(f"sweep.{key}={s[key]}: must be at least {least}")
     if not s["trial_cpus"] > 0:

@@ -127,11 +127,14 @@ def test_every_model_composes(model):
         (["cluster.max_failures=-5"], "cluster.max_failures=-5: must be 0 or more (or -1: no limit)"),
         (["sweep=null"], "sweep=null: sweep is a config group: choose one of its options (lr_tiny), or leave it out"),
         (["logger=null"], "logger=null: logger is a config group: choose one of its options (none, wandb)"),
-        (["cluster=[1,2]"], "in the overrides cluster=[1,2]"),  # Hydra's own TypeError, not a traceback
-        (["+model=openelm_270m"], "+model=openelm_270m: model is already chosen: give model=openelm_270m (no +)"),
+        (["cluster=[1,2]"], "cluster=[1,2]: cluster is a config group: choose one of its options (local)"),
+        (["+sweep=Null"], "+sweep=Null: sweep is a config group"),  # Hydra's ValueError, not a traceback
+        (["=5"], "Config group override must be a string or a list. Got int, in the overrides =5"),
+        (["+experiment=openelm_270m"],
+         "+experiment=openelm_270m: experiment is in conf/config.yaml's defaults list: give experiment=openelm_270m (no +)"),
         (["train.max_steps=${oc.env:ELMFORGE_UNSET,ten}"], "Value 'ten' of type 'str' could not be converted to Integer"),
-        (["+train.max_step=10", "++cluster.num_worker=4"],  # a + opens the struct: both were ignored
-         "train.max_step, cluster.num_worker: not a config key (a `+` adds keys, but only the schema's are read)"),
+        (["+train.max_step=10", "++cluster.num_worker=4", "++data.sources.0.weigth=2"],  # a + opens the struct
+         "data.sources.0.weigth, train.max_step, cluster.num_worker: not a config key (a `+` adds keys, but only"),
     ],
 )
 def test_bad_config_is_one_clear_message_naming_the_key(overrides, expected):

@@ -71,6 +71,7 @@ def test_a_command_line_space_replaces_the_files_and_its_keys_are_checked(tmp_pa
     (["sweep.mode=maximize"], "sweep.mode='maximize': expected min or max"),
     (["sweep.reduction_factor=1"], "sweep.reduction_factor=1: must be at least 2"),  # ASHA's assertion, once
     (["sweep.grace_period=0"], "sweep.grace_period=0: must be at least 1"),  # Ray had started
+    (["sweep.max_concurrent_trials=-1"], "sweep.max_concurrent_trials=-1: must be at least 0"),  # 0: no limit
     (["sweep.space={train.lr:{type:uniform,low:-1.0,high:0.1}}"],  # the base is checked at the low bound
      "invalid config, with searched keys at values sweep.space draws (train.lr=-1.0):\n  train.lr=-1.0: must "
      "be a positive number"),
