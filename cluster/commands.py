@@ -356,10 +356,13 @@ def cmd_submit(cfg: dict, args) -> None:
                           "(docs/cluster.md, section 6)")
     # The job runs in a copy of working_dir that Ray unpacks in a temporary directory and deletes later:
     # what it writes must go to an absolute path (the last one given is the one the job takes).
+    # ~ is the home directory on the node that runs the job; null (run.dir, data.dir) derives from storage_path.
     for key in ("storage_path", "run.dir", "data.dir"):
-        given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.startswith(f"{key}=")]  # quoted too
-        if (given or key == "storage_path") and not (given and os.path.isabs(given[-1])):
-            relative = f"{key}={given[-1]} is relative; " if given else ""
+        given = [o.split("=", 1)[1].strip("\"'") for o in args.overrides if o.lstrip("+").startswith(f"{key}=")]
+        value = given[-1] if given else None
+        if (value is None and key == "storage_path") or (value not in (None, "null") and
+                                                          not os.path.isabs(os.path.expanduser(value))):
+            relative = f"{key}={value} is relative; " if value else ""
             raise ConfigError(f"{relative}submit needs {key}=<absolute path on the cluster's shared storage>")
     job_id, url = submit_job(cfg, args.overrides)
     print(f"[submit] job {job_id}\n  dashboard    {url}\n  logs         elmforge jobs logs {job_id} --follow")

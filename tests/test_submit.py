@@ -239,7 +239,7 @@ def test_submit_shows_only_its_own_lines_and_jobs_list_is_a_table(as_user, tmp_p
      "storage_path=store is relative; submit needs storage_path=<absolute path"),
     (["storage_path=/tmp/x", "run.dir=outputs/a", TO_CLOSED],  # written in the job's temporary copy, then lost
      "run.dir=outputs/a is relative; submit needs run.dir=<absolute path"),
-    (["storage_path=/tmp/x", "data.dir='data/mine'", TO_CLOSED],
+    (["storage_path=/tmp/x", "++data.dir='data/mine'", TO_CLOSED],
      "data.dir=data/mine is relative; submit needs data.dir=<absolute path"),
     (["sweep=lr_tiny", "storage_path=/tmp/x", TO_CLOSED],
      "sweep=lr_tiny: submit sends `elmforge train`, which does not sweep; run `elmforge sweep` on a cluster node"),
@@ -248,6 +248,12 @@ def test_submit_config_mistakes_exit_2_before_reaching_a_cluster(overrides, mess
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["submit", *overrides]) == 2
     assert capsys.readouterr().err.startswith(f"elmforge submit: config error\n{message}")
+
+
+def test_submit_takes_a_home_relative_or_derived_run_and_data_dir(capsys):
+    # ~ is the job node's home, null the default under storage_path: neither is written in Ray's temporary copy.
+    assert main(["submit", "storage_path=/tmp/x", "data.dir=null", "run.dir='~/runs/a'", f"submit.address={CLOSED}"]) == 1
+    assert f"cannot reach the Ray Jobs API at {CLOSED}" in capsys.readouterr().err  # past the config checks
 
 
 def test_a_cluster_that_does_not_answer_is_one_line_with_the_fix(capsys):
