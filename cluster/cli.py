@@ -8,7 +8,6 @@ import argparse
 import glob
 import math
 import os
-import re
 import sys
 
 # Ray folds lines from different processes that differ only in their numbers into one, "[repeated 2x
@@ -17,7 +16,7 @@ import sys
 os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[[a-z][\w ]*\] ")
 
 from cluster import commands  # noqa: E402
-from cluster.config import ConfigError, compose_config, to_yaml  # noqa: E402
+from cluster.config import ConfigError, compose_config, is_override, to_yaml  # noqa: E402
 from cluster.submit import ClusterUnreachable, SubmitError  # noqa: E402
 from trainer.errors import TrainingError  # noqa: E402
 
@@ -156,7 +155,7 @@ def _run(verb: str, fn, *fn_args) -> int:
 
 def _is_override(arg: str) -> bool:
     """key=value, not a file whose path holds `=` (a `lang=en/` partition directory, say)."""
-    return bool(re.match(r"[+~]*[\w.]+=", arg)) and not glob.glob(arg)
+    return is_override(arg) and not glob.glob(arg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, listed, [a for a in given if not _is_override(a)] or verb_error(f"--{listed}: none given"))
     if strays:
         args.overrides += strays
-    if getattr(args, "path", None) and _is_override(args.path):  # `eval data.dir=...`: no path given
+    if getattr(args, "path", None) and _is_override(args.path):  # `eval data.dir=... [PATH]`: the path follows
         args.overrides.insert(0, args.path)
-        args.path = None
+        paths = [o for o in args.overrides if not _is_override(o)]
+        args.path = paths[0] if paths else None
+        args.overrides = [o for o in args.overrides if o != args.path]
     if args.verb in ("eval", "generate") and args.path is None and args.cfg is None:
         verb_error("the following arguments are required: path")
     if args.verb == "generate" and args.prompt is None and args.cfg is None:

@@ -62,6 +62,16 @@ def compose_raw(overrides: list[str]):
         raise ConfigError(f"{e}, in the overrides {' '.join(overrides)}") from None
 
 
+def is_override(arg: str) -> bool:
+    """`key=value` with a key of the config (or a group, `experiment=`), not a path that holds `=`."""
+    found = re.match(r"[+~]*([\w.]+)=", arg)
+    return bool(found) and found[1].split(".")[0] in ROOT_KEYS
+
+
+ROOT_KEYS = {f.name for f in dataclasses.fields(ElmConfig)} | {
+    p.name for p in Path(conf.__file__).parent.iterdir() if p.is_dir() and not p.name.startswith("_")}
+
+
 def _refuse_null_groups(overrides: list[str]) -> None:
     """`sweep=null` reads like `sweep: null` in conf/config.yaml, but Hydra takes a group's option on
     the command line (or its removal, `~sweep`) and fails on null with a traceback."""

@@ -266,6 +266,8 @@ def test_eval_scores_several_text_files_and_the_flags_are_checked(workspace, cap
     partition = tmp_path / "lang=en"  # a path with `=` that is a file, not an override
     partition.mkdir()
     assert tokens(shutil.copy(files[0], partition)) == first
+    assert main(["eval", *common, hf, "--text", str(files[0]), "--seq-len=16"]) == 0  # the path after overrides
+    assert capsys.readouterr().out.rstrip().endswith(f"| {first:,} tokens")
     assert first < both and second < both and both >= first + second - 2 * 17  # a dropped tail per run at most
     assert main(["eval", hf, "--text", *map(str, files), "--seq-len=16", "--batch-size=1", "--max-batches=2",
                  *common]) == 0
