@@ -311,7 +311,7 @@ def cmd_eval(cfg: dict, args) -> None:
         if tokenizer is not None:
             _require_data_of(tokenizer, data_dir, args)
         length = read_manifest(data_dir).seq_len
-        _within_context(model, length, f"{data_dir} has samples of {length} tokens",
+        _within_context(model, length, f"{data_dir} was prepared with data.seq_len={length}",
                         f"score files with --text --seq-len {model.cfg.max_context_length}, or a dataset prepared "
                         f"with data.seq_len={model.cfg.max_context_length} or less")
         batches = validation_batches(data_dir, 0, 1, args.batch_size, args.max_batches, whole=True)

@@ -406,7 +406,7 @@ def test_eval_refuses_samples_longer_than_the_models_context_and_says_where_the_
     out = save_hf_checkpoint(random_model(small_config(vocab_size=300, max_context_length=16)), tmp_path / "hf",
                              tokenizer_dir=tiny_dataset)
     assert main(["eval", str(out), f"data.dir={tiny_dataset}"]) == 1  # its samples have 32 tokens
-    assert (f"elmforge eval: {tiny_dataset} has samples of 32 tokens: longer than the model's context (16 tokens, "
+    assert (f"elmforge eval: {tiny_dataset} was prepared with data.seq_len=32: longer than the model's context (16 tokens, "
             "max_context_length); score files with --text --seq-len 16") in capsys.readouterr().err
     text = tmp_path / "a.txt"
     text.write_text("the table holds rows " * 50)

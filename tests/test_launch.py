@@ -160,7 +160,7 @@ def test_a_submitted_job_carries_the_working_directory_without_data_outputs_or_v
     monkeypatch.chdir(tmp_path)
     env = runtime_env(compose_config([])["submit"])
     assert env["working_dir"] == str(tmp_path)
-    assert {"/data", "/outputs", "/sweeps", "/.venv"} <= set(env["excludes"]) and "env_vars" not in env
+    assert {"/data", "/outputs", "/sweeps", "/report", "/.venv"} <= set(env["excludes"]) and "env_vars" not in env
 
 
 def test_stop_signals_ask_the_workers_to_stop_while_training_and_the_handlers_before_come_back(tmp_path, capsys):
