@@ -169,12 +169,12 @@ def launch_training(cfg: dict) -> dict:
             gave_up.unlink()
             raise TrainingError(f"training failed ({message}); not retried: a restart from the last checkpoint "
                                 f"would fail the same way") from e
-        raise TrainingError(f"training failed ({_worker_errors(e)}); {cluster['max_failures']} restart(s) "
+        raise TrainingError(f"training failed ({worker_errors(e)}); {cluster['max_failures']} restart(s) "
                             f"from the last checkpoint were allowed (cluster.max_failures)") from e
     return read_summary(cfg["run"]["dir"])
 
 
-def _worker_errors(error: Exception) -> str:
+def worker_errors(error: Exception) -> str:
     """Each failed rank's error, first line only: the full tracebacks are in the log above."""
     failures = getattr(error, "worker_failures", None) or {}
     if not failures:

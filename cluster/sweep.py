@@ -13,6 +13,7 @@ trial resumes its training from its newest checkpoint.
 
 import csv
 import json
+import re
 import shutil
 import signal
 import threading
@@ -27,9 +28,9 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.config import ConfigError
-from cluster.launch import torch_trainer
+from cluster.launch import torch_trainer, worker_errors
 from cluster.ray_runtime import connect, require_embedded_cpus
-from cluster.report import SCHEDULER_STOP_NAME, stopped_by_scheduler
+from cluster.report import METRICS_NAME, SCHEDULER_STOP_NAME, read_metrics, stopped_by_scheduler
 from cluster.sweep_trial import as_the_schema_takes, apply, sweep_dir, trial_config
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.errors import TrainingError, one_line
@@ -317,24 +318,35 @@ def _new_tuner(cfg: dict, trainable, out: Path) -> tune.Tuner:
 def _table(grid, s: dict, runs_root: Path) -> list[dict]:
     rows = []
     for result in grid:
-        metrics = result.metrics or {}
-        history = result.metrics_dataframe
-        best = None  # a trial that failed before its first validation has no history
-        if history is not None and s["metric"] in history:
-            best = float(history[s["metric"]].min() if s["mode"] == "min" else history[s["metric"]].max())
         name = _trial_name(result)
-        summary = read_json(runs_root / name / SUMMARY_NAME)
+        run = runs_root / name
+        summary = read_json(run / SUMMARY_NAME)
+        # The trial's own records: metrics.jsonl is cut back to the checkpoint a resumed trial went on from,
+        # where Tune's history keeps the reports of every attempt.
+        records = read_metrics(run / METRICS_NAME) if (run / METRICS_NAME).is_file() else []
+        values = [r[s["metric"]] for r in records if r.get(s["metric"]) is not None]
+        history = result.metrics_dataframe
+        if not records and history is not None and s["metric"] in history:
+            values = list(history[s["metric"]].dropna())
+        best = (min(values) if s["mode"] == "min" else max(values)) if values else None  # none: failed before
+        # where it ended (a stopped trial runs on to the step that sees the request), else its last record
+        last_step = (summary["steps"] if summary else records[-1]["step"] if records
+                     else (result.metrics or {}).get("step", 0))
         rows.append({
             "trial": name,
             **{k: result.config.get(k) for k in s["space"]},
-            s["metric"]: best,
-            # where it ended (a stopped trial runs on to the step that sees the request), else its last report
-            "last_step": int(summary["steps"]) if summary else int(metrics.get("step", 0)),
-            "stopped_early": stopped_by_scheduler(runs_root / name, summary) is not None,
-            "error": str(result.error).splitlines()[0] if result.error else "",
+            s["metric"]: None if best is None else float(best),
+            "last_step": int(last_step),
+            "stopped_early": stopped_by_scheduler(run, summary) is not None,
+            "error": _error_line(result.error) if result.error else "",
         })
     key = s["metric"]
     return sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0) * (1 if s["mode"] == "min" else -1)))
+
+
+def _error_line(error: Exception) -> str:
+    """The trial's own error (Tune's wraps it in a RayTaskError whose first line is Ray's, coloured, actor line)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", worker_errors(getattr(error, "cause", None) or error))
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

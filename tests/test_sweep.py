@@ -323,6 +323,7 @@ def test_a_trial_that_failed_before_reporting_is_listed_with_its_error(tmp_path)
     from types import SimpleNamespace
 
     import pandas as pd
+    from ray.exceptions import RayTaskError
 
     from cluster.sweep import _table
 
@@ -334,6 +335,29 @@ def test_a_trial_that_failed_before_reporting_is_listed_with_its_error(tmp_path)
     rows = _table([failed, ok], s, tmp_path)
     assert [r["val_loss"] for r in rows] == [2.5, None] and [r["trial"] for r in rows] == ["_trial_1", "_trial_2"]
     assert rows[1]["error"] == "worker group did not start" and not rows[1]["stopped_early"]
+    # Tune's error wraps the trial's own in Ray's: its first line is Ray's coloured actor line.
+    wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", ValueError("loss is NaN\nmore"),
+                           proctitle="ray::ImplicitFunc.train()", pid=5, ip="10.0.0.1")
+    assert _table([SimpleNamespace(**{**vars(failed), "error": wrapped})], s, tmp_path)[0]["error"] == "loss is NaN"
+
+
+def test_a_resumed_trial_is_ranked_on_its_own_records_not_on_a_discarded_attempts(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cluster.sweep import _table
+
+    # Tune kept the first attempt's reports (steps 10, 20, 30), then the resumed one's (10, 20): the run's
+    # metrics.jsonl was cut back to its checkpoint and holds only what the run as it ended reported.
+    (tmp_path / "_trial_1").mkdir()
+    (tmp_path / "_trial_1/metrics.jsonl").write_text(
+        "".join(json.dumps({"step": k, "loss": 6.0, **({"val_loss": v} if v else {})}) + "\n"
+                for k, v in ((10, 6.1), (20, 5.9), (22, None))))
+    trial = SimpleNamespace(metrics={"step": 20}, metrics_dataframe=pd.DataFrame({"val_loss": [6.1, 5.9, 5.7, 6.1, 5.9]}),
+                            path="/x/_trial_1", config={"train.lr": 0.1}, error=None)
+    [row] = _table([trial], {"metric": "val_loss", "mode": "min", "space": {"train.lr": {}}}, tmp_path)
+    assert row["val_loss"] == 5.9 and row["last_step"] == 22
 
 
 @pytest.mark.integration
