@@ -239,7 +239,15 @@ def job_error(e: Exception, job_id: str, submit_cfg: dict) -> SubmitError:
 def follow(submit_cfg: dict, job_id: str, out=None, poll_s: float = 1.0, retries: int = 5) -> str:
     """Print the job's logs as they come until it ends; returns its final status. A cluster that does not
     answer for a moment (a restarting head, a dropped port-forward) is asked again, `retries` times."""
-    out = out or sys.stdout
+    try:
+        return _follow(submit_cfg, job_id, out or sys.stdout, poll_s, retries)
+    except KeyboardInterrupt:  # Ctrl-C stops `elmforge train` itself, but here only the watching
+        print(f"\n[submit] stopped following job {job_id}; the job itself is not stopped (`elmforge jobs stop "
+              f"{job_id}` stops it)", file=sys.stderr, flush=True)
+        raise
+
+
+def _follow(submit_cfg: dict, job_id: str, out, poll_s: float, retries: int) -> str:
     jobs = client(submit_cfg)
     printed, failures = 0, 0
     while True:

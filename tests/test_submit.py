@@ -15,6 +15,7 @@ import requests
 
 from cluster import submit
 from cluster.cli import main
+from cluster.config import compose_config
 from corpus import make_documents, write_jsonl
 from ray_head import start_head
 from test_train_loop import SMALL_MODEL
@@ -137,6 +138,15 @@ def test_a_failing_job_makes_wait_and_status_exit_non_zero(as_user, tmp_path, ca
     status = capsys.readouterr().out  # one line, without the log tail Ray's message carries
     assert status.startswith(f"{job_id}: FAILED - ") and status.endswith(f"(its log: elmforge jobs logs {job_id})\n")
     assert status.count("\n") == 1 and "\x1b" not in status, status
+    # Ctrl-C while following (`submit --wait`, `jobs logs --follow`) stops the watching, and says so.
+    class CtrlC:
+        def write(self, text):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        submit.follow(compose_config([address])["submit"], job_id, out=CtrlC())
+    assert f"stopped following job {job_id}; the job itself is not stopped (`elmforge jobs stop {job_id}`" in \
+        capsys.readouterr().err
     # A reader that stops early (`jobs list | head -1`) is not a cluster that cannot be reached.
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "jobs", "list", address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
