@@ -9,6 +9,7 @@ connects as a client; an existing cluster brings its own resources.
 """
 
 import os
+import re
 import socket
 import sys
 from typing import Optional
@@ -65,7 +66,10 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
     Ray's own lookup in a worker (the State API, which Ray Train's placement-group cleaner
     uses) reads /tmp/ray/ray_current_cluster, which only `ray start` writes: for an embedded
     instance it finds nothing, or a cluster long gone, and the cleaner dies, leaking the
-    worker group's CPUs whenever a controller is killed (every trial Tune stops early).
+    worker group's CPUs whenever a controller is killed (every trial Tune stops early). A joined
+    cluster's GCS, where this process knows it (cluster.address host:port, or `auto` in a Ray job,
+    whose RAY_ADDRESS Ray sets to it), is told alike: with a second Ray on a node, the file names
+    the newer one.
     """
     env_vars = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if cluster["use_gpu"]:
@@ -81,6 +85,9 @@ def init_kwargs(cluster: dict, embedded_gcs: Optional[str] = None) -> dict:
         return {**kwargs, "address": "local", "num_cpus": cluster["num_cpus"], "configure_logging": False,
                 "include_dashboard": cluster["dashboard"],
                 "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}  # a copy: ray.init adds to it
+    gcs = cluster["address"] if cluster["address"] != "auto" else os.environ.get("RAY_ADDRESS", "")
+    if re.fullmatch(r"[\w.\-]+:\d+", gcs):  # not ray:// (a client's cluster is the server's to know)
+        env_vars["RAY_ADDRESS"] = gcs
     return {**kwargs, "address": cluster["address"]}
 
 

@@ -146,12 +146,18 @@ def test_failures_allowed_and_storage_follow_the_run(tmp_path):
     assert rc.storage_path == str(tmp_path / "outputs/r/ray") and rc.name == "r"
 
 
-def test_embedded_workers_are_told_where_the_cluster_is():
+def test_workers_are_told_where_the_cluster_is(monkeypatch):
     # Ray's own lookup would read /tmp/ray/ray_current_cluster, written only by `ray start`.
     embedded = init_kwargs(compose_config([])["cluster"], "10.0.0.7:41234")
     assert embedded["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "10.0.0.7:41234"
-    joined = init_kwargs(compose_config(["cluster.address=auto"])["cluster"], "10.0.0.7:41234")
-    assert "RAY_ADDRESS" not in joined["runtime_env"]["env_vars"]
+    # A joined cluster's GCS too, where it is known here (with a second Ray on a node, the file names the newer).
+    joined = init_kwargs(compose_config(["cluster.address=10.0.0.8:6379"])["cluster"])
+    assert joined["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "10.0.0.8:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")  # as Ray sets it for a job's entrypoint
+    in_a_job = init_kwargs(compose_config(["cluster.address=auto"])["cluster"])
+    assert in_a_job["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "10.0.0.9:6379"
+    client = init_kwargs(compose_config(["cluster.address=ray://head:10001"])["cluster"])
+    assert "RAY_ADDRESS" not in client["runtime_env"]["env_vars"]
 
 
 def test_a_submitted_job_carries_the_working_directory_without_data_outputs_or_venv(tmp_path, monkeypatch):
