@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for listed in ("text", "checkpoint"):  # `--text a.txt b.txt data.dir=...`: the list took the overrides too
         given = getattr(args, listed, None)
         if given:
-            strays += [a for a in given if _is_override(a)]
-            setattr(args, listed, [a for a in given if not _is_override(a)] or verb_error(f"--{listed}: none given"))
+            taken = [a for a in given if _is_override(a)]
+            strays += taken
+            setattr(args, listed, [a for a in given if a not in taken] or verb_error(f"--{listed}: none given"))
     if strays:
         args.overrides += strays
     if getattr(args, "path", None) and _is_override(args.path):  # `eval data.dir=... [PATH]`: the path follows

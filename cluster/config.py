@@ -68,18 +68,18 @@ def is_override(arg: str) -> bool:
     return bool(found) and found[1].split(".")[0] in ROOT_KEYS
 
 
-ROOT_KEYS = {f.name for f in dataclasses.fields(ElmConfig)} | {
-    p.name for p in Path(conf.__file__).parent.iterdir() if p.is_dir() and not p.name.startswith("_")}
+CONF_DIR = Path(conf.__file__).parent
+GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}  # model=, experiment=, ...
+ROOT_KEYS = {f.name for f in dataclasses.fields(ElmConfig)} | GROUPS
 
 
 def _refuse_null_groups(overrides: list[str]) -> None:
     """`sweep=null` reads like `sweep: null` in conf/config.yaml, but Hydra takes a group's option on
     the command line (or its removal, `~sweep`) and fails on null with a traceback."""
-    groups = Path(conf.__file__).parent
     for o in overrides:
         group, _, value = o.lstrip("+").partition("=")
-        if (value.lower() == "null" or value.startswith("[")) and (groups / group).is_dir():
-            options = ", ".join(sorted(p.stem for p in (groups / group).glob("*.yaml")))
+        if (value.lower() == "null" or value.startswith("[")) and group in GROUPS:
+            options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
             unset = f", or leave it out with ~{group}" if group in ("sweep", "experiment") else ""
             raise ConfigError(f"{o}: {group} is a config group: choose one of its options ({options}){unset}")
 
@@ -395,7 +395,7 @@ def compose_unchecked(overrides: list[str] = ()) -> dict:
         cfg = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True, enum_to_str=True)
     except MissingMandatoryValue as e:
         group = e.full_key.split(".")[0]
-        has_options = (Path(conf.__file__).parent / group).is_dir()
+        has_options = group in GROUPS
         where = f" or in the {group}= option's file (conf/{group}/<name>.yaml)" if has_options else ""
         raise ConfigError(f"{e.full_key}: no value; set {e.full_key}=... on the command line{where}") from None
     except OmegaConfBaseException as e:
