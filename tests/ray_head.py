@@ -103,10 +103,11 @@ def _start_head(log_path: Path, num_cpus: int, timeout: float) -> RayHead:
                 raise PortTaken(f"ray start found a port taken; see {log_path}")
             raise RuntimeError(f"ray start exited with {process.returncode}; see {log_path}")
         try:
-            r = requests.get(f"{head.address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=2)
+            r = requests.get(f"{head.address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
             if r.status_code == 200:
                 return head
-        except requests.ConnectionError:
+        # A dashboard still starting can take the connection and answer late (seen on a loaded CI host).
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(1)
     head.stop()
