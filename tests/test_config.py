@@ -194,6 +194,10 @@ def test_experiments_reproduce_the_released_recipe(name, tmp_path):
     assert (cfg["deepspeed"]["communication_data_type"] == "fp32") is (stage == 3)
     assert cfg["data"]["name"] == "openelm_mix" and cfg["data"]["seq_len"] == 2048
     assert cfg["data"]["filters"] == {"min_chars": 200, "min_tokens": 256, "dedup": True}
+    # The prepared train split (samples of seq_len + 1 tokens, val's share left out) covers every step once.
+    d = cfg["data"]
+    train_samples = d["target_tokens"] * (1 - d["val_fraction"]) // (d["seq_len"] + 1)
+    assert train_samples >= t["max_steps"] * t["global_batch_tokens"] // d["seq_len"]
     assert cfg["tokenizer"]["kind"] == "sentencepiece" and cfg["tokenizer"]["vocab_size"] == 32000
     assert cfg["cluster"]["use_gpu"] and t["checkpoint_every"] == 5000 and t["keep_checkpoints"] == 5
 
