@@ -422,9 +422,6 @@ def _job_message(message: str | None, job_id: str) -> str:
 
 
 def cmd_sweep(cfg: dict, args) -> None:
-    from cluster.config import ConfigError
     from cluster.sweep import run_sweep
 
-    if not cfg["sweep"]:
-        raise ConfigError("sweep=<name> is required: a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
     run_sweep(cfg, prepare_data=lambda: _prepare(cfg))

@@ -18,7 +18,9 @@ def compose_sweep_base(overrides: list[str]) -> dict:
     base's (a base train.warmup_steps above a searched train.max_steps is no error). Each drawable value is
     checked in turn before Ray starts (sweep.check_space), which also explains a malformed space."""
     cfg = compose_unchecked(overrides)
-    space = (cfg["sweep"] or {}).get("space") or {}  # no sweep= given: cmd_sweep says what to give
+    if not cfg["sweep"]:
+        raise ConfigError("sweep=<name> is required: a search space in conf/sweep/ (e.g. sweep=lr_tiny)")
+    space = cfg["sweep"].get("space") or {}
     apply(cfg, dict.fromkeys(space), typed=False)  # names a key that is not the config's
     drawn = {}
     for key, spec in space.items():

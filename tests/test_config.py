@@ -227,8 +227,9 @@ def test_the_command_line_composes_and_checks_configs_without_importing_torch(tm
     assert shown["logger"]["group"] == "lr_tiny"
 
 
-def test_a_sweep_without_a_search_space_is_a_config_error(tmp_path, capsys):
-    assert main(["sweep", f"storage_path={tmp_path}"]) == 2
+@pytest.mark.parametrize("show", [[], ["--cfg", "job"]])
+def test_a_sweep_without_a_search_space_is_a_config_error(show, tmp_path, capsys):
+    assert main(["sweep", f"storage_path={tmp_path}", *show]) == 2
     err = capsys.readouterr().err
     assert "elmforge sweep: config error\nsweep=<name> is required" in err and "elmforge sweep needs" not in err
 
