@@ -513,6 +513,26 @@ def test_the_released_270m_config_gives_the_released_model():
     assert build_model(cfg, device="meta").num_params() == 271_527_168
 
 
+def test_an_imported_release_is_exported_again_in_the_release_form(tmp_path):
+    # Apple's config class reads qkv_multipliers only as one number or (min, max): a fine-tuned release
+    # must export them so, and its ffn_multipliers as the release's rounded shares.
+    source = random_model(small_config(num_query_heads=[2, 4, 4], num_kv_heads=[1, 2, 2], ffn_dims=[32, 96, 144]))
+    release = apple_style_config(ffn_multipliers=[0.5, 1.38, 2.25])  # round(linspace(0.5, 2.25, 3), 2)
+    write_hf_dir(tmp_path / "release", release, source.state_dict())
+    out = save_hf_checkpoint(load_hf_checkpoint(tmp_path / "release"), tmp_path / "again")
+    written = json.loads((out / "config.json").read_text())
+    keys = ("qkv_multipliers", "ffn_multipliers", "num_query_heads", "num_kv_heads", "rope_freq_constant")
+    assert {k: written[k] for k in keys} == {k: release[k] for k in keys}
+    assert type(written["rope_freq_constant"]) is int
+    # Widths the formula does not give (1.37 x 64 rounds down to 80) are written as each layer's share.
+    write_hf_dir(tmp_path / "other", apple_style_config(), random_model(small_config(
+        num_query_heads=[2, 4, 4], num_kv_heads=[1, 2, 2], ffn_dims=[32, 80, 144])).state_dict())
+    out = save_hf_checkpoint(load_hf_checkpoint(tmp_path / "other"), tmp_path / "other_again")
+    written = json.loads((out / "config.json").read_text())
+    assert written["ffn_multipliers"] == [0.5, 1.25, 2.25] and written["qkv_multipliers"] == [0.5, 1.0]
+    assert list(load_hf_checkpoint(out).plan.ffn_dims) == [32, 80, 144]
+
+
 # ---------------------------------------------------------------------------- (d) clear errors
 
 

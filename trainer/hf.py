@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from data_pipelines.swap_dir import real_destination, swap_into_place
 from data_pipelines.tokenizer import BOS, EOS, UNK, find_tokenizer_file, load_tokenizer
 from trainer.checkpoint import unreadable
-from trainer.layer_scaling import LayerPlan, make_divisible
+from trainer.layer_scaling import LayerPlan, make_divisible, per_layer_multipliers, scaled_layer_plan
 from trainer.model import OpenELM, OpenELMConfig, build_model
 from trainer.optim import decayed
 
@@ -62,10 +62,25 @@ def _ffn_divisor(model_dim: int, ffn_dims: tuple[int, ...], preferred: int) -> i
     raise ValueError(f"no ffn_dim_divisor reproduces the FFN widths {list(ffn_dims)}")
 
 
+def _multipliers(cfg: OpenELMConfig, plan: LayerPlan, divisor: int) -> dict:
+    """qkv_multipliers and ffn_multipliers in the release's form, (min, max) and each layer's rounded share,
+    where OpenELM's formula gives `plan` (an imported release included: Apple's config class reads no other
+    qkv form); otherwise each layer's actual share, which our remote code reads as well."""
+    n, d = cfg.num_layers, cfg.model_dim
+    formula = scaled_layer_plan(n, d, cfg.head_dim, cfg.num_gqa_groups, tuple(cfg.qkv_multipliers),
+                                tuple(cfg.ffn_multipliers), divisor)
+    same_heads = (formula.num_query_heads, formula.num_kv_heads) == (plan.num_query_heads, plan.num_kv_heads)
+    return {
+        "qkv_multipliers": list(cfg.qkv_multipliers) if same_heads else [q * cfg.head_dim / d for q in plan.num_query_heads],
+        "ffn_multipliers": (
+            per_layer_multipliers(*cfg.ffn_multipliers, n) if formula.ffn_dims == plan.ffn_dims else [f / d for f in plan.ffn_dims]
+        ),
+    }
+
+
 def hf_config_dict(cfg: OpenELMConfig, plan: LayerPlan, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for `cfg` with the per-layer lists of `plan` (Apple's keys, our remote code)."""
     divisor = _ffn_divisor(cfg.model_dim, plan.ffn_dims, cfg.ffn_dim_divisor)
-    from_formula = cfg.num_query_heads is None
     return {
         "model_type": "openelm",
         "architectures": ["OpenELMForCausalLM"],
@@ -79,14 +94,10 @@ def hf_config_dict(cfg: OpenELMConfig, plan: LayerPlan, dtype: torch.dtype = tor
         "num_gqa_groups": cfg.num_gqa_groups,
         "num_query_heads": list(plan.num_query_heads),
         "num_kv_heads": list(plan.num_kv_heads),
-        # (min, max) as released when the heads follow the formula; otherwise each layer's actual share.
-        "qkv_multipliers": (
-            list(cfg.qkv_multipliers) if from_formula else [q * cfg.head_dim / cfg.model_dim for q in plan.num_query_heads]
-        ),
-        "ffn_multipliers": [f / cfg.model_dim for f in plan.ffn_dims],
+        **_multipliers(cfg, plan, divisor),
         "ffn_dim_divisor": divisor,
         **ARCHITECTURE,
-        "rope_freq_constant": cfg.rope_theta,
+        "rope_freq_constant": int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         "rope_max_length": cfg.rope_max_length,
         "max_context_length": cfg.max_context_length,
         "rms_norm_eps": cfg.norm_eps,

@@ -18,7 +18,7 @@ def make_divisible(value: float, divisor: int) -> int:
     return new
 
 
-def _per_layer_multipliers(lo: float, hi: float, num_layers: int) -> list[float]:
+def per_layer_multipliers(lo: float, hi: float, num_layers: int) -> list[float]:
     return [round(float(v), 2) for v in np.linspace(lo, hi, num_layers, dtype=np.float64)]
 
 
@@ -47,10 +47,10 @@ def scaled_layer_plan(
     """The plan from OpenELM's formula (the released configs' (min, max) multipliers)."""
     q_heads = [
         make_divisible(model_dim * a, head_dim * num_gqa_groups) // head_dim
-        for a in _per_layer_multipliers(*qkv_multipliers, num_layers)
+        for a in per_layer_multipliers(*qkv_multipliers, num_layers)
     ]
     ffn_dims = [
-        make_divisible(model_dim * b, ffn_dim_divisor) for b in _per_layer_multipliers(*ffn_multipliers, num_layers)
+        make_divisible(model_dim * b, ffn_dim_divisor) for b in per_layer_multipliers(*ffn_multipliers, num_layers)
     ]
     return LayerPlan(tuple(q_heads), tuple(q // num_gqa_groups for q in q_heads), tuple(ffn_dims))
 
