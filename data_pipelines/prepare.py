@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -301,7 +302,22 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
         print(f"[prepare] warning: no val sample (data.val_fraction={data_cfg['val_fraction']} of "
               f"{stats['documents_kept']} documents): validation (train.eval_every, eval) needs some; raise "
               "data.val_fraction", flush=True)
+    if not data_cfg.get("target_tokens"):
+        _note_unheld_weights(stats["sources"])
     return out
+
+
+def _note_unheld_weights(sources: list[dict]) -> None:
+    """Without a target every document is used once, so the shares are the sources' sizes: say so where they
+    miss the weights, with a target that holds them (each source then covers its share in one pass)."""
+    mixed = [s for s in sources if s["weight"] > 0]
+    if len(mixed) < 2 or all(abs(s["share"] - s["weight"]) <= 0.01 for s in mixed):
+        return
+    shares = ", ".join(f"{s['name']} {s['share']:.1%} (weight {s['weight']:.1%})" for s in mixed)
+    most = min(s["tokens_used"] / s["weight"] for s in mixed)
+    step = 10 ** max(0, math.floor(math.log10(most)) - 1)  # two significant digits, rounded down
+    print(f"[prepare] note: without data.target_tokens every document is used once, so the shares follow the "
+          f"sources' sizes: {shares}; data.target_tokens={int(most // step * step)} holds the weights", flush=True)
 
 
 def _build(data_cfg: dict, tokenizer_cfg: dict, tmp: Path, fp: str) -> dict:

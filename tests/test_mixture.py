@@ -63,6 +63,19 @@ def test_without_a_target_every_document_is_used_once(tmp_path):
         assert s["tokens_used"] == s["tokens_kept"] and s["repeats"] == 0
 
 
+def test_weights_a_full_pass_misses_are_named_with_a_target_that_holds_them(tmp_path, capsys):
+    cfg = two_sources(tmp_path, (0.5, 0.5))
+    out = prepare(cfg, TOKENIZER_CFG)
+    got = shares(out)
+    printed = capsys.readouterr().out
+    assert (f"every document is used once, so the shares follow the sources' sizes: long {got['long']:.1%} "
+            f"(weight 50.0%), short {got['short']:.1%} (weight 50.0%)") in printed
+    cfg["target_tokens"] = int(printed.split("data.target_tokens=")[-1].split()[0])
+    cfg["dir"] = str(tmp_path / "held")
+    assert shares(prepare(cfg, TOKENIZER_CFG)) == pytest.approx({"long": 0.5, "short": 0.5}, abs=0.02)
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_source_stops_tokenizing_once_its_share_is_covered(tmp_path):
     cfg = two_sources(tmp_path, (0.5, 0.5))
     cfg["target_tokens"] = 2_000
