@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -40,6 +41,27 @@ def test_every_rank_agrees_on_whether_and_why_a_stop_was_requested(tmp_path):
     clear_stop_request(tmp_path)  # as the launcher does, before any worker starts
     expected = [None, "STOP file", "stopped by the sweep's scheduler", "SIGTERM"]
     assert run_ranks(2, _watch_through_requests, str(tmp_path)) == [expected, expected]
+
+
+def test_a_rank_never_finds_a_stop_request_half_written(tmp_path):
+    # A rank that sees STOP read it empty and stopped for "STOP file", not the request's reason.
+    stop, done, found = tmp_path / STOP_FILE, threading.Event(), []
+
+    def request_again_and_again():
+        for _ in range(2000):
+            request_stop(tmp_path, "SIGTERM to the driver")
+            clear_stop_request(tmp_path)
+        done.set()
+
+    writer = threading.Thread(target=request_again_and_again)
+    writer.start()
+    while not done.is_set():
+        try:
+            found.append(stop.read_text())
+        except FileNotFoundError:
+            pass
+    writer.join()
+    assert found and set(found) == {"elmforge stop: SIGTERM to the driver\n"}
 
 
 def _first_look_then_ctrl_c(run_dir: str) -> list:

@@ -12,6 +12,7 @@ by the next launch before its workers start, so a request made while they
 start stands.
 """
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -27,8 +28,11 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def request_stop(run_dir: str | Path, reason: str) -> None:
-    """Ask a running training (any launch path) to checkpoint and stop; `reason` ends up in summary.json."""
-    Path(run_dir, STOP_FILE).write_text(f"{_MARK}{reason}\n")
+    """Ask a running training (any launch path) to checkpoint and stop; `reason` ends up in summary.json.
+    Written aside and renamed into place: a rank that finds the file reads it whole, never empty."""
+    written = Path(run_dir, f".{STOP_FILE}.{os.getpid()}-{threading.get_ident()}")
+    written.write_text(f"{_MARK}{reason}\n")
+    os.replace(written, Path(run_dir, STOP_FILE))
 
 
 def clear_stop_request(run_dir: str | Path) -> None:
