@@ -165,7 +165,7 @@ def test_sigterm_or_ctrl_c_to_the_ray_driver_checkpoints_and_the_rerun_resumes(t
             dashboard.append(line.split(": ", 1)[1].strip())
         if "[train] step 3/200" in line:
             token = auth_token()  # the instance's own, as for any cluster Ray 2.60 starts
-            version = requests.get(f"{dashboard[0]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            version = requests.get(f"{dashboard[0]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=60)
             assert version.status_code == 200 and "ray_version" in version.json(), version.text
 
     # The same command again resumes from that checkpoint; Ctrl-C (SIGINT) stops it the same way. 200

@@ -248,15 +248,17 @@ def test_a_four_trial_sweep_completes_and_asha_stops_some_early(tmp_path, capsys
         "train.eval_every=2", "train.eval_batches=2", "train.warmup_steps=1",
         "train.micro_batch_size=4", "train.loader_workers=0", "cluster.num_workers=1", "logger.mode=offline",
     ]
-    assert main(["sweep", *overrides]) == 0
     import ray
 
-    # Every trial's worker group must give its CPUs back (Ray Train's cleaner checks each second).
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
-    ray.shutdown()
+    try:
+        assert main(["sweep", *overrides]) == 0
+        # Every trial's worker group must give its CPUs back (Ray Train's cleaner checks each second).
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+            time.sleep(1)
+        assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    finally:
+        ray.shutdown()  # a failure here must not leave this Ray to the next tests
     out = capsys.readouterr().out
     assert "[sweep] lr_tiny: 4 trials" in out
     assert f"[sweep] upload the trials' W&B runs: wandb sync {tmp_path}/sweeps/lr_tiny/*/wandb/offline-run-*" in out
