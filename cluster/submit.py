@@ -28,7 +28,7 @@ from cluster.quiet_logs import errors_only
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 UNSUCCESSFUL = ("FAILED", "STOPPED")  # `submit --wait` and `jobs status` exit 1 on these
-AGENT_WAIT_S = 60
+AGENT_WAIT_S = 180  # a head just started (or loaded) can take a while to start its job agent
 PACKAGING_LOGGERS = tuple(f"ray.{name}" for name in (
     "_private.runtime_env.packaging", "_private.runtime_env.working_dir", "dashboard.modules.dashboard_sdk"))
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
