@@ -209,6 +209,21 @@ def test_a_run_begun_again_from_scratch_keeps_nothing_that_passes_for_its_state(
     assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_run_that_fails_is_a_failed_wandb_run_with_its_totals(tiny_dataset, tmp_path):
+    from trainer.train_loop import NonFiniteTraining
+
+    cfg = small_cfg(tiny_dataset, tmp_path, "run.name=diverges", "train.faults.nonfinite_at_steps=[3,4]",
+                    "train.max_skipped_in_row=2", "train.eval_every=2", "train.eval_batches=1")
+    with pytest.raises(NonFiniteTraining):
+        train(cfg)
+    records = [json.loads(line) for line in open(Path(cfg["run"]["dir"]) / "metrics.jsonl")]
+    wb = run_summary(next(Path(cfg["run"]["dir"], "wandb").glob("offline-run-*")))
+    assert wb["state"] == "failed", wb  # not "finished", as a run that trained to its end
+    newest_val = [r for r in records if "val_loss" in r][-1]
+    assert wb["summary"]["skipped_steps"] == 2
+    assert (wb["summary"]["final_val_step"], wb["summary"]["final_val_loss"]) == (newest_val["step"], newest_val["val_loss"])
+
+
 def test_a_damaged_shard_stops_the_run_with_its_name_and_its_loader_worker(tiny_dataset, tmp_path):
     import multiprocessing
 

@@ -106,14 +106,15 @@ class MetricsLogger:
 
     def summary(self, values: dict) -> None:
         if self._wandb is not None:
-            self._wandb.summary.update(values)
+            self._wandb.summary.update({k: v for k, v in values.items() if v is not None})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run ends in an error, which the W&B run shows (its state, exit code 1)."""
         if not self.enabled:
             return
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)
 
 
 def offline_runs(wandb_dir: str | Path) -> list[Path]:

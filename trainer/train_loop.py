@@ -8,6 +8,7 @@ run.name, a restarted worker group and a preempted job all continue exactly.
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -497,12 +498,13 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                           flush=True)
                 break
             collector.after_step(step)
-        metrics.summary({"final_loss": losses[-1]} if losses else {})
     finally:
         collector.stop()
         loader.close()
         preemption.close()
-        metrics.close()
+        metrics.summary({"final_loss": losses[-1] if losses else None, "skipped_steps": skipped_total,
+                         **_final_validation(metrics.last_validation)})
+        metrics.close(failed=sys.exc_info()[0] is not None)  # here, an exception on its way out
 
     summary = {
         "run_name": cfg["run"]["name"],
