@@ -116,6 +116,26 @@ def test_an_online_wandb_run_without_a_key_is_one_line_naming_the_ways_out(tiny_
         train(cfg)
 
 
+def test_an_online_wandb_run_whose_server_does_not_answer_says_so_not_log_in(tiny_dataset, tmp_path, monkeypatch, capsys):
+    from trainer.errors import TrainingError
+
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)  # a key is given: logging in again would not help
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "10")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    import wandb
+
+    wandb.teardown()  # W&B reads its environment once per process: this test's, not an earlier test's
+    cfg = small_cfg(tiny_dataset, tmp_path, "logger.mode=online", "train.max_steps=1", "train.warmup_steps=1")
+    with pytest.raises(TrainingError) as raised:
+        train(cfg)
+    wandb.teardown()
+    assert "(Post \"http://127.0.0.1:1/graphql\"" in str(raised.value) and "log in" not in str(raised.value)
+    assert str(raised.value).endswith("no answer from the W&B server: check this node's network (and WANDB_BASE_URL), "
+                                      "or set logger.mode=offline (upload later with wandb sync) or logger=none")
+    assert "[wandb] connecting to the W&B server" in capsys.readouterr().out  # before the wait, not after
+
+
 def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):
     cfg = small_cfg(tiny_dataset, tmp_path)
     env = init_distributed(use_gpu=False)

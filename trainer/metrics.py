@@ -33,14 +33,24 @@ def complete_lines(path: Path) -> list[str]:
 
 
 def _wandb_init(wandb, **kwargs):
-    """wandb.init, its refusals (no API key for an online run, say) one line that names the ways out."""
+    """wandb.init, its refusals (no API key for an online run, no answer from the server) one line that names
+    the ways out."""
+    if kwargs["mode"] == "online":  # W&B waits up to its init_timeout (90 s) for the server, silently
+        print("[wandb] connecting to the W&B server", flush=True)
     try:
         return wandb.init(**kwargs)
     except (wandb.errors.UsageError, wandb.errors.CommError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"W&B (logger.mode={kwargs['mode']}): {first}: log in (`wandb login`, or WANDB_API_KEY "
-                            "in the environment), or set logger.mode=offline (upload later with wandb sync) or "
-                            "logger=none") from None
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        instead = "set logger.mode=offline (upload later with wandb sync) or logger=none"
+        if re.search(r"api.?key|log ?in", lines[0], re.IGNORECASE):
+            fix = f"log in (`wandb login`, or WANDB_API_KEY in the environment), or {instead}"
+        elif isinstance(e, wandb.errors.CommError):  # the last line says why: refused, no route, DNS
+            cause = f" ({lines[-1].removeprefix('while retrying: ')})" if len(lines) > 1 else ""
+            lines[0] += cause
+            fix = f"no answer from the W&B server: check this node's network (and WANDB_BASE_URL), or {instead}"
+        else:
+            fix = instead
+        raise TrainingError(f"W&B (logger.mode={kwargs['mode']}): {lines[0]}: {fix}") from None
 
 
 class MetricsLogger:
