@@ -292,6 +292,13 @@ def validate(cfg: dict) -> None:
         need(Path(t["init_from"], "config.json").is_file(), f"train.init_from={t['init_from']}",
              _not_a_hf_directory(Path(t["init_from"])))
     need(c["num_workers"] >= 1, f"cluster.num_workers={c['num_workers']}", "must be at least 1")
+    log = cfg["logger"]
+    if log["wandb"] and log["mode"] != "disabled":  # W&B's own limits: else found only once training starts
+        project = log["project"]
+        need(project is None or 0 < len(project) <= 128 and not set(project) & set("/\\#?%:"),
+             f"logger.project={project!r}", "must be 1 to 128 characters, none of / \\ # ? % :")
+        for i, tag in enumerate(log["tags"]):
+            need(0 < len(str(tag)) <= 64, f"logger.tags[{i}]", f"has {len(str(tag))} characters; W&B takes 1 to 64")
     faults, last = t["faults"], t["max_steps"]  # an injected fault that can never happen tests nothing
     for key in ("kill_rank", "nonfinite_rank"):
         need(0 <= faults[key] < c["num_workers"], f"train.faults.{key}={faults[key]}",

@@ -125,6 +125,9 @@ def test_every_model_composes(model):
          "train.warmup_init_lr=-1.0: must be a number, 0 or more\n  train.z_loss_weight=nan: must be a number"),
         (["cluster.num_cpus=0"], "cluster.num_cpus=0: must be at least 1 (or null"),  # Ray waited forever
         (["cluster.max_failures=-5"], "cluster.max_failures=-5: must be 0 or more (or -1: no limit)"),
+        # W&B refused these only once data was prepared and the model built
+        (["logger.project=team/elm"], "logger.project='team/elm': must be 1 to 128 characters, none of / \\ # ? % :"),
+        ([f"logger.tags=[ok,{'t' * 65}]"], "logger.tags[1]: has 65 characters; W&B takes 1 to 64"),
         (["sweep=null"], "sweep=null: sweep is a config group: choose one of its options (lr_tiny), or leave it out"),
         (["logger=null"], "logger=null: logger is a config group: choose one of its options (none, wandb)"),
         (["cluster=[1,2]"], "cluster=[1,2]: cluster is a config group: choose one of its options (local)"),
