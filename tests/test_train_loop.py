@@ -373,10 +373,10 @@ def test_the_progress_line_leaves_out_mfu_when_no_peak_is_known():
 def test_offline_runs_finds_every_invocation_of_a_run_in_start_order(tmp_path):
     from trainer.metrics import offline_runs
 
-    def offline_dir(name: str, run_id: str) -> Path:
+    def offline_dir(name: str, run_id: str, size: int = 4096) -> Path:
         d = tmp_path / "wandb" / name
         d.mkdir(parents=True)
-        (d / f"run-{run_id}.wandb").write_bytes(b"")
+        (d / f"run-{run_id}.wandb").write_bytes(b"\0" * size)
         return d
 
     # W&B adds -N to a directory started within the same second as another of the run;
@@ -388,3 +388,8 @@ def test_offline_runs_finds_every_invocation_of_a_run_in_start_order(tmp_path):
     fourth = offline_dir("offline-run-20261128_070000-twice", "twice")
     assert offline_runs(third) == [first, second, third, fourth]
     assert offline_runs(other) == [other]
+    # An invocation killed before W&B wrote a record: W&B's header alone, nothing to upload (but the
+    # invocation asking, just started, is listed).
+    killed = offline_dir("offline-run-20261128_080000-twice", "twice", size=7)
+    assert offline_runs(fourth) == [first, second, third, fourth]
+    assert offline_runs(killed) == [first, second, third, fourth, killed]

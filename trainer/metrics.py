@@ -127,6 +127,9 @@ class MetricsLogger:
             self._wandb.finish(exit_code=1 if failed else 0)
 
 
+HEADER_ONLY_BYTES = 7
+
+
 def offline_runs(wandb_dir: str | Path) -> list[Path]:
     """Every offline W&B directory of the run that wrote `wandb_dir`, oldest first: W&B cannot resume
     an offline run, so each invocation of a resumed run writes its own, under the same run id."""
@@ -135,7 +138,10 @@ def offline_runs(wandb_dir: str | Path) -> list[Path]:
     # second), each holding run-<run id>.wandb: the file, not the name, says which run a directory is.
     data_file = next(wandb_dir.glob("run-*.wandb")).name
     run_id = data_file.removeprefix("run-").removesuffix(".wandb")
-    runs = [d for d in wandb_dir.parent.glob("offline-run-*") if (d / data_file).is_file()]
+    # An invocation killed before W&B wrote a record left its file's header alone (7 bytes): nothing to
+    # upload, and wandb sync stops on it with an error.
+    runs = [d for d in wandb_dir.parent.glob("offline-run-*")
+            if (d / data_file).is_file() and (d == wandb_dir or (d / data_file).stat().st_size > HEADER_ONLY_BYTES)]
 
     def start_order(d: Path) -> tuple[str, int]:
         stamp = d.name.split("-")[2]
