@@ -93,7 +93,7 @@ def trial_config(cfg: dict, params: dict, trial_name: str) -> dict:
     trial = apply(cfg, params)
     trial["run"]["name"] = trial_name
     trial["run"]["dir"] = str(sweep_dir(cfg) / trial_name)
-    trial["logger"]["group"] = cfg["sweep"]["name"]  # one W&B run per trial, grouped by the sweep
+    trial["logger"]["group"] = cfg["logger"]["group"] or cfg["sweep"]["name"]  # one W&B run per trial, grouped
     if trial["train"]["global_batch_tokens"]:  # re-derived below, for the trial's own micro-batch
         trial["train"]["grad_accum_steps"] = None
     check_and_derive(trial)

@@ -228,6 +228,10 @@ def test_the_command_line_composes_and_checks_configs_without_importing_torch(tm
     shown = yaml.safe_load(done.stdout.rstrip().removesuffix("False"))
     assert shown["run"] == {"name": "<trial>", "dir": str(tmp_path / "sweeps" / "lr_tiny" / "<trial>")}
     assert shown["logger"]["group"] == "lr_tiny"
+    from cluster.sweep_trial import compose_sweep_base, trial_config
+
+    base = compose_sweep_base(["sweep=lr_tiny", f"storage_path={tmp_path}", "logger.group=lr-study-2"])
+    assert trial_config(base, {}, "t")["logger"]["group"] == "lr-study-2"  # a group the user set is kept
 
 
 @pytest.mark.parametrize("show", [[], ["--cfg", "job"]])
