@@ -8,7 +8,6 @@ run.name, a restarted worker group and a preempted job all continue exactly.
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -445,6 +444,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
 
     collector = StepCollector(t_cfg["gc_every"])
     collector.start()
+    failed = True  # until the loop ends without an exception (W&B marks the run so)
     try:
         for step in range(start_step + 1, t_cfg["max_steps"] + 1):
             maybe_kill(t_cfg["faults"], step, env.rank, run_dir)
@@ -498,13 +498,14 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
                           flush=True)
                 break
             collector.after_step(step)
+        failed = False
     finally:
         collector.stop()
         loader.close()
         preemption.close()
         metrics.summary({"final_loss": losses[-1] if losses else None, "skipped_steps": skipped_total,
                          **_final_validation(metrics.last_validation)})
-        metrics.close(failed=sys.exc_info()[0] is not None)  # here, an exception on its way out
+        metrics.close(failed=failed)
 
     summary = {
         "run_name": cfg["run"]["name"],
