@@ -103,37 +103,73 @@ def test_logger_none_writes_metrics_but_no_wandb_run(tiny_dataset, tmp_path):
     assert len(open(result["metrics"]).readlines()) == 2
 
 
-def test_an_online_wandb_run_without_a_key_is_one_line_naming_the_ways_out(tiny_dataset, tmp_path, monkeypatch):
-    from trainer.errors import TrainingError
+@pytest.fixture
+def online_wandb(tiny_dataset, tmp_path, monkeypatch):
+    """An online run's config, with W&B's process-wide state set up from this test's environment and torn
+    down after it: W&B reads its environment once per process."""
+    import wandb
 
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    cfg = small_cfg(tiny_dataset, tmp_path, "logger.mode=online", "train.max_steps=1", "train.warmup_steps=1")
-    with pytest.raises(TrainingError, match=r"W&B \(logger.mode=online\): .*: log in \(`wandb login`, or "
-                                            r"WANDB_API_KEY in the environment\), or set logger.mode=offline"):
-        train(cfg)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "10")
+    wandb.teardown()
+    yield small_cfg(tiny_dataset, tmp_path, "logger.mode=online", "train.max_steps=1", "train.warmup_steps=1")
+    wandb.teardown()
 
 
-def test_an_online_wandb_run_whose_server_does_not_answer_says_so_not_log_in(tiny_dataset, tmp_path, monkeypatch, capsys):
+def _refusal(cfg) -> str:
     from trainer.errors import TrainingError
 
-    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)  # a key is given: logging in again would not help
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens there
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "10")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    import wandb
-
-    wandb.teardown()  # W&B reads its environment once per process: this test's, not an earlier test's
-    cfg = small_cfg(tiny_dataset, tmp_path, "logger.mode=online", "train.max_steps=1", "train.warmup_steps=1")
     with pytest.raises(TrainingError) as raised:
         train(cfg)
-    wandb.teardown()
-    assert "(Post \"http://127.0.0.1:1/graphql\"" in str(raised.value) and "log in" not in str(raised.value)
-    assert str(raised.value).endswith("no answer from the W&B server: check this node's network (and WANDB_BASE_URL), "
-                                      "or set logger.mode=offline (upload later with wandb sync) or logger=none")
+    return str(raised.value)
+
+
+INSTEAD = "or set logger.mode=offline (upload later with wandb sync) or logger=none"
+LOG_IN = f"log in (`wandb login`, or WANDB_API_KEY in the environment), {INSTEAD}"
+
+
+def test_an_online_wandb_run_without_a_key_is_one_line_naming_the_ways_out(online_wandb):
+    said = _refusal(online_wandb)
+    assert said.startswith("W&B (logger.mode=online): ") and said.endswith(LOG_IN)
+
+
+def test_an_online_wandb_run_whose_server_does_not_answer_says_so_not_log_in(online_wandb, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)  # a key is given: logging in again would not help
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens there
+    said = _refusal(online_wandb)
+    assert "(Post \"http://127.0.0.1:1/graphql\"" in said and "log in" not in said
+    assert said.endswith(f"no answer from the W&B server: check this node's network (and WANDB_BASE_URL), {INSTEAD}")
     assert "[wandb] connecting to the W&B server" in capsys.readouterr().out  # before the wait, not after
+
+
+@pytest.mark.parametrize("status, fix", [(401, LOG_IN), (404, f"the W&B server answered HTTP 404: check WANDB_BASE_URL, {INSTEAD}")])
+def test_an_online_wandb_run_refused_by_its_server_names_the_answer(online_wandb, monkeypatch, status, fix):
+    import http.server
+    import threading
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("WANDB_API_KEY", "b" * 40)  # a revoked key (401), or a wrong WANDB_BASE_URL (404)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        said = _refusal(online_wandb)
+    finally:
+        server.shutdown()
+    assert said.endswith(fix) and "no answer" not in said
 
 
 def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):

@@ -42,8 +42,11 @@ def _wandb_init(wandb, **kwargs):
     except (wandb.errors.UsageError, wandb.errors.CommError) as e:
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
         instead = "set logger.mode=offline (upload later with wandb sync) or logger=none"
-        if re.search(r"api.?key|log ?in", lines[0], re.IGNORECASE):
+        status = re.search(r"returned error (\d{3})", str(e))  # the server answered, with this HTTP status
+        if re.search(r"api.?key|log(ged)? ?in", str(e), re.IGNORECASE) or (status and status[1] in ("401", "403")):
             fix = f"log in (`wandb login`, or WANDB_API_KEY in the environment), or {instead}"
+        elif status:
+            fix = f"the W&B server answered HTTP {status[1]}: check WANDB_BASE_URL, or {instead}"
         elif isinstance(e, wandb.errors.CommError):  # the last line says why: refused, no route, DNS
             cause = f" ({lines[-1].removeprefix('while retrying: ')})" if len(lines) > 1 else ""
             lines[0] += cause
