@@ -308,10 +308,11 @@ def prepare(data_cfg: dict, tokenizer_cfg: dict, force: bool = False,
 
 
 def _note_unheld_weights(sources: list[dict]) -> None:
-    """Without a target every document is used once, so the shares are the sources' sizes: say so where they
-    miss the weights, with a target that holds them (each source then covers its share in one pass)."""
+    """Without a target every document is used once, so the shares are the sources' sizes: say so where one
+    misses its weight by over a point or a fifth of it, with a target that holds them (each source then covers
+    its share in one pass)."""
     mixed = [s for s in sources if s["weight"] > 0]
-    if len(mixed) < 2 or all(abs(s["share"] - s["weight"]) <= 0.01 for s in mixed):
+    if len(mixed) < 2 or all(abs(s["share"] - s["weight"]) <= min(0.01, 0.2 * s["weight"]) for s in mixed):
         return
     shares = ", ".join(f"{s['name']} {s['share']:.1%} (weight {s['weight']:.1%})" for s in mixed)
     most = min(s["tokens_used"] / s["weight"] for s in mixed)

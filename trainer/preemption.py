@@ -12,6 +12,7 @@ by the next launch before its workers start, so a request made while they
 start stands.
 """
 
+import itertools
 import os
 import signal
 import threading
@@ -25,12 +26,14 @@ _MARK = "elmforge stop: "  # a STOP file we wrote carries its reason after this;
 # Agreed across ranks by MAX: a rank's own signal outranks a STOP file.
 _REASONS = {1: "STOP file", 2: "SIGTERM", 3: "SIGINT"}
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requests = itertools.count()
 
 
 def request_stop(run_dir: str | Path, reason: str) -> None:
     """Ask a running training (any launch path) to checkpoint and stop; `reason` ends up in summary.json.
     Written aside and renamed into place: a rank that finds the file reads it whole, never empty."""
-    written = Path(run_dir, f".{STOP_FILE}.{os.getpid()}-{threading.get_ident()}")
+    # A name of its own per call: a second signal can request a stop while the first's is being written.
+    written = Path(run_dir, f".{STOP_FILE}.{os.getpid()}-{next(_requests)}")
     written.write_text(f"{_MARK}{reason}\n")
     os.replace(written, Path(run_dir, STOP_FILE))
 

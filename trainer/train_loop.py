@@ -503,9 +503,11 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         collector.stop()
         loader.close()
         preemption.close()
-        metrics.summary({"final_loss": losses[-1] if losses else None, "skipped_steps": skipped_total,
-                         **_final_validation(metrics.last_validation)})
-        metrics.close(failed=failed)
+        try:
+            metrics.summary({"final_loss": losses[-1] if losses else None, "skipped_steps": skipped_total,
+                             **_final_validation(metrics.last_validation)})
+        finally:
+            metrics.close(failed=failed)
 
     summary = {
         "run_name": cfg["run"]["name"],
