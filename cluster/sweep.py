@@ -34,6 +34,7 @@ from cluster.report import METRICS_NAME, SCHEDULER_STOP_NAME, read_metrics, stop
 from cluster.sweep_trial import as_the_schema_takes, apply, sweep_dir, trial_config
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.errors import TrainingError, one_line
+from trainer.metrics import holds_records
 from trainer.summary import SUMMARY_NAME, flat_config, read_json, write_json
 from trainer.train_loop import REPORTED_METRICS
 
@@ -266,9 +267,17 @@ def run_sweep(cfg: dict, prepare_data: Callable[[], object] = lambda: None) -> l
     _write_csv(rows, out / "results.csv")
     _print_table(rows, s)
     print(f"[sweep] results: {out / 'results.csv'}\n[sweep] compare the trials: elmforge report {out}", flush=True)
-    if cfg["logger"]["mode"] == "offline":  # each trial's runs, in start order (the shell sorts them so)
-        print(f"[sweep] upload the trials' W&B runs: wandb sync {out}/*/wandb/offline-run-*", flush=True)
+    if cfg["logger"]["mode"] == "offline":
+        print(f"[sweep] upload the trials' W&B runs: {upload_command(out)}", flush=True)
     return rows
+
+
+def upload_command(out: Path) -> str:
+    """wandb sync of every trial's offline runs, in start order (the shell sorts the glob so); listed one
+    by one when a killed invocation left one with nothing to upload."""
+    runs = sorted(out.glob("*/wandb/offline-run-*"))
+    upload = [d for d in runs if holds_records(d)]
+    return f"wandb sync {out}/*/wandb/offline-run-*" if len(upload) == len(runs) else f"wandb sync {' '.join(map(str, upload))}"
 
 
 def resumable(out: Path) -> bool:

@@ -5,6 +5,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -411,3 +412,21 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     assert len(rows) == 2 and all(r["error"] == "" and int(r["last_step"]) == 6 for r in rows)
     first_trial = next((tmp_path / "sweeps/lr_tiny").glob("*_00000"))
     assert [json.loads(x)["step"] for x in open(first_trial / "metrics.jsonl")] == list(range(1, 7))
+
+def test_a_sweeps_upload_command_leaves_out_a_killed_invocations_empty_run(tmp_path):
+    from cluster.sweep import upload_command
+
+    def offline_dir(trial: str, name: str, size: int) -> Path:
+        d = tmp_path / trial / "wandb" / f"offline-run-{name}"
+        d.mkdir(parents=True)
+        (d / f"run-{trial}.wandb").write_bytes(b"\0" * size)
+        return d
+
+    offline_dir("t1", "20261128_063119-t1", 4096)
+    offline_dir("t2", "20261128_063120-t2", 4096)
+    assert upload_command(tmp_path) == f"wandb sync {tmp_path}/*/wandb/offline-run-*"
+    offline_dir("t2", "20261128_063150-t2", 7)  # killed before W&B wrote a record; restarted below
+    offline_dir("t2", "20261128_063155-t2", 4096)
+    assert upload_command(tmp_path) == (f"wandb sync {tmp_path}/t1/wandb/offline-run-20261128_063119-t1 "
+                                        f"{tmp_path}/t2/wandb/offline-run-20261128_063120-t2 "
+                                        f"{tmp_path}/t2/wandb/offline-run-20261128_063155-t2")

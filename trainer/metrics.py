@@ -133,6 +133,12 @@ class MetricsLogger:
 HEADER_ONLY_BYTES = 7
 
 
+def holds_records(offline_dir: Path) -> bool:
+    """Whether an offline W&B directory has anything to upload: an invocation killed before W&B wrote a
+    record left its file's header alone (7 bytes), on which wandb sync stops with an error."""
+    return any(f.stat().st_size > HEADER_ONLY_BYTES for f in offline_dir.glob("run-*.wandb"))
+
+
 def offline_runs(wandb_dir: str | Path) -> list[Path]:
     """Every offline W&B directory of the run that wrote `wandb_dir`, oldest first: W&B cannot resume
     an offline run, so each invocation of a resumed run writes its own, under the same run id."""
@@ -141,10 +147,8 @@ def offline_runs(wandb_dir: str | Path) -> list[Path]:
     # second), each holding run-<run id>.wandb: the file, not the name, says which run a directory is.
     data_file = next(wandb_dir.glob("run-*.wandb")).name
     run_id = data_file.removeprefix("run-").removesuffix(".wandb")
-    # An invocation killed before W&B wrote a record left its file's header alone (7 bytes): nothing to
-    # upload, and wandb sync stops on it with an error.
     runs = [d for d in wandb_dir.parent.glob("offline-run-*")
-            if (d / data_file).is_file() and (d == wandb_dir or (d / data_file).stat().st_size > HEADER_ONLY_BYTES)]
+            if (d / data_file).is_file() and (d == wandb_dir or holds_records(d))]  # this one: just started
 
     def start_order(d: Path) -> tuple[str, int]:
         stamp = d.name.split("-")[2]
