@@ -186,7 +186,7 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
     jobs = client(submit_cfg)
     _refuse_a_second_writer(jobs, cfg["run"], resolve_address(submit_cfg))
     job_id = new_job_id(cfg["run"]["name"])
-    deadline = time.monotonic() + AGENT_WAIT_S
+    deadline, waited = time.monotonic() + AGENT_WAIT_S, False
     while True:
         try:
             # Ray's SDK logs each step of packaging the working directory: ten lines per submission, among
@@ -203,9 +203,14 @@ def submit_job(cfg: dict, overrides: list[str]) -> tuple[str, str]:
         except Exception as e:
             # A cluster that has just started answers before its job agent is up.
             if "No available agent" in str(e) and time.monotonic() < deadline:
+                if not waited:
+                    print(f"[submit] the cluster's job agent is not up yet: waiting for it (up to {AGENT_WAIT_S} s)",
+                          flush=True)
+                waited = True
                 time.sleep(2)
                 continue
-            raise SubmitError(explain(e, resolve_address(submit_cfg))) from None
+            after = f" (after waiting {AGENT_WAIT_S} s for its job agent)" if waited else ""
+            raise SubmitError(explain(e, resolve_address(submit_cfg)) + after) from None
     return job_id, f"{resolve_address(submit_cfg)}/#/jobs/{job_id}"
 
 
