@@ -295,7 +295,7 @@ def validate(cfg: dict) -> None:
     log = cfg["logger"]
     if log["wandb"] and log["mode"] != "disabled":  # W&B's own limits: else found only once training starts
         project = log["project"]
-        need(project is None or 0 < len(project) <= 128 and not set(project) & set("/\\#?%:"),
+        need(0 < len(project) <= 128 and not set(project) & set("/\\#?%:"),
              f"logger.project={project!r}", "must be 1 to 128 characters, none of / \\ # ? % :")
         for i, tag in enumerate(log["tags"]):
             need(0 < len(str(tag)) <= 64, f"logger.tags[{i}]", f"has {len(str(tag))} characters; W&B takes 1 to 64")
