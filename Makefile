@@ -24,4 +24,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:
-	rm -rf outputs data .pytest_cache
+	rm -rf outputs data sweeps report .pytest_cache

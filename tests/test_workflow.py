@@ -184,7 +184,8 @@ def test_rerunning_a_finished_run_resumes_and_does_no_more_steps(workspace, caps
     root, common = workspace
     assert main(["train", *common, "run.name=base", "train.max_steps=6", "train.checkpoint_every=2",
                  "train.eval_every=3", "logger=none"]) == 0
-    assert "already finished at step 6" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "already finished at step 6" in said and "a higher train.max_steps trains it on; another run.name" in said
     assert read_summary(root / "outputs/base")["final_loss"] is not None  # the summary stands
     assert len(open(root / "outputs/base/metrics.jsonl").readlines()) == 6
     # Lowered below where it got to: nothing to train, and the message says the run went past it.

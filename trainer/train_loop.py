@@ -335,7 +335,9 @@ def _finished_run(cfg: dict, checkpoint: Path, client: dict, model_cfg: OpenELMC
             write_summary(run_dir, summary)
     if is_main:
         past = f", past train.max_steps={cfg['train']['max_steps']}" if step > cfg["train"]["max_steps"] else ""
-        print(f"[train] {cfg['run']['name']} already finished at step {step}{past} ({checkpoint})", flush=True)
+        print(f"[train] {cfg['run']['name']} already finished at step {step}{past} ({checkpoint})\n"
+              f"[train] a higher train.max_steps trains it on; another run.name trains anew (settings such as "
+              f"train.eval_every apply to the steps still to train)", flush=True)
     if report is not None:  # e.g. a sweep trial that finished as its sweep was interrupted: Tune needs its metric
         report({"step": step, "loss": summary["final_loss"], "val_loss": summary["final_val_loss"]})
     return summary
