@@ -300,8 +300,8 @@ def validate(cfg: dict) -> None:
         for i, tag in enumerate(log["tags"]):
             need(0 < len(str(tag)) <= 64, f"logger.tags[{i}]", f"has {len(str(tag))} characters; W&B takes 1 to 64")
     faults, last = t["faults"], t["max_steps"]  # an injected fault that can never happen tests nothing
-    for key in ("kill_rank", "nonfinite_rank"):
-        need(0 <= faults[key] < c["num_workers"], f"train.faults.{key}={faults[key]}",
+    for key in ("kill_rank", "nonfinite_rank"):  # (with no valid worker count, no rank to name)
+        need(c["num_workers"] < 1 or 0 <= faults[key] < c["num_workers"], f"train.faults.{key}={faults[key]}",
              f"must be a rank of the run, 0 to {c['num_workers'] - 1} (ranks count from 0)")
     for key in ("kill_at_step", "kill_in_save_at_step", "sigterm_at_step"):
         need(faults[key] is None or 1 <= faults[key] <= last, f"train.faults.{key}={faults[key]}",

@@ -150,6 +150,7 @@ def test_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as e:
         compose_config(["train.max_steps=0", "cluster.num_workers=0", "train.lr=-1"])
     assert all(k in str(e.value) for k in ("train.max_steps", "cluster.num_workers", "train.lr"))
+    assert "train.faults" not in str(e.value)  # fault ranks checked against no worker count: not the user's mistake
 
 
 def test_cli_prints_the_composed_config(capsys, tmp_path):

@@ -172,6 +172,18 @@ def test_an_online_wandb_run_refused_by_its_server_names_the_answer(online_wandb
     assert said.endswith(fix) and "no answer" not in said
 
 
+def test_the_deprecated_collectives_deepspeed_calls_every_step_do_not_warn():
+    import warnings
+
+    import torch.distributed as dist
+
+    init_distributed(use_gpu=False)
+    with warnings.catch_warnings(record=True) as seen:  # the filters init_distributed set stay in force
+        dist.all_gather_into_tensor(torch.zeros(dist.get_world_size() * 2), torch.ones(2))  # ZeRO-1/2
+        dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(dist.get_world_size() * 2))  # ZeRO-3, each step
+    assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+
+
 def test_engine_carries_the_recipe_optimizer(tiny_dataset, tmp_path):
     cfg = small_cfg(tiny_dataset, tmp_path)
     env = init_distributed(use_gpu=False)

@@ -35,7 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def init_distributed(use_gpu: bool) -> DistEnv:
     # DeepSpeed still calls the old collective names; torch warns on every step.
-    warnings.filterwarnings("ignore", message=r".*_into_tensor` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(_into_tensor|reduce_scatter_tensor)` is deprecated", category=FutureWarning)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_gpu:
