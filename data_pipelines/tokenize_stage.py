@@ -285,17 +285,21 @@ def _with_ray(units, text_field, on_bad_record, tokenizer, min_chars, workers) -
         # Reading is a few % of the work; each reader is a process.
         compute=ray.data.TaskPoolStrategy(size=readers),
     )
-    ds = ds.map_batches(
-        DocumentProcessor,
-        fn_constructor_kwargs={"tokenizer": tokenizer, "min_chars": min_chars, "threads": 1},
-        batch_size=BATCH,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        # Ray Data restarts actors that die, but one built from arguments in the object store (the tokenizer)
-        # may not come back (ray-project/ray#53727, which Ray logs as an error at every build): a lost actor
-        # fails the build instead, which the next prepare builds again.
-        max_restarts=0,
-    )
+    with warnings.catch_warnings():
+        # max_restarts goes through map_batches' **ray_remote_args, deprecated from Ray 2.60 with no other way
+        # to give it: ray_remote_args_fn's value comes after Ray's defaults (restarts on) are applied.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            DocumentProcessor,
+            fn_constructor_kwargs={"tokenizer": tokenizer, "min_chars": min_chars, "threads": 1},
+            batch_size=BATCH,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            # Ray Data restarts actors that die, but one built from arguments in the object store (the
+            # tokenizer) may not come back (ray-project/ray#53727, which Ray logs as an error at every build):
+            # a lost actor fails the build instead, which the next prepare builds again.
+            max_restarts=0,
+        )
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch
