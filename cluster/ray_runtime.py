@@ -17,6 +17,7 @@ from typing import Optional
 import ray
 
 from cluster import ray_worker_setup
+from cluster.config import ConfigError
 from cluster.quiet_logs import errors_only
 from cluster.submit import ClusterUnreachable, SubmitError, auth_token
 from trainer.distributed import free_port
@@ -98,7 +99,7 @@ def require_embedded_cpus(cluster: dict, trial_cpus: float = 0.0) -> None:
     cpus, needed = cluster["num_cpus"] or os.cpu_count(), fewest * per_worker + trial_cpus
     if needed > cpus:
         trial = f" plus sweep.trial_cpus={trial_cpus:g} for the trial" if trial_cpus else ""
-        raise ValueError(
+        raise ConfigError(
             f"cluster.{'min' if cluster['min_workers'] else 'num'}_workers={fewest} workers of cluster.cpus_per_worker="
             f"{per_worker:g}{trial} need {needed:g} CPUs, more than the embedded Ray's cluster.num_cpus={cpus}: "
             "raise cluster.num_cpus (logical CPUs, may exceed the cores), ask for fewer, or join a cluster "

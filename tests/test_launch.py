@@ -91,8 +91,8 @@ def test_a_worker_group_the_embedded_ray_cannot_hold_fails_at_once_in_one_line(o
     from cluster.cli import main
 
     # Ray Train would wait for the CPUs forever, a Ctrl-C's request to checkpoint with it.
-    assert main(["train", *overrides, f"storage_path={tmp_path}", "logger=none"]) == 1
-    assert f"elmforge train: {message}" in capsys.readouterr().err
+    assert main(["train", *overrides, f"storage_path={tmp_path}", "logger=none"]) == 2  # a config error
+    assert f"elmforge train: config error\n{message}" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
     # What fits: the group's floor (elastic), more logical CPUs; a cluster to join may grow (not checked).
     require_embedded_cpus(compose_config(["cluster.min_workers=1", "cluster.cpus_per_worker=3"])["cluster"])

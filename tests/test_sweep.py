@@ -99,8 +99,8 @@ def test_a_sweep_whose_trials_could_not_run_is_refused_before_ray_starts(tmp_pat
 
 
 def test_a_trial_the_embedded_ray_cannot_hold_is_refused_before_ray_starts(tmp_path, capsys):
-    assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", "cluster.num_workers=4"]) == 1
-    assert ("elmforge sweep: cluster.num_workers=4 workers of cluster.cpus_per_worker=1 plus sweep.trial_cpus=0.1 for "
+    assert main(["sweep", "sweep=lr_tiny", f"storage_path={tmp_path}", "cluster.num_workers=4"]) == 2
+    assert ("elmforge sweep: config error\ncluster.num_workers=4 workers of cluster.cpus_per_worker=1 plus sweep.trial_cpus=0.1 for "
             "the trial need 4.1 CPUs, more than the embedded Ray's cluster.num_cpus=4") in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "data").exists()
     # So is one a trial could draw.
