@@ -161,7 +161,8 @@ def _checkpoints_to_export(cfg: dict, args) -> list[Path]:
         raise FileNotFoundError(f"no complete checkpoint under {cfg['run']['dir']}/checkpoints (is run.name right?)")
     if len(found) < args.average:
         raise ValueError(
-            f"--average {args.average}: only {len(found)} complete checkpoints in {cfg['run']['dir']}/checkpoints "
+            f"--average {args.average}: only {len(found)} complete checkpoint{'s' if len(found) > 1 else ''} in "
+            f"{cfg['run']['dir']}/checkpoints "
             f"({', '.join(p.name for p in found)}): average at most {len(found)}, or keep more while training "
             f"(train.keep_checkpoints={args.average} or more, with train.checkpoint_every set)")
     return [require_complete(p) for p in found[-args.average :]]
