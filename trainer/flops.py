@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from trainer.model import OpenELMConfig
-from trainer.onednn_linear import ONEDNN_CPU_MATMUL, onednn_mm_nt
+from trainer.onednn_linear import ONEDNN_AVAILABLE, onednn_mm_nt
 
 
 def non_embedding_params(cfg: OpenELMConfig) -> int:
@@ -90,16 +90,16 @@ def cpu_matmul_peak(
 ) -> float:
     """Best FLOP/s of a square matmul (n x n @ n x n) over n in `sizes`, on CPU.
 
-    Runs with `threads` torch threads (default: the current setting). Both of the fp32 matmuls the
-    model may use are timed, torch.mm (MKL) and oneDNN's (trainer.onednn_linear.onednn_mm_nt), and the
-    better counts: a peak the model's own matmuls could beat would not be a peak. Each size and
+    Runs with `threads` torch threads (default: the current setting). Both fp32 matmuls torch offers
+    are timed, torch.mm (MKL) and oneDNN's (trainer.onednn_linear.onednn_mm_nt), and the better counts:
+    a peak the model's own matmuls could beat would not be a peak. Each size and
     kernel gets one warm-up product, then timed repetitions until its share of `seconds` is spent
     (at least one, at most ten); the fastest repetition counts. `clock` times them
     (time.process_time gives CPU time, which other processes on a busy machine do not inflate;
     meaningful with one thread).
     """
     kernels = [lambda a, b, out: torch.mm(a, b.t(), out=out)]
-    if ONEDNN_CPU_MATMUL:
+    if ONEDNN_AVAILABLE:
         kernels.append(lambda a, b, out: onednn_mm_nt(a, b))
     previous = torch.get_num_threads()
     if threads is not None:

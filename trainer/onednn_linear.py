@@ -1,17 +1,30 @@
 """fp32 linear products on CPU through oneDNN, and the tied embedding/output-head pair built on them.
 
-Only eager fp32 on CPU takes these paths (`cpu_fp32_eager`); GPUs, autocast and torch.compile use
-F.linear and F.embedding. bench/model_step.py measures what each choice here is worth.
+Only eager fp32 on CPU takes these paths (`cpu_fp32_eager`), and not on Intel processors (below); GPUs,
+autocast and torch.compile use F.linear and F.embedding. bench/model_step.py measures what each choice
+here is worth.
 """
 
 import torch
 import torch.nn.functional as F
 
-# fp32 matmuls on CPU go to oneDNN rather than torch's default BLAS (MKL) when both exist. MKL takes
-# its AVX2 code path on AMD processors: on an AMD EPYC (Zen 5) it reached ~105 GFLOP/s per core where
-# oneDNN's AVX-512 kernels reached ~230, on the same fp32 inputs (bench/model_step.py). Products
-# smaller than ONEDNN_MIN_MACS multiply-adds stay on MKL, which starts faster.
-ONEDNN_CPU_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# fp32 matmuls on CPU go to oneDNN rather than torch's default BLAS (MKL) where both exist and the
+# processor is not Intel's. MKL takes its AVX2 code path on AMD processors: on an AMD EPYC (Zen 5) it
+# reached ~105 GFLOP/s per core where oneDNN's AVX-512 kernels reached ~230, on the same fp32 inputs
+# (bench/model_step.py). On Intel's, MKL takes AVX-512 too, and torch's own products (MKL, plain
+# autograd) made the 270M step 13% faster than these paths (docs/benchmarks.md). Products smaller
+# than ONEDNN_MIN_MACS multiply-adds stay on MKL, which starts faster.
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_CPU_MATMUL = ONEDNN_AVAILABLE and _cpu_vendor() != "GenuineIntel"
 ONEDNN_MIN_MACS = 1 << 22
 # The input gradient grad @ weight contracts over the layer's outputs. oneDNN runs it ~13% faster
 # in blocks of this many outputs, summed, than in one product (OpenELM-270M, batch 2 x 256, AMD
