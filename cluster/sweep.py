@@ -274,7 +274,8 @@ def upload_command(out: Path) -> str:
     by one when a killed invocation left one with nothing to upload."""
     runs = sorted(out.glob("*/wandb/offline-run-*"))
     upload = [d for d in runs if holds_records(d)]
-    return f"wandb sync {out}/*/wandb/offline-run-*" if len(upload) == len(runs) else f"wandb sync {' '.join(map(str, upload))}"
+    which = f"{out}/*/wandb/offline-run-*" if len(upload) == len(runs) else " ".join(map(str, upload))
+    return f"wandb sync {which}"
 
 
 def resumable(out: Path) -> bool:

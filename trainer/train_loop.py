@@ -505,9 +505,11 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         collector.stop()
         loader.close()
         preemption.close()
+        # What the run came to, for W&B's summary (a failed run's too) and summary.json.
+        outcome = {"skipped_steps": skipped_total, "final_loss": losses[-1] if losses else None,
+                   **_final_validation(metrics.last_validation)}
         try:
-            metrics.summary({"final_loss": losses[-1] if losses else None, "skipped_steps": skipped_total,
-                             **_final_validation(metrics.last_validation)})
+            metrics.summary(outcome)
         finally:
             metrics.close(failed=failed)
 
@@ -517,9 +519,7 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
         "resumed_from": resume.name if resume else None,
         "init_from": started_from,
         "stopped_by": stopped_by if step < t_cfg["max_steps"] else None,  # a stop at the last step ends it anyway
-        "skipped_steps": skipped_total,
-        "final_loss": losses[-1] if losses else None,
-        **_final_validation(metrics.last_validation),
+        **outcome,
         "losses": losses,
         "num_params": num_params,
         "data_dir": str(manifest.root),
