@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 import conf
 from cluster import config_schema
 from cluster.config_schema import ElmConfig
-from data_pipelines.sources import PACKAGE_SCHEME, hashed_specs
+from data_pipelines.sources import PACKAGE_SCHEME, PACKAGED_BUILDERS, hashed_specs
 from trainer.model_config import OpenELMConfig
 
 ConfigStore.instance().store(name="elmforge_schema", node=ElmConfig)
@@ -240,9 +240,20 @@ def finalise(cfg: dict) -> dict:
     for source in cfg["data"]["sources"]:  # package:// stays: where the package lies differs between machines
         if source.get("path") and not source["path"].startswith(PACKAGE_SCHEME):
             source["path"] = _absolute(source["path"])
-        if (source.get("hf") or "").startswith("~"):  # a local dataset directory (a hub id never starts so)
-            source["hf"] = os.path.expanduser(source["hf"])
+        _absolute_local_dataset(source)
     return cfg
+
+
+def _absolute_local_dataset(source: dict) -> None:
+    """An `hf` source's local paths made absolute, as `path` is (the Ray tasks that read them may run in
+    another working directory): a dataset directory (`~/...`, or one that exists here, which `datasets`
+    too prefers over a hub id of the same name), and the local files a packaged builder reads."""
+    hf = source.get("hf") or ""
+    if hf.startswith("~") or (os.path.isdir(hf) and not os.path.isabs(hf)):  # a hub id never starts with ~
+        source["hf"] = _absolute(hf)
+    files = source.get("hf_data_files")
+    if hf in PACKAGED_BUILDERS and isinstance(files, str) and not re.match(URI, files):
+        source["hf_data_files"] = _absolute(files)
 
 
 def _plain_name(name: str) -> bool:

@@ -43,6 +43,20 @@ def test_paths_are_absolute_and_derived_from_storage_path(tmp_path, monkeypatch)
     assert [cfg["data"]["dir"], cfg["run"]["dir"]] == [str(tmp_path / "home/ds"), str(tmp_path / "home/runs/a")]
 
 
+def test_local_hf_datasets_are_made_absolute_and_hub_ids_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "saved/wiki").mkdir(parents=True)
+    sources = compose_config([
+        "data.name=x",
+        "data.sources=[{hf:saved/wiki},{hf:org/corpus},{hf:json,hf_data_files:'parts/*.jsonl'},"
+        "{hf:org/other,hf_data_files:'en/*.parquet'},{hf:json,hf_data_files:'https://host/a.jsonl'}]",
+    ])["data"]["sources"]
+    assert [s["hf"] for s in sources] == [str(tmp_path / "saved/wiki"), "org/corpus", "json", "org/other", "json"]
+    # A packaged builder's files are local; a hub dataset's are within its repo; a URL stays one.
+    assert [s.get("hf_data_files") for s in sources[2:]] == [
+        str(tmp_path / "parts/*.jsonl"), "en/*.parquet", "https://host/a.jsonl"]
+
+
 def test_run_name_is_stable_and_follows_what_changes_the_result(tmp_path):
     a = compose_config([])["run"]["name"]
     assert a == compose_config([])["run"]["name"]
