@@ -9,10 +9,7 @@ on K. The whole state is the stream offset, reported as (epoch, position).
 """
 
 import atexit
-import io
-import os
 import signal
-import tarfile
 import weakref
 from typing import Iterator
 
@@ -21,111 +18,25 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.integrity import check_tokenizer
-from data_pipelines.manifest import REBUILD_FIX, Manifest, read_manifest
-from data_pipelines.shard_writer import sha256_file
-
-
-class MemberSpans:
-    """Where each sample of a shard lies in its file: (offset, size) of member i. Kept for every shard
-    a process has touched, which in a shuffled epoch is soon all of them (OpenELM's mix: ~700 million
-    samples), so a shard we wrote, every member the same size at a fixed stride, is three numbers;
-    any other two arrays, 16 bytes a sample (a list of tuples took ~116)."""
-
-    def __init__(self, spans: list[tuple[int, int]]):
-        offsets, sizes = np.array([o for o, _ in spans], np.int64), np.array([n for _, n in spans], np.int64)
-        strides = np.diff(offsets)
-        self.regular = len(spans) > 0 and bool((sizes == sizes[0]).all() and (strides == strides[:1]).all())
-        if self.regular:
-            self._first, self._stride, self._size = int(offsets[0]), int(strides[0]) if len(strides) else 0, int(sizes[0])
-        else:
-            self._offsets, self._sizes = offsets, sizes
-        self.count = len(spans)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < self.count:
-            raise IndexError(i)
-        if self.regular:
-            return self._first + i * self._stride, self._size
-        return int(self._offsets[i]), int(self._sizes[i])
-
-
-class SampleIndex:
-    """Random access to sample i of a split: tar member offsets, read on first use of a shard.
-
-    Opening a shard checks it against the manifest (size, SHA-256, member count
-    and names), so a truncated, corrupt or tampered shard is an error naming it;
-    the checksum costs one sequential read of each shard per process.
-    """
-
-    def __init__(self, manifest: Manifest, split: str):
-        self.manifest = manifest
-        self.shards = manifest.shards(split)
-        self.starts = np.cumsum([0] + [s.samples for s in self.shards])
-        self.num_samples = int(self.starts[-1])
-        self._offsets: dict[int, MemberSpans] = {}
-        self._files: dict[int, object] = {}  # shard index -> open file, read with os.pread (one syscall a sample)
-        self._npy: dict[int, tuple[bytes, np.dtype, int]] = {}  # member size -> (.npy preamble, dtype, count)
-
-    def _members(self, shard_idx: int) -> MemberSpans:
-        if shard_idx not in self._offsets:
-            self._offsets[shard_idx] = self._check_shard(self.shards[shard_idx])
-            self._files[shard_idx] = open(self.manifest.root / self.shards[shard_idx].name, "rb", buffering=0)
-        return self._offsets[shard_idx]
-
-    def _check_shard(self, shard) -> MemberSpans:
-        path = self.manifest.root / shard.name
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing: {REBUILD_FIX}")
-        size = path.stat().st_size
-        if size != shard.bytes:
-            raise ValueError(f"shard {path} is truncated or altered: {size} bytes, the manifest says {shard.bytes}: "
-                             f"{REBUILD_FIX}")
-        if sha256_file(path) != shard.sha256:
-            raise ValueError(f"shard {path} does not match its checksum in the manifest: {REBUILD_FIX}")
-        with tarfile.open(path) as tar:
-            members = tar.getmembers()
-        for m in members:
-            if m.name.startswith("/") or ".." in m.name.split("/") or not m.isfile():
-                raise ValueError(f"shard {path}: member {m.name!r} is not a plain file inside the archive")
-        spans = MemberSpans([(m.offset_data, m.size) for m in members if m.name.endswith(".tokens.npy")])
-        if len(spans) != shard.samples:
-            raise ValueError(f"shard {path} holds {len(spans)} samples, the manifest says {shard.samples}")
-        return spans
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        shard_idx = int(np.searchsorted(self.starts, i, side="right")) - 1
-        offset, size = self._members(shard_idx)[i - int(self.starts[shard_idx])]
-        return self._decode(os.pread(self._files[shard_idx].fileno(), size, offset))
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        """np.load of one .npy member; a preamble seen before (same bytes, same size) skips re-parsing it."""
-        known = self._npy.get(len(data))
-        if known is not None and data.startswith(known[0]):
-            preamble, dtype, count = known
-            return np.frombuffer(data, dtype=dtype, count=count, offset=len(preamble))
-        buf = io.BytesIO(data)
-        array = np.load(buf, allow_pickle=False)
-        if array.ndim == 1 and buf.tell() == len(data):  # header + data, nothing after: the preamble can be re-used
-            self._npy[len(data)] = (data[: len(data) - array.nbytes], array.dtype, array.size)
-        return array
+from data_pipelines.manifest import Manifest, read_manifest, rebuilt_error
+from data_pipelines.shard_index import SampleIndex
 
 
 class RankBatches(IterableDataset):
     """Micro-batches (B, seq_len+1) of one rank's sample stream, from a given stream offset."""
 
-    def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, seed: int, shuffle: bool):
-        self.root, self.split, self.rank, self.world_size = root, split, rank, world_size
+    def __init__(self, manifest: Manifest, split: str, rank: int, world_size: int, batch_size: int, seed: int,
+                 shuffle: bool):
+        # The manifest as the run started: a shard first opened after a rebuild in place is refused.
+        self.manifest, self.split, self.rank, self.world_size = manifest, split, rank, world_size
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        n = read_manifest(root).num_samples(split)
+        n = manifest.num_samples(split)
         self.per_rank = n // world_size
         if n == 0:
             fix = " (raise data.val_fraction and prepare it again)" if split == "val" else ""
-            raise ValueError(f"split {split!r} of {root} has no sample{fix}")
+            raise ValueError(f"split {split!r} of {manifest.root} has no sample{fix}")
         if self.per_rank == 0:
-            raise ValueError(f"split {split!r} of {root} has {n} samples, fewer than the {world_size} ranks")
+            raise ValueError(f"split {split!r} of {manifest.root} has {n} samples, fewer than the {world_size} ranks")
         self.start = 0  # stream offset (samples already consumed by this rank)
 
     def _rank_order(self, epoch: int, n: int) -> np.ndarray:
@@ -138,7 +49,7 @@ class RankBatches(IterableDataset):
         return order[self.rank :: self.world_size][: self.per_rank].copy()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        index = SampleIndex(read_manifest(self.root), self.split)
+        index = SampleIndex(self.manifest, self.split)
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         order, order_epoch = None, -1
@@ -190,12 +101,9 @@ class TokenLoader:
         manifest = read_manifest(root)
         check_tokenizer(manifest, tokenizer_fingerprint)
         if dataset_fingerprint and manifest.fingerprint != dataset_fingerprint:  # a run's validation, after a rebuild in place
-            raise ValueError(
-                f"dataset {manifest.root} was rebuilt while a run reads it (fingerprint {dataset_fingerprint[:12]}, "
-                f"now {str(manifest.fingerprint)[:12]}): its {split} split is other data now. Give other data settings their own "
-                "data.name; to go on, rebuild it from the run's inputs and settings and re-run the run's command"
-            )
-        self.dataset = RankBatches(str(root), split, rank, world_size, batch_size, seed, shuffle)
+            raise rebuilt_error(manifest.root, split,
+                                f"fingerprint {dataset_fingerprint[:12]}, now {str(manifest.fingerprint)[:12]}")
+        self.dataset = RankBatches(manifest, split, rank, world_size, batch_size, seed, shuffle)
         self.num_workers = num_workers
         self.consumed = 0  # samples this rank has yielded, across epochs
         self._iter = None
@@ -212,7 +120,7 @@ class TokenLoader:
 
     @property
     def seq_len(self) -> int:
-        return read_manifest(self.dataset.root).seq_len
+        return self.dataset.manifest.seq_len
 
     def __iter__(self):
         return self

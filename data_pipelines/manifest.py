@@ -27,10 +27,31 @@ class ShardInfo:
     bytes: int
 
 
+def rebuilt_error(root: Path, split: str, what: str) -> ValueError:
+    return ValueError(
+        f"dataset {root} was rebuilt while a run reads it ({what}): its {split} split is other data now. Give other "
+        "data settings their own data.name; to go on, rebuild it from the run's inputs and settings and re-run the "
+        "run's command"
+    )
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
     data: dict
+    identity: tuple = ()  # manifest.json's (device, inode, size, mtime) as read: a rebuild in place replaces it
+
+    def replaced(self) -> bool:
+        """Whether manifest.json is another file now than the one read (the dataset was rebuilt in place)."""
+        try:
+            return _identity(self.root / MANIFEST_NAME) != self.identity
+        except FileNotFoundError:
+            return True
 
     @property
     def seq_len(self) -> int:
@@ -73,6 +94,7 @@ def read_manifest(root: str | Path) -> Manifest:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `elmforge prepare` for this data config first")
+    identity = _identity(path)  # before reading: a file replaced in between reads as replaced later
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -83,4 +105,4 @@ def read_manifest(root: str | Path) -> Manifest:
     missing = [k for k in ("seq_len", "dtype", "tokenizer", "splits") if k not in data]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
-    return Manifest(root, data)
+    return Manifest(root, data, identity)

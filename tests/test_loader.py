@@ -161,22 +161,115 @@ def test_truncated_shard_is_named(tiny_dataset, tmp_path):
         _first_batch(copy)
 
 
+def _first_sample_at(shard) -> int:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return tar.next().offset_data
+
+
+def _damage(copy, shard_name, offset, byte=None, xor=0):
+    """Changes one byte at `offset` from the first sample's data (its .npy preamble first)."""
+    shard = copy / shard_name
+    offset += _first_sample_at(shard)
+    data = bytearray(shard.read_bytes())
+    data[offset] = byte if byte is not None else data[offset] ^ xor
+    shard.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
-def test_checksum_mismatch_is_named(tiny_dataset, tmp_path, workers):
+def test_a_damaged_sample_is_named_with_its_shard(tiny_dataset, tmp_path, workers):
     import multiprocessing
 
     copy = _copy(tiny_dataset, tmp_path)
-    shard = copy / "train/shard-000000.tar"
-    data = bytearray(shard.read_bytes())
-    data[700] ^= 0x01  # inside the first sample's data: same size, different bytes
-    shard.write_bytes(bytes(data))
+    _damage(copy, "train/shard-000000.tar", 1, xor=0x20)  # the .npy magic: same size, other bytes
     loader = TokenLoader(copy, "train", 0, 1, batch_size=1, seed=0, shuffle=False, num_workers=workers)
     # Found in a worker process, the error reads as it does in this one: torch's wrapping left out.
-    with pytest.raises(ValueError, match=r"^shard /.*shard-000000.tar does not match its checksum in the manifest: rebuild the "
-                                         r"dataset with the same data settings and prepare.force=true$"):
+    with pytest.raises(ValueError, match=r"^shard /.*shard-000000.tar: sample 0 is not a token array \(.*\): the shard "
+                                         r"is damaged \(`elmforge prepare prepare.verify=true` checks every shard\): "
+                                         r"rebuild the dataset with the same data settings and prepare.force=true$"):
         next(loader)
     loader.close()
     assert multiprocessing.active_children() == []
+
+
+def test_a_token_id_beyond_the_vocabulary_is_named(tiny_dataset, tmp_path):
+    copy = _copy(tiny_dataset, tmp_path)
+    preamble, vocab = 128, read_manifest(copy).vocab_size  # then the tokens, uint16, little-endian
+    assert read_manifest(copy).dtype == "uint16" and vocab <= 0xFF00
+    _damage(copy, "train/shard-000000.tar", preamble + 2 * 3 + 1, byte=0xFF)  # token 3's high byte
+    with pytest.raises(ValueError, match=rf"shard-000000.tar: sample 0 holds token id 65[0-9]{{3}}, beyond the "
+                                         rf"tokenizer's {vocab}: the shard is damaged"):
+        _first_batch(copy)
+
+
+def test_a_shard_with_more_or_fewer_members_than_counted_is_named(tiny_dataset, tmp_path):
+    import json
+
+    for delta in (-1, 1):
+        copy = _copy(tiny_dataset, tmp_path / str(delta))
+        manifest = json.loads((copy / "manifest.json").read_text())
+        entry = manifest["splits"]["train"]["shards"][0]
+        entry["samples"] += delta  # the file as written, the count not: the last header or the end is elsewhere
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        actual = entry["samples"] - delta
+        with pytest.raises(ValueError, match=rf"shard-000000.tar holds {actual} samples, the manifest says "
+                                             rf"{actual + delta}: rebuild"):
+            _first_batch(copy)
+
+
+def test_a_shard_is_opened_by_reading_a_few_headers_not_the_whole_file(tiny_dataset, monkeypatch):
+    # A rank touches every shard of the mix (4,400 x 1 GB) in its first steps: no full read or header scan.
+    import tarfile
+
+    from data_pipelines import shard_index
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the shard was read whole")
+
+    monkeypatch.setattr(tarfile.TarFile, "getmembers", refused)
+    monkeypatch.setattr(shard_index, "_scanned_spans", refused)
+    n = read_manifest(tiny_dataset).num_samples("train")
+    everything = rows(take(TokenLoader(tiny_dataset, "train", 0, 1, batch_size=n, seed=0, shuffle=False), 1))
+    monkeypatch.undo()
+    from data_pipelines.shard_index import SampleIndex
+
+    index = SampleIndex(read_manifest(tiny_dataset), "train")
+    assert everything == [tuple(index[i].astype(np.int64).tolist()) for i in range(n)]
+    assert [len(shard_index._scanned_spans(tiny_dataset / s.name)) for s in index.shards] == \
+        [s.samples for s in index.shards]
+
+
+def test_a_shard_first_opened_after_a_rebuild_in_place_is_refused(tiny_dataset, tmp_path):
+    # A rebuild with other settings can write shards of the same sizes and layout; the manifest is a new file.
+    import os
+    import shutil
+
+    copy = _copy(tiny_dataset, tmp_path)
+    loader = TokenLoader(copy, "train", 0, 1, batch_size=1, seed=0, shuffle=False)
+    next(loader)  # the first shard is open
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(copy, rebuilt)
+    os.replace(copy, tmp_path / "old")  # as prepare swaps a rebuilt dataset in
+    os.replace(rebuilt, copy)
+    per_shard = read_manifest(copy).shards("train")[0].samples
+    for _ in range(per_shard - 1):
+        next(loader)  # the rest of the open shard
+    with pytest.raises(ValueError, match=r"dataset .*ds was rebuilt while a run reads it \(its manifest.json was "
+                                         r"replaced\): its train split is other data now"):
+        next(loader)
+
+
+def test_a_process_keeps_a_bounded_number_of_shards_open(tiny_dataset, monkeypatch):
+    from data_pipelines.shard_index import SampleIndex
+
+    index = SampleIndex(read_manifest(tiny_dataset), "train")
+    assert len(index.shards) > 2
+    index._max_open = 2
+    for i in range(index.num_samples):
+        index[i]
+    assert len(index._files) == 2 and all(not f.closed for f in index._files.values())
+    assert list(index._files) == [len(index.shards) - 2, len(index.shards) - 1]  # the most recently read
 
 
 def test_an_open_loader_with_workers_lets_the_process_exit(tiny_dataset):
@@ -241,11 +334,11 @@ def test_the_shuffled_order_is_numpys_seeded_permutation_dealt_among_ranks(tiny_
 
 
 def test_the_index_of_a_shard_we_wrote_is_a_few_numbers_whatever_its_size(tiny_dataset):
-    from data_pipelines.loader import MemberSpans, SampleIndex
+    from data_pipelines.shard_index import MemberSpans, SampleIndex, check_shard
 
     index = SampleIndex(read_manifest(tiny_dataset), "train")
     for shard in range(len(index.shards)):
-        assert index._members(shard).regular, index.shards[shard].name  # no per-sample arrays kept
+        assert check_shard(tiny_dataset, index.shards[shard]).regular, index.shards[shard].name  # no per-sample arrays kept
     # Members of other sizes or spacing (a shard from elsewhere) are kept one by one, and read alike.
     spans = [(512, 100), (1536, 100), (3072, 60), (4096, 60)]
     assert [MemberSpans(spans)[i] for i in range(4)] == spans and not MemberSpans(spans).regular

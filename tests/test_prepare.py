@@ -337,7 +337,7 @@ def test_a_corpus_too_small_for_a_val_sample_is_told_and_the_loader_names_the_fi
     out = prepare(data_cfg(corpus, tmp_path / "ds", val_fraction=0.02), TOKENIZER_CFG)
     assert "[prepare] warning: no val sample (data.val_fraction=0.02 of 12 documents)" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"split 'val' of .* has no sample \(raise data.val_fraction and prepare"):
-        RankBatches(str(out), "val", 0, 1, 4, seed=0, shuffle=False)
+        RankBatches(read_manifest(out), "val", 0, 1, 4, seed=0, shuffle=False)
 
 
 def test_a_wrong_input_file_is_named_before_ray_would_start(tmp_path):
