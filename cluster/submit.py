@@ -143,6 +143,11 @@ def _no_answer_reason(e: BaseException) -> str:
     return "no answer"
 
 
+# Never uploaded, whatever submit.excludes says (gitignore patterns, at any depth): the package is stored in the
+# cluster's GCS and unpacked on every node. The same list keeps them out of the images (.dockerignore).
+CREDENTIALS = [".env", ".netrc", "auth_token", "*.pem", "*.key"]
+
+
 def job_paths(cfg: dict) -> list[str]:
     """Where the job reads and writes: none of it may travel with the working directory."""
     return [cfg["storage_path"], cfg["run"]["dir"], cfg["data"]["dir"]]
@@ -155,7 +160,8 @@ def runtime_env(submit_cfg: dict, paths: Iterable[str] = ()) -> dict:
     """
     working_dir = os.path.abspath(submit_cfg["working_dir"])
     inside = [pattern for pattern in (_anchored(p, working_dir) for p in paths) if pattern]
-    return {"working_dir": working_dir, "excludes": [*submit_cfg["excludes"], *dict.fromkeys(inside)]}
+    return {"working_dir": working_dir,
+            "excludes": [*submit_cfg["excludes"], *dict.fromkeys(inside), *CREDENTIALS]}
 
 
 def _anchored(path: str, working_dir: str) -> Optional[str]:

@@ -168,6 +168,10 @@ def test_twin_submissions_in_one_second_get_their_own_ids_and_leave_storage_in_t
     (storage / "outputs/big.bin").write_bytes(bytes(1 << 20))
     (work / "store").mkdir()
     (work / "store/notes.txt").write_text("travels")
+    credentials = [".env", "conf/.netrc", ".ray/auth_token", "certs/node.pem", "certs/node.key"]
+    for name in credentials:  # never uploaded, whatever submit.excludes says
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("secret")
     monkeypatch.setattr(submit, "datetime", _SameSecond)
     address = f"submit.address={as_user.address}"
     args = ["submit", f"storage_path='{storage}'", f"submit.working_dir={work}", "run.name=twin", *FAILS_FAST,
@@ -189,6 +193,7 @@ def test_twin_submissions_in_one_second_get_their_own_ids_and_leave_storage_in_t
     create_package(str(work), tmp_path / "package.zip", include_gitignore=True, excludes=excludes)
     names = zipfile.ZipFile(tmp_path / "package.zip").namelist()
     assert "store/notes.txt" in names and not [n for n in names if "big.bin" in n], names
+    assert not set(credentials) & set(names), names
 
     # A refusal by the Jobs API is reported as one, with the server's reason.
     monkeypatch.setattr(submit, "token_hex", lambda n: ids[0].rsplit("-", 1)[1])
