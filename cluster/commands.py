@@ -67,7 +67,7 @@ def _train_here(cfg: dict) -> dict:
 
     from trainer.distributed import init_distributed
     from trainer.preemption import clear_stop_request
-    from trainer.train_loop import train
+    from trainer.train_loop import check_storage_shared, train
 
     env = init_distributed(cfg["cluster"]["use_gpu"])
     wanted = cfg["cluster"]["num_workers"]
@@ -85,6 +85,7 @@ def _train_here(cfg: dict) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_stop_request(run_dir)
     dist.barrier()
+    check_storage_shared(cfg)  # torchrun's ranks on other nodes
     try:
         return train(cfg)
     except BaseException:

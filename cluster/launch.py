@@ -23,7 +23,7 @@ from trainer import host_memory
 from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import read_summary
-from trainer.train_loop import check_start, train
+from trainer.train_loop import check_start, check_storage_shared, train
 
 
 def use_allotted_threads() -> None:
@@ -50,6 +50,7 @@ def _worker(config: dict) -> None:
         cfg["train"]["grad_accum_steps"] = accumulation_for(cfg, ctx.get_world_size())
     # Ray restarts the worker group after any error. A TrainingError (a divergence) would come back
     # from the same checkpoint, so its message is kept and every restart of this launch fails at once.
+    check_storage_shared(cfg)
     gave_up = _gave_up_path(cfg, config["launch_id"])
     if gave_up.exists():
         raise TrainingError(f"not retried: {gave_up.read_text()}")

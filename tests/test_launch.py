@@ -1,6 +1,7 @@
 """How a config becomes a Ray connection, a worker group and a process-group backend."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,19 @@ def test_stop_signals_ask_the_workers_to_stop_while_training_and_the_handlers_be
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_a_rank_on_a_node_without_the_shared_storage_says_so(tmp_path):
+    # The launcher makes run.dir before any rank starts; a rank that cannot see it is on a node that does not
+    # mount storage_path (else it would report the data as not prepared, or lose its checkpoints).
+    import socket
+
+    from trainer.train_loop import check_storage_shared
+
+    cfg = compose_config([f"storage_path={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=rf"run.dir {cfg['run']['dir']} is not there on node "
+                                                rf"{socket.gethostname()}, though the launcher made it: storage_path "
+                                                rf"\({tmp_path}\) must be a file system every node mounts"):
+        check_storage_shared(cfg)
+    Path(cfg["run"]["dir"]).mkdir(parents=True)
+    check_storage_shared(cfg)

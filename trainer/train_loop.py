@@ -8,6 +8,7 @@ run.name, a restarted worker group and a preempted job all continue exactly.
 
 import json
 import math
+import socket
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -263,6 +264,17 @@ def _check_resumable(state: dict, checkpoint: Path, model_cfg: OpenELMConfig, cf
 # What `report` gets at each validation besides the step: what a sweep may compare trials on.
 REPORTED_METRICS = ("val_loss", "val_perplexity", "loss", "ce_loss", "lr", "grad_norm", "tokens_per_s",
                     "step_time_s", "memory_gb", "tokens", "skipped", "mfu")
+
+
+def check_storage_shared(cfg: dict) -> None:
+    """For each rank as it starts, after the launcher made run.dir: a rank that cannot see it runs on a
+    node that does not share storage_path (its data would read as "not prepared", its checkpoints be lost)."""
+    if not Path(cfg["run"]["dir"]).is_dir():
+        raise FileNotFoundError(
+            f"run.dir {cfg['run']['dir']} is not there on node {socket.gethostname()}, though the launcher made it: "
+            f"storage_path ({cfg['storage_path']}) must be a file system every node mounts at the same path "
+            "(docs/cluster.md)"
+        )
 
 
 def check_start(cfg: dict) -> None:
