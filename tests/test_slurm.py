@@ -52,7 +52,7 @@ fi
 """
 
 FAKE_HOSTNAME = """#!/bin/sh
-echo "10.1.2.3 192.168.7.7"
+echo "${FAKE_HOST_IPS:-10.1.2.3 192.168.7.7}"
 """
 
 # The script's count of live Ray nodes: the stand-in nodes that are up.
@@ -267,3 +267,13 @@ def test_the_script_exits_with_elmforges_status_and_stops_ray(fake_slurm):
     log = calls(env)
     assert "ray stop --force" in log and log.count("ray node stopped") == len(NODES)
     assert not any(line.startswith("scontrol requeue") for line in log), "no requeue without a preemption"
+
+
+def test_a_head_whose_name_resolves_to_loopback_is_refused_with_the_fix(fake_slurm):
+    env, _ = fake_slurm
+    code, err = finish(start_script(env, FAKE_HOST_IPS="127.0.1.1"))
+    assert code == 2 and "resolves its own name to 127.0.1.1 (loopback" in err and "set ELMFORGE_HEAD_IP" in err, err
+    assert not any(line.startswith("ray start") for line in calls(env))
+    code, err = finish(start_script(env, FAKE_HOST_IPS="127.0.1.1", ELMFORGE_HEAD_IP="10.9.9.9", FAKE_ELMFORGE_EXIT="0"))
+    assert code == 0, err
+    assert any(line.startswith("ray start --head --node-ip-address=10.9.9.9") for line in calls(env))
