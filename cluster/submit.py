@@ -277,4 +277,14 @@ def _follow(submit_cfg: dict, job_id: str, out, poll_s: float, retries: int) -> 
         printed = len(logs)
         if status in TERMINAL:
             return status
-        time.sleep(poll_s)
+        time.sleep(poll_interval(poll_s, len(logs)))
+
+
+# The Jobs API answers with the whole log each time: a days-long run's reaches megabytes, fetched every
+# second for days (through a port-forward, often). Followers ask less often as it grows, so that about
+# this many bytes a second are fetched: a 6 MB log every minute.
+FOLLOW_BYTES_PER_S = 100_000
+
+
+def poll_interval(poll_s: float, log_chars: int) -> float:
+    return max(poll_s, log_chars / FOLLOW_BYTES_PER_S)

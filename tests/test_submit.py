@@ -375,3 +375,10 @@ def test_jobs_list_shows_submitted_jobs_not_the_drivers_that_joined_the_cluster(
     assert listed.endswith("(and 1 Ray driver that joined the cluster without `elmforge submit`: "
                            "`ray list jobs` shows them)\n"), listed
     assert "SUCCEEDED" in listed  # the module's submitted jobs are still there
+
+
+def test_a_follower_asks_less_often_as_the_log_grows():
+    # Each answer is the whole log: a days-long run's (megabytes) is not fetched every second.
+    assert submit.poll_interval(1.0, 0) == submit.poll_interval(1.0, 50_000) == 1.0
+    assert submit.poll_interval(1.0, 6_000_000) == 60.0
+    assert submit.poll_interval(1.0, 3_000_000) < submit.poll_interval(1.0, 6_000_000)
