@@ -71,3 +71,52 @@ def test_a_marker_cut_short_is_named_not_taken_for_one_without_digests(tmp_path)
         require_complete(checkpoint)
     (checkpoint / COMPLETE).write_text('{"step": 5}\n')  # saved before digests were recorded: loads unchecked
     assert require_complete(checkpoint) == checkpoint
+
+
+class _TwoGPUsSeen:
+    """torch.cuda as a rank sees it on a GPU node (none here): two devices, the second its own."""
+
+    def __init__(self, devices: int = 2, current: int = 1):
+        import torch
+
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(devices)]
+        self.current = current
+
+    def apply(self, monkeypatch):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self.current].clone())
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+
+        def set_state(state, device="cuda"):
+            self.states[self.current] = state.clone()
+
+        def set_all(states):  # as torch does: by position, for every device given
+            for i, state in enumerate(states):
+                self.states[i] = state.clone()  # IndexError past this process's devices
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+
+def test_the_cuda_rng_kept_is_the_ranks_own_device_so_a_resume_may_see_fewer_gpus(monkeypatch):
+    # A run saved where a rank saw 2 GPUs resumes where it sees 1 (fewer workers per node, torchrun to one
+    # GPU): restoring every device's state by position failed there with an IndexError, on every rank.
+    import torch
+
+    from trainer.checkpoint import rng_state, set_rng_state
+
+    saving = _TwoGPUsSeen(devices=2, current=1)
+    saving.apply(monkeypatch)
+    state = rng_state()
+    assert torch.equal(state["cuda"], saving.states[1])
+    resuming = _TwoGPUsSeen(devices=1, current=0)
+    resuming.apply(monkeypatch)
+    set_rng_state(state)
+    assert torch.equal(resuming.states[0], saving.states[1])
+    # A checkpoint from before, with every visible device's state: the rank's own device's is taken.
+    old = {**state, "cuda": [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)]}
+    set_rng_state(old)
+    assert torch.equal(resuming.states[0], old["cuda"][0])
