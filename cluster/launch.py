@@ -20,6 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.config import accumulation_for, elastic_note
 from cluster.ray_runtime import CONTROLLER_RETRIES, capacity_note, connect
 from trainer import host_memory
+from trainer.distributed import PROCESS_GROUP_TIMEOUT
 from trainer.errors import TrainingError, one_line
 from trainer.preemption import clear_stop_request, request_stop
 from trainer.summary import read_summary
@@ -114,7 +115,8 @@ def torch_trainer(cfg: dict, callbacks: list | None = None, launch_id: str | Non
         _worker,
         train_loop_config={"cfg": cfg, "launch_id": launch_id or uuid.uuid4().hex[:12]},
         scaling_config=scaling_config(cfg["cluster"]),
-        torch_config=TorchConfig(backend=torch_backend(cfg["cluster"])),
+        torch_config=TorchConfig(backend=torch_backend(cfg["cluster"]),
+                                 timeout_s=int(PROCESS_GROUP_TIMEOUT.total_seconds())),
         run_config=run_config(cfg, callbacks),
     )
 

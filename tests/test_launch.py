@@ -202,3 +202,24 @@ def test_a_rank_on_a_node_without_the_shared_storage_says_so(tmp_path):
         check_storage_shared(cfg)
     Path(cfg["run"]["dir"]).mkdir(parents=True)
     check_storage_shared(cfg)
+
+
+def _process_group_timeout() -> float:
+    import torch.distributed as dist
+
+    from trainer.distributed import init_distributed
+
+    init_distributed(use_gpu=False)
+    return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_ranks_wait_an_hour_in_a_collective_while_rank_0_works_alone():
+    # Rank 0 alone prepares the data (torchrun) or converts a checkpoint for another world size while the
+    # others wait in a collective: torch's 10 (NCCL) or 30 (gloo, Ray Train) minutes would end them first.
+    from distributed import run_ranks
+
+    from cluster.launch import torch_trainer
+
+    assert run_ranks(1, _process_group_timeout) == [3600.0]
+    cfg = compose_config([])
+    assert torch_trainer(cfg).backend_config.timeout_s == 3600

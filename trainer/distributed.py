@@ -9,6 +9,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# How long a rank waits in a collective. Rank 0 alone may work for long while the others wait: under
+# torchrun it prepares the data (hashing every input byte, even when up to date), and on another world size
+# it converts the checkpoint to its universal form (a 3B run's, from 128 ranks). torch's defaults (10
+# minutes with NCCL, 30 with gloo; Ray Train's 30) would end the waiting ranks first.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
+
+
 def init_distributed(use_gpu: bool) -> DistEnv:
     # DeepSpeed still calls the old collective names; torch warns on every step.
     warnings.filterwarnings("ignore", message=r".*(_into_tensor|reduce_scatter_tensor)` is deprecated", category=FutureWarning)
@@ -44,7 +52,7 @@ def init_distributed(use_gpu: bool) -> DistEnv:
         if "RANK" not in os.environ:  # a single process with no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group(backend="nccl" if use_gpu else "gloo")
+        dist.init_process_group(backend="nccl" if use_gpu else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
