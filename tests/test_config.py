@@ -209,7 +209,7 @@ def test_experiments_reproduce_the_released_recipe(name, tmp_path):
     assert t["micro_batch_size"] * t["grad_accum_steps"] * cfg["cluster"]["num_workers"] * cfg["data"]["seq_len"] == 4_194_304
     assert (t["betas"], t["eps"], t["weight_decay"], t["grad_clip"], t["z_loss_weight"]) == ([0.9, 0.95], 1e-8, 0.1, 1.0, 1e-4)
     assert t["precision"] == "bf16" and cfg["deepspeed"]["stage"] == stage
-    assert (cfg["deepspeed"]["communication_data_type"] == "fp32") is (stage == 3)
+    assert cfg["deepspeed"]["communication_data_type"] == "fp32"  # gradients averaged in fp32
     assert cfg["data"]["name"] == "openelm_mix" and cfg["data"]["seq_len"] == 2048
     assert cfg["data"]["filters"] == {"min_chars": 200, "min_tokens": 256, "dedup": True}
     # The prepared train split (samples of seq_len + 1 tokens, val's share left out) covers every step once.
