@@ -96,8 +96,10 @@ def run_config(cfg: dict, callbacks: list | None = None) -> RunConfig:
         failure_config=FailureConfig(max_failures=cfg["cluster"]["max_failures"],
                                      controller_failure_limit=CONTROLLER_RETRIES),
         callbacks=callbacks,
-        # glibc reads these at the worker's start; the loop's thread has its own heap by train().
-        worker_runtime_env={"env_vars": host_memory.worker_env()},
+        # glibc reads these at the worker's start; the loop's thread has its own heap by train(). Not on
+        # GPUs: the step's large tensors are on the device, and one arena would serialise the host
+        # threads that allocate (NCCL's, the loader's, an offloaded optimizer's).
+        worker_runtime_env={"env_vars": {} if cfg["cluster"]["use_gpu"] else host_memory.worker_env()},
     )
 
 

@@ -83,8 +83,8 @@ def test_training_steps_reuse_freed_memory_and_release_hands_it_back():
     assert kept["rss_mb_released"] < kept["rss_mb"] - 50, kept
 
 
-def worker_env_vars() -> dict:
-    cfg = compose_config(["run.name=m", "storage_path=/tmp/elmforge-host-memory"])
+def worker_env_vars(*overrides: str) -> dict:
+    cfg = compose_config(["run.name=m", "storage_path=/tmp/elmforge-host-memory", *overrides])
     return run_config(cfg).worker_runtime_env["env_vars"]
 
 
@@ -99,6 +99,7 @@ def test_the_ray_worker_environment_keeps_memory_on_another_thread():
 
 def test_a_users_own_malloc_environment_wins(monkeypatch):
     assert worker_env_vars() == ENV
+    assert worker_env_vars("cluster.use_gpu=true") == {}  # GPU workers: the step's tensors are on the device
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the workers inherit it; none of ours is added
     assert worker_env_vars() == {}
     assert probe(call=True, thread=False, env={"MALLOC_ARENA_MAX": "4"})["applied"] is False

@@ -62,6 +62,11 @@ def test_deepspeed_config_carries_the_recipe():
     assert deepspeed_config(TRAIN, {"stage": 0}, 1, use_gpu=True)["optimizer"]["params"]["fused"] is True
     offloaded = deepspeed_config(TRAIN, {"stage": 2, "offload_optimizer": True}, 1, use_gpu=True)["optimizer"]["params"]
     assert offloaded["torch_adam"] is False and "fused" not in offloaded  # DeepSpeed's CPU Adam
+    # Offloaded from a GPU into page-locked memory; on a CPU-only run there is nothing to pin for.
+    for use_gpu, pinned in ((True, {"pin_memory": True}), (False, {})):
+        zero = deepspeed_config(TRAIN, {"stage": 3, "offload_optimizer": True, "offload_params": True}, 1,
+                                use_gpu=use_gpu)["zero_optimization"]
+        assert zero["offload_optimizer"] == zero["offload_param"] == {"device": "cpu", **pinned}
     assert math.isclose(ds["gradient_clipping"], 1.0)
     fp32 = {**TRAIN, "precision": "fp32"}
     assert deepspeed_config(fp32, {"stage": 0}, 1, use_gpu=False)["gradient_clipping"] == 0.0  # the loop clips

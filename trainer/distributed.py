@@ -48,12 +48,15 @@ def init_distributed(use_gpu: bool) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_gpu:
         require_gpus(local_rank + 1, f"here (local rank {local_rank})")
-    if not dist.is_initialized():
+    if dist.is_initialized():  # by Ray Train, which has also chosen this worker's GPU (its local rank's
+        # place among the node's GPU ids, which CUDA_VISIBLE_DEVICES lists sorted as text on nodes of 10+)
+        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    else:
         if "RANK" not in os.environ:  # a single process with no launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend="nccl" if use_gpu else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+        device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)

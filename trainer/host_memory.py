@@ -6,7 +6,8 @@ the free top of its heap. A training step frees and reallocates the same large t
 (logits, the embedding gradient, activations), so each step page-faults them in again, zeroed by
 the kernel: on CPU, 0.45 s of kernel time in a 4.9 s step of OpenELM-270M (bench/model_step.py).
 With one arena (threads use the main heap too), no mmap and no trimming, freed blocks are reused.
-The heap then keeps the peak of whatever ran, so after a checkpoint save or load or a validation
+Training on CPU only: on GPUs the step's large tensors live on the device, and one arena would
+serialise the host threads that allocate (NCCL's, the loader's). The heap then keeps the peak of whatever ran, so after a checkpoint save or load or a validation
 (peaks of their own) release_freed_memory() hands the free part back, and the next step faults
 in once what it needs.
 

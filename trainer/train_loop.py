@@ -359,7 +359,8 @@ def train(cfg: dict, report: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the run; returns its summary. `report`, called on every rank after each
     validation with {step, loss, val_loss, ...}, lets a launcher forward results (Ray Train, Tune)."""
     t_cfg, run_dir = cfg["train"], cfg["run"]["dir"]
-    keep_freed_memory()  # each step reuses the last one's freed memory instead of faulting it in again
+    if not cfg["cluster"]["use_gpu"]:  # on CPU, each step reuses the last one's freed memory (host_memory.py)
+        keep_freed_memory()
     ckpt_root = Path(run_dir, "checkpoints")
     env = init_distributed(cfg["cluster"]["use_gpu"])
     manifest = read_manifest(cfg["data"]["dir"])
