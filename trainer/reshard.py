@@ -110,14 +110,15 @@ def _convert(checkpoint: Path, target: Path, saved_world_size: int) -> None:
 
 def load_universal(engine, universal: Path) -> dict:
     """load_checkpoint from a universal checkpoint, mending what DeepSpeed's ZeRO-3 loader gets wrong:
-    one step-count tensor for all parameter groups, which AdamW then advances once per group and step.
-    (It also gives every group group 0's hyperparameters: train() puts back the configured ones after
-    any load, optim.keeping_configured_hyperparameters.)"""
+    one step-count tensor for all parameter groups, which AdamW then advances once per group and step,
+    and left on the CPU, where torch's fused AdamW wants it on its parameter's device (as its own
+    load_state_dict puts it). (It also gives every group group 0's hyperparameters: train() puts back
+    the configured ones after any load, optim.keeping_configured_hyperparameters.)"""
     state = load_checkpoint(engine, universal)
     torch_optimizer = engine.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO wrapper
-    for param_state in torch_optimizer.state.values():
+    for param, param_state in torch_optimizer.state.items():
         if torch.is_tensor(param_state.get("step")):
-            param_state["step"] = param_state["step"].clone()
+            param_state["step"] = param_state["step"].to(param.device, copy=True)
     return state
 
 
