@@ -260,11 +260,16 @@ def follow(submit_cfg: dict, job_id: str, out=None, poll_s: float = 1.0, retries
 
 def _follow(submit_cfg: dict, job_id: str, out, poll_s: float, retries: int) -> str:
     jobs = client(submit_cfg)
-    printed, failures = 0, 0
+    printed, failures, logs_due = 0, 0, 0.0
     while True:
         try:
             status = str(jobs.get_job_status(job_id).value)
-            logs = jobs.get_job_logs(job_id)
+            if status in TERMINAL or time.monotonic() >= logs_due:
+                logs = jobs.get_job_logs(job_id)
+                out.write(logs[printed:])
+                out.flush()
+                printed = len(logs)
+                logs_due = time.monotonic() + logs_interval(poll_s, printed)
         except (RuntimeError, OSError) as e:
             failures += 1
             if http_failure(e) or failures > retries:  # an answer (404, 500) will not change by asking again
@@ -272,19 +277,18 @@ def _follow(submit_cfg: dict, job_id: str, out, poll_s: float, retries: int) -> 
             time.sleep(poll_s * 2**failures)
             continue
         failures = 0
-        out.write(logs[printed:])
-        out.flush()
-        printed = len(logs)
         if status in TERMINAL:
             return status
-        time.sleep(poll_interval(poll_s, len(logs)))
+        time.sleep(poll_s)
 
 
 # The Jobs API answers with the whole log each time: a days-long run's reaches megabytes, fetched every
-# second for days (through a port-forward, often). Followers ask less often as it grows, so that about
-# this many bytes a second are fetched: a 6 MB log every minute.
+# second for days (through a port-forward, often). Followers fetch it less often as it grows, so that
+# about this many bytes a second are fetched, and at least once a minute (the status, asked every
+# poll, still ends the following at once).
 FOLLOW_BYTES_PER_S = 100_000
+FOLLOW_LOGS_EVERY_MAX_S = 60.0
 
 
-def poll_interval(poll_s: float, log_chars: int) -> float:
-    return max(poll_s, log_chars / FOLLOW_BYTES_PER_S)
+def logs_interval(poll_s: float, log_chars: int) -> float:
+    return min(max(poll_s, log_chars / FOLLOW_BYTES_PER_S), FOLLOW_LOGS_EVERY_MAX_S)

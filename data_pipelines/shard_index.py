@@ -68,9 +68,11 @@ def _check_member(path: Path, info: tarfile.TarInfo) -> None:
 def _strided_spans(f, path: Path, samples: int, file_size: int) -> MemberSpans | None:
     """The spans of a shard in prepare's layout, from its first two members' headers and its last's;
     None where the shard is laid out otherwise (then every header is read)."""
-    first, second = _members_at(f, 0, 2 if samples > 1 else 1)
+    first, second = _members_at(f, 0, 2)  # second: None for a shard of one sample
     if first is None or (samples > 1 and second is None):
         return None
+    if samples == 1:
+        second = None
     head = first.offset_data - first.offset  # a header's blocks (prepare's: a PAX record, then ustar)
     stride = second.offset - first.offset if second is not None else 0
     if second is not None and (second.size != first.size or second.offset_data - second.offset != head):
@@ -144,6 +146,7 @@ class SampleIndex:
         self.starts = np.cumsum([0] + [s.samples for s in self.shards])
         self.num_samples = int(self.starts[-1])
         self.vocab_size = manifest.vocab_size
+        self.dtype, self.sample_tokens = np.dtype(manifest.dtype), manifest.seq_len + 1
         self._spans: dict[int, MemberSpans] = {}
         self._files: OrderedDict[int, object] = OrderedDict()  # the most recently read shards, open
         self._max_open = open_files_limit()
@@ -153,6 +156,7 @@ class SampleIndex:
         if shard_idx in self._files:
             self._files.move_to_end(shard_idx)
         else:
+            self._check_not_rebuilt()  # also when it opens a shard again, after it left the open ones
             if len(self._files) >= self._max_open:
                 self._files.popitem(last=False)[1].close()
             self._files[shard_idx] = open(self.manifest.root / self.shards[shard_idx].name, "rb", buffering=0)
@@ -161,8 +165,7 @@ class SampleIndex:
     def __getitem__(self, i: int) -> np.ndarray:
         shard_idx = int(np.searchsorted(self.starts, i, side="right")) - 1
         if shard_idx not in self._spans:
-            if self.manifest.replaced():  # one stat a shard: a rebuild's shards may match in size and layout
-                raise rebuilt_error(self.manifest.root, self.split, f"its {MANIFEST_NAME} was replaced")
+            self._check_not_rebuilt()
             self._spans[shard_idx] = check_shard(self.manifest.root, self.shards[shard_idx])
         j = i - int(self.starts[shard_idx])
         offset, size = self._spans[shard_idx][j]
@@ -173,6 +176,12 @@ class SampleIndex:
         if tokens.size and (top := int(tokens.max())) >= self.vocab_size:
             raise self._damaged(shard_idx, j, f"holds token id {top}, beyond the tokenizer's {self.vocab_size}")
         return tokens
+
+    def _check_not_rebuilt(self) -> None:
+        """One stat, before a shard is opened: a rebuild's shards may match the old ones in name, size and
+        layout, and would be read with their spans."""
+        if self.manifest.replaced():
+            raise rebuilt_error(self.manifest.root, self.split, f"its {MANIFEST_NAME} was replaced")
 
     def _damaged(self, shard_idx: int, sample: int, what: str) -> ValueError:
         path = self.manifest.root / self.shards[shard_idx].name
@@ -189,5 +198,7 @@ class SampleIndex:
         array = np.load(buf, allow_pickle=False)
         if array.ndim != 1 or buf.tell() != len(data):
             raise ValueError(f"a {array.ndim}-D array of {array.nbytes} bytes in a {len(data)}-byte member")
+        if array.dtype != self.dtype or array.size != self.sample_tokens:  # checked once per preamble
+            raise ValueError(f"{array.size} {array.dtype} tokens, the manifest says {self.sample_tokens} {self.dtype}")
         self._npy[len(data)] = (data[: len(data) - array.nbytes], array.dtype, array.size)
         return array

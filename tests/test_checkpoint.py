@@ -118,5 +118,7 @@ def test_the_cuda_rng_kept_is_the_ranks_own_device_so_a_resume_may_see_fewer_gpu
     assert torch.equal(resuming.states[0], saving.states[1])
     # A checkpoint from before, with every visible device's state: the rank's own device's is taken.
     old = {**state, "cuda": [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)]}
+    second_gpu = _TwoGPUsSeen(devices=2, current=1)
+    second_gpu.apply(monkeypatch)
     set_rng_state(old)
-    assert torch.equal(resuming.states[0], old["cuda"][0])
+    assert torch.equal(second_gpu.states[1], old["cuda"][1]) and torch.equal(second_gpu.states[0], torch.zeros(16))

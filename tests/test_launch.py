@@ -188,20 +188,39 @@ def test_stop_signals_ask_the_workers_to_stop_while_training_and_the_handlers_be
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
-def test_a_rank_on_a_node_without_the_shared_storage_says_so(tmp_path):
-    # The launcher makes run.dir before any rank starts; a rank that cannot see it is on a node that does not
-    # mount storage_path (else it would report the data as not prepared, or lose its checkpoints).
-    import socket
+def _storage_check(cfg: dict, hidden_from_rank: int) -> str:
+    import torch.distributed as dist
 
+    from trainer.distributed import init_distributed
     from trainer.train_loop import check_storage_shared
 
-    cfg = compose_config([f"storage_path={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match=rf"run.dir {cfg['run']['dir']} is not there on node "
-                                                rf"{socket.gethostname()}, though the launcher made it: storage_path "
-                                                rf"\({tmp_path}\) must be a file system every node mounts"):
+    init_distributed(use_gpu=False)
+    if dist.get_rank() == hidden_from_rank:  # as on a node that does not mount storage_path
+        cfg = {**cfg, "run": {**cfg["run"], "dir": cfg["run"]["dir"] + "-elsewhere"}}
+    try:
         check_storage_shared(cfg)
+    except FileNotFoundError as e:
+        return str(e)
+    return "ok"
+
+
+def test_a_rank_on_a_node_without_the_shared_storage_stops_every_rank_naming_it(tmp_path):
+    # The launcher makes run.dir before any rank starts; a rank that cannot see it is on a node that does not
+    # mount storage_path (else it would report the data as not prepared, or lose its checkpoints), and the
+    # others stop too, rather than waiting for it in their first collective.
+    import socket
+
+    from distributed import run_ranks
+
+    cfg = compose_config([f"storage_path={tmp_path}"])
     Path(cfg["run"]["dir"]).mkdir(parents=True)
-    check_storage_shared(cfg)
+    assert run_ranks(2, _storage_check, cfg, -1) == ["ok", "ok"]
+    fix = f"storage_path ({tmp_path}) must be a file system every node mounts at the same path (docs/cluster.md)"
+    assert run_ranks(2, _storage_check, cfg, 1) == [
+        f"run.dir {cfg['run']['dir']} is not there for 1 of 2 ranks, on other nodes: {fix}",
+        f"run.dir {cfg['run']['dir']}-elsewhere is not there on node {socket.gethostname()}, though the launcher "
+        f"made it: {fix}",
+    ]
 
 
 def _process_group_timeout() -> float:

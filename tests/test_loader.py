@@ -260,6 +260,63 @@ def test_a_shard_first_opened_after_a_rebuild_in_place_is_refused(tiny_dataset, 
         next(loader)
 
 
+def test_a_shard_evicted_from_the_open_ones_is_not_reopened_from_a_rebuild(tiny_dataset, tmp_path):
+    import os
+    import shutil
+
+    from data_pipelines.shard_index import SampleIndex
+
+    copy = _copy(tiny_dataset, tmp_path)
+    index = SampleIndex(read_manifest(copy), "train")
+    index._max_open = 1
+    for i in range(index.num_samples):  # every shard indexed; only the last one stays open
+        index[i]
+    shutil.copytree(copy, tmp_path / "rebuilt")
+    os.replace(copy, tmp_path / "old")
+    os.replace(tmp_path / "rebuilt", copy)
+    with pytest.raises(ValueError, match=r"was rebuilt while a run reads it \(its manifest.json was replaced\)"):
+        index[0]
+
+
+def test_shards_of_one_sample_and_of_uint32_tokens_take_the_few_headers_path(tmp_path, monkeypatch):
+    # A split's last shard holds one sample whenever its count is one past a multiple of samples_per_shard.
+    import io
+
+    from data_pipelines import shard_index
+    from data_pipelines.shard_writer import ShardWriter
+
+    def refused(*args, **kwargs):
+        raise AssertionError("every header was read")
+
+    monkeypatch.setattr(shard_index, "_scanned_spans", refused)
+    for dtype in (np.uint16, np.uint32):
+        root = tmp_path / np.dtype(dtype).name
+        writer = ShardWriter(root, "train", samples_per_shard=2)
+        samples = [np.arange(9, dtype=dtype) + 100_000 * (dtype == np.uint32) + i for i in range(3)]
+        for sample in samples:
+            writer.write(sample)
+        shards = writer.finish()
+        assert [shard.samples for shard in shards] == [2, 1]
+        read = []
+        for shard in shards:
+            spans, data = shard_index.check_shard(root, shard), (root / shard.name).read_bytes()
+            read += [np.load(io.BytesIO(data[offset : offset + size])) for offset, size in map(spans.__getitem__,
+                                                                                             range(len(spans)))]
+        assert [r.tolist() for r in read] == [s.tolist() for s in samples] and read[0].dtype == dtype
+
+
+def test_a_sample_of_another_dtype_or_length_than_the_manifest_says_is_named(tiny_dataset, tmp_path):
+    import json
+
+    copy = _copy(tiny_dataset, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["seq_len"] += 1  # the shards as written, the manifest not
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"sample 0 is not a token array \({manifest['seq_len']} uint16 tokens, the "
+                                         rf"manifest says {manifest['seq_len'] + 1} uint16\): the shard is damaged"):
+        _first_batch(copy)
+
+
 def test_a_process_keeps_a_bounded_number_of_shards_open(tiny_dataset, monkeypatch):
     from data_pipelines.shard_index import SampleIndex
 

@@ -6,8 +6,7 @@ the free top of its heap. A training step frees and reallocates the same large t
 (logits, the embedding gradient, activations), so each step page-faults them in again, zeroed by
 the kernel: on CPU, 0.45 s of kernel time in a 4.9 s step of OpenELM-270M (bench/model_step.py).
 With one arena (threads use the main heap too), no mmap and no trimming, freed blocks are reused.
-Training on CPU only: on GPUs the step's large tensors live on the device, and one arena would
-serialise the host threads that allocate (NCCL's, the loader's). The heap then keeps the peak of whatever ran, so after a checkpoint save or load or a validation
+The heap then keeps the peak of whatever ran, so after a checkpoint save or load or a validation
 (peaks of their own) release_freed_memory() hands the free part back, and the next step faults
 in once what it needs.
 
@@ -16,6 +15,9 @@ get them, from cluster.launch, because Ray Train runs the loop on a thread that 
 then; Ray's other processes keep glibc's defaults: one arena would serialise the tokenizer actors'
 threads); keep_freed_memory() sets them in a running process (the Ray-free paths, where the loop
 runs on the main thread).
+
+For training on CPU only: on GPUs the step's large tensors live on the device, and one arena would
+serialise the host threads that allocate (NCCL's, the loader's).
 """
 
 import ctypes

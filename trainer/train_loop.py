@@ -31,7 +31,7 @@ from trainer.checkpoint import (
 from trainer.deepspeed_config import deepspeed_config, deepspeed_guards_updates
 from trainer.distributed import DistEnv, from_rank0, init_distributed, mean_across_ranks
 from trainer.errors import TrainingError
-from trainer.evaluate import evaluate_loss, validation_batches
+from trainer.evaluate import all_reduce_sums, evaluate_loss, validation_batches
 from trainer.faults import maybe_kill, maybe_poison, maybe_sigterm
 from trainer.flops import device_peak_flops, flops_per_token, mfu, non_embedding_params, peak_memory_gb
 from trainer.host_memory import keep_freed_memory, release_freed_memory
@@ -267,14 +267,20 @@ REPORTED_METRICS = ("val_loss", "val_perplexity", "loss", "ce_loss", "lr", "grad
 
 
 def check_storage_shared(cfg: dict) -> None:
-    """For each rank as it starts, after the launcher made run.dir: a rank that cannot see it runs on a
-    node that does not share storage_path (its data would read as "not prepared", its checkpoints be lost)."""
-    if not Path(cfg["run"]["dir"]).is_dir():
-        raise FileNotFoundError(
-            f"run.dir {cfg['run']['dir']} is not there on node {socket.gethostname()}, though the launcher made it: "
-            f"storage_path ({cfg['storage_path']}) must be a file system every node mounts at the same path "
-            "(docs/cluster.md)"
-        )
+    """Every rank as it starts, after the launcher made run.dir (a collective): a rank that cannot see it
+    runs on a node that does not share storage_path (its data would read as "not prepared", its
+    checkpoints be lost). Every rank stops, each naming what it knows, rather than the others waiting
+    for it in their first collective."""
+    visible = Path(cfg["run"]["dir"]).is_dir()
+    (unseen,) = all_reduce_sums(0.0 if visible else 1.0)
+    fix = (f"storage_path ({cfg['storage_path']}) must be a file system every node mounts at the same path "
+           "(docs/cluster.md)")
+    if not visible:
+        raise FileNotFoundError(f"run.dir {cfg['run']['dir']} is not there on node {socket.gethostname()}, though "
+                                f"the launcher made it: {fix}")
+    if unseen:
+        raise FileNotFoundError(f"run.dir {cfg['run']['dir']} is not there for {int(unseen)} of "
+                                f"{torch.distributed.get_world_size()} ranks, on other nodes: {fix}")
 
 
 def check_start(cfg: dict) -> None:
