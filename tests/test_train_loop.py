@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -298,11 +299,15 @@ def test_a_damaged_shard_stops_the_run_with_its_name_and_its_loader_worker(tiny_
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     for shard in (data / "train").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            samples = [m.offset_data for m in tar.getmembers()]
         raw = bytearray(shard.read_bytes())
-        raw[700] ^= 0x01
+        for at in samples:
+            raw[at + 1] ^= 0x20  # each sample's .npy magic: same size, other bytes
         shard.write_bytes(bytes(raw))
     cfg = small_cfg(data, tmp_path, "logger=none", "train.loader_workers=1")
-    with pytest.raises(ValueError, match=r"^shard .*shard-\d+.tar does not match its checksum in the manifest"):
+    with pytest.raises(ValueError, match=r"^shard .*shard-\d+.tar: sample \d+ is not a token array .*: the shard is "
+                                         r"damaged"):
         train(cfg)
     assert multiprocessing.active_children() == []  # else the process would hang at exit (test_loader.py)
 
