@@ -42,7 +42,9 @@ def uneven_batches() -> list[torch.Tensor]:
     return [torch.randint(0, 97, (b, 9), generator=gen) for b in (1, 3, 2)]
 
 
-def test_loss_is_the_token_weighted_mean_over_all_batches():
+@pytest.mark.parametrize("chunk", [4096, 5])  # a batch's tokens in one slice, and in slices that do not divide it
+def test_loss_is_the_token_weighted_mean_over_all_batches(chunk, monkeypatch):
+    monkeypatch.setattr("trainer.evaluate.EVAL_CHUNK_TOKENS", chunk)
     model = build_model(small_config(), seed=0)
     batches = uneven_batches()
     result = evaluate_loss(model, batches, "cpu", z_loss_weight=1e-2)

@@ -38,6 +38,9 @@ def all_reduce_sums(*values: float) -> list[float]:
     return t.tolist()
 
 
+EVAL_CHUNK_TOKENS = 4096  # x 32,000 vocabulary x 4 bytes: 0.5 GB per fp32 copy
+
+
 def evaluate_loss(
     model: torch.nn.Module,
     batches: Iterable[torch.Tensor],
@@ -60,12 +63,15 @@ def evaluate_loss(
         with torch.no_grad():
             for batch in batches:
                 batch = batch.to(device, non_blocking=True)
-                logits = model(batch[:, :-1]).float().flatten(0, -2)
-                targets = batch[:, 1:].flatten()
-                sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-                if z_loss_weight:
-                    sums[1] += torch.logsumexp(logits, dim=-1).pow(2).sum().double()
-                tokens += targets.numel()
+                all_logits, all_targets = model(batch[:, :-1]).flatten(0, -2), batch[:, 1:].flatten()
+                # In fp32 a slice of tokens at a time: whole, a validation batch's fp32 copy and its
+                # log-softmax (1.1B's micro-batch of 16 x 2048: 4 GB each) would sit on top of training's memory.
+                for logits, targets in zip(all_logits.split(EVAL_CHUNK_TOKENS), all_targets.split(EVAL_CHUNK_TOKENS)):
+                    logits = logits.float()
+                    sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+                    if z_loss_weight:
+                        sums[1] += torch.logsumexp(logits, dim=-1).pow(2).sum().double()
+                tokens += all_targets.numel()
     finally:
         model.train(was_training)
     ce_sum, z_sum = sums.tolist()
